@@ -1,0 +1,69 @@
+"""``CachedConfig``: how documents are windowed and how the encoder is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+MODES = ("cached", "full")
+GRAD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GROUP_TOKENS = 16384
+
+
+@dataclass
+class CachedConfig:
+    """Settings of the CachED step.
+
+    window: tokens per encoder window; ``None`` = the encoder's position limit (1024 for BART),
+        4096 for LongT5, 512 for T5.
+    group_windows: windows encoded together as one batch (an int, or ``"all"``).
+    group_tokens: instead, the most padded tokens per group (``window`` at least). With neither
+        set, groups hold up to 16384 tokens.
+    mode: ``cached`` (encoder memory of one group) or ``full`` (ordinary backprop through every
+        window: the same model, kept as the baseline for benchmarks).
+    decoder_gradient_checkpointing: recompute decoder layers in backward (HF's checkpointing).
+    grad_dtype: dtype in which the encoder's per-group parameter gradients are summed.
+    """
+
+    window: int | None = None
+    group_windows: int | str | None = None
+    group_tokens: int | None = None
+    mode: str = "cached"
+    decoder_gradient_checkpointing: bool = False
+    grad_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be a positive integer number of tokens, got {self.window!r}")
+        if self.group_windows is not None and self.group_tokens is not None:
+            raise ValueError("set either group_windows or group_tokens, not both")
+        if self.group_windows is not None and self.group_windows != "all":
+            if not isinstance(self.group_windows, int) or self.group_windows < 1:
+                raise ValueError(f"group_windows must be a positive integer or 'all', got {self.group_windows!r}")
+        if self.group_tokens is not None and (not isinstance(self.group_tokens, int) or self.group_tokens < 1):
+            raise ValueError(f"group_tokens must be a positive integer, got {self.group_tokens!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be one of {sorted(GRAD_DTYPES)}, got {self.grad_dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CachedConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CachED settings {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def grad_torch_dtype(self) -> torch.dtype:
+        return GRAD_DTYPES[self.grad_dtype]
+
+    def grouping(self) -> dict:
+        """Keyword arguments for ``WindowPlan.build``."""
+        if self.group_windows == "all":
+            return {"group_windows": None, "group_tokens": None}
+        if self.group_windows is None and self.group_tokens is None:
+            return {"group_windows": None, "group_tokens": DEFAULT_GROUP_TOKENS}
+        return {"group_windows": self.group_windows, "group_tokens": self.group_tokens}

@@ -1,0 +1,61 @@
+"""What CachED needs to know about a Hugging Face encoder–decoder family.
+
+The core computes input embeddings itself (``F.embedding(ids, weight) * scale``) so that the tied
+embedding's encoder share of the gradient can be returned from the recompute; that needs the
+family's embedding scale. Families with absolute positions (BART, mBART, PEGASUS) also bound the
+window by their position table; relative-position families (T5, LongT5) do not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Relative-position families have no position table; these are their default windows.
+_DEFAULT_RELATIVE_WINDOW = {"longt5": 4096}
+_FALLBACK_RELATIVE_WINDOW = 512
+
+
+def require_encoder_decoder(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        raise ValueError(
+            f"model must be a Hugging Face encoder–decoder (config.is_encoder_decoder=True), got "
+            f"{type(model).__name__}; load one with AutoModelForSeq2SeqLM (BART, mBART, PEGASUS, T5, LongT5)"
+        )
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    return model.get_encoder().embed_tokens
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """The factor the encoder applies to token embeddings when given ``input_ids``.
+
+    BART/mBART keep it on their scaled embedding module, PEGASUS on the encoder (it scales only
+    ids, never ``inputs_embeds``), T5/LongT5 have none."""
+    encoder = model.get_encoder()
+    for owner in (encoder.embed_tokens, encoder):
+        scale = getattr(owner, "embed_scale", None)
+        if scale is not None:
+            return float(scale)
+    return 1.0
+
+
+def max_window(model: nn.Module) -> int | None:
+    """Largest window the encoder can position, or ``None`` for relative-position families."""
+    if hasattr(model.get_encoder(), "embed_positions"):
+        return int(model.config.max_position_embeddings)
+    return None
+
+
+def default_window(model: nn.Module) -> int:
+    return max_window(model) or _DEFAULT_RELATIVE_WINDOW.get(model.config.model_type, _FALLBACK_RELATIVE_WINDOW)
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The encoder's input embeddings computed from an explicit ``weight`` (same ops as HF)."""
+    embedding = input_embedding(model)
+    embeds = nn.functional.embedding(input_ids, weight, embedding.padding_idx)
+    scale = embedding_scale(model)
+    return embeds * scale if scale != 1.0 else embeds

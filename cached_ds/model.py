@@ -1,0 +1,115 @@
+"""``CachedSeq2Seq``: a Hugging Face encoder–decoder that trains and summarises whole long documents.
+
+    model = CachedSeq2Seq(AutoModelForSeq2SeqLM.from_pretrained("facebook/bart-large"),
+                          CachedConfig(window=1024, group_windows=8))
+    loss = model(input_ids, attention_mask, labels=labels).loss   # any document length
+    loss.backward()                                                # exact CachED gradients
+    summary_ids = model.generate(input_ids, attention_mask, num_beams=4, max_new_tokens=256)
+
+It is an ``nn.Module``, so ``deepspeed.initialize(model=CachedSeq2Seq(...))`` wraps it like any
+other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as usual).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from . import families
+from .cached_encoder import encode_windows
+from .config import CachedConfig
+from .windows import WindowPlan
+
+IGNORE_INDEX = -100
+
+
+class CachedSeq2Seq(nn.Module):
+    def __init__(self, model: nn.Module, config: CachedConfig | None = None):
+        super().__init__()
+        families.require_encoder_decoder(model)
+        self.model = model
+        self.config = config or CachedConfig()
+        self.window = self.config.window or families.default_window(model)
+        limit = families.max_window(model)
+        if limit is not None and self.window > limit:
+            raise ValueError(
+                f"window={self.window} exceeds the encoder's {limit} positions "
+                f"(config.max_position_embeddings of {model.config.model_type}); set window <= {limit}"
+            )
+        if self.config.group_tokens is not None and self.config.group_tokens < self.window:
+            raise ValueError(
+                f"group_tokens={self.config.group_tokens} is smaller than one window ({self.window} tokens); "
+                f"set group_tokens >= {self.window}"
+            )
+        if self.config.decoder_gradient_checkpointing:
+            enable_decoder_checkpointing(model)
+
+    def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WindowPlan:
+        pad = self.model.config.pad_token_id
+        return WindowPlan.build(
+            input_ids, attention_mask, self.window, pad if pad is not None else 0, **self.config.grouping()
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> Seq2SeqLMOutput:
+        """HF's seq2seq forward (same loss) with the encoder run window by window."""
+        _check_labels(labels, input_ids)
+        plan = self.plan(input_ids, attention_mask)
+        fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype)
+        return self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=fused),
+            attention_mask=plan.fused_mask,
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def encode_long(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[BaseModelOutput, torch.Tensor]:
+        """Fused encoder states of whole documents (windowed, no autograd) and their mask."""
+        plan = self.plan(input_ids, attention_mask)
+        return BaseModelOutput(last_hidden_state=encode_windows(self.model, plan)), plan.fused_mask
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
+        """HF ``generate`` (greedy, beam, sampling…) conditioned on the whole documents."""
+        encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
+        return self.model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
+
+
+def enable_decoder_checkpointing(model: nn.Module) -> None:
+    """HF gradient checkpointing in the decoder only (the encoder has CachED's recompute).
+
+    Sets the same per-module flags as HF's ``gradient_checkpointing_enable`` but on the decoder,
+    with non-reentrant checkpointing, which preserves RNG state: gradients stay exact."""
+    for module in model.get_decoder().modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
+def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+    if labels is None:
+        raise ValueError("labels is required for training: pass the tokenized summaries (pad with -100)")
+    if labels.dim() != 2 or labels.shape[1] == 0 or not (labels != IGNORE_INDEX).any():
+        raise ValueError(
+            f"labels must be a non-empty (batch, summary_tokens) tensor with some tokens not equal to "
+            f"{IGNORE_INDEX}, got shape {tuple(labels.shape)}; check the summary column is not empty"
+        )
+    if input_ids.dim() == 2 and labels.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"labels has {labels.shape[0]} rows but input_ids has {input_ids.shape[0]}: one summary per document"
+        )

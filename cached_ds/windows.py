@@ -1,0 +1,147 @@
+"""Split a padded batch of long documents into non-overlapping windows and window groups.
+
+Every document of the micro-batch is cut into windows of ``window`` tokens (the last one may be
+partial); windows are listed document by document and packed into *groups* that the encoder sees
+as one batch (windows stacked on the batch dimension, padded to the group's longest window).
+The plan also holds the index maps that move encoder outputs between a group's padded layout and
+the fused (batch, tokens, hidden) tensor the decoder attends to — and gradients back the other way.
+
+    >>> plan = WindowPlan.build(ids, mask, window=1024, group_windows=8, pad_token_id=1)
+    >>> fused = plan.fuse([encode(g.input_ids, g.attention_mask) for g in plan.groups])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WindowGroup:
+    """Windows encoded together: ``input_ids``/``attention_mask`` are (windows, group_len)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    real_positions: torch.Tensor  # flat indices into (windows * group_len) of real (unpadded) tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.real_positions.numel()
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    groups: list[WindowGroup]
+    fused_mask: torch.Tensor  # (batch, longest document): 1 on real tokens
+    fused_positions: torch.Tensor  # flat indices into (batch * longest) of the packed real tokens, in group order
+
+    @staticmethod
+    def document_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Real tokens per document; raises ``ValueError`` on anything we would otherwise truncate."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids.unsqueeze(0)"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+                f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids"
+            )
+        lengths = attention_mask.sum(dim=1)
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"input_ids rows {empty} are empty documents (attention_mask is all zero); "
+                "drop empty documents before batching"
+            )
+        positions = torch.arange(input_ids.shape[1], device=lengths.device)
+        right_padded = (positions[None, :] < lengths[:, None]).to(attention_mask.dtype)
+        if not torch.equal(attention_mask, right_padded):
+            raise ValueError(
+                "attention_mask must be right-padded (ones then zeros in every row); "
+                "set tokenizer.padding_side = 'right' or re-pad the batch"
+            )
+        return lengths
+
+    @classmethod
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        window: int,
+        pad_token_id: int,
+        group_windows: int | None = None,
+        group_tokens: int | None = None,
+    ) -> WindowPlan:
+        """Windows of ``window`` tokens, grouped by count (``group_windows``; ``None`` with no
+        ``group_tokens`` = all windows in one group) or by a padded-token budget (``group_tokens``)."""
+        lengths = cls.document_lengths(input_ids, attention_mask).tolist()
+        longest = max(lengths)
+        device = input_ids.device
+        spans = [(doc, start, min(window, n - start)) for doc, n in enumerate(lengths) for start in range(0, n, window)]
+
+        groups, fused_positions = [], []
+        for members in _group_spans(spans, group_windows, group_tokens):
+            group_len = max(length for _, _, length in members)
+            ids = input_ids.new_full((len(members), group_len), pad_token_id)
+            mask = torch.zeros((len(members), group_len), dtype=torch.long, device=device)
+            real = []
+            for row, (doc, start, length) in enumerate(members):
+                ids[row, :length] = input_ids[doc, start : start + length]
+                mask[row, :length] = 1
+                real.append(torch.arange(row * group_len, row * group_len + length, device=device))
+                fused_positions.append(torch.arange(doc * longest + start, doc * longest + start + length, device=device))
+            groups.append(WindowGroup(ids, mask, torch.cat(real)))
+
+        fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+        return cls(groups, fused_mask, torch.cat(fused_positions))
+
+    @property
+    def batch_size(self) -> int:
+        return self.fused_mask.shape[0]
+
+    def fuse(self, group_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """(batch, longest, hidden) fused encoder states from each group's (windows, len, hidden)
+        output; differentiable, so ``full`` mode backpropagates through it."""
+        packed = torch.cat([self._real_rows(out, g) for out, g in zip(group_outputs, self.groups)])
+        batch, longest = self.fused_mask.shape
+        fused = packed.new_zeros((batch * longest, packed.shape[-1]))
+        return fused.index_copy(0, self.fused_positions, packed).view(batch, longest, -1)
+
+    def split_gradient(self, grad_fused: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of :meth:`fuse` for a gradient: each group's slice in its padded layout
+        (zeros on padding)."""
+        packed = grad_fused.reshape(-1, grad_fused.shape[-1]).index_select(0, self.fused_positions)
+        slices = packed.split([g.num_tokens for g in self.groups])
+        out = []
+        for group, piece in zip(self.groups, slices):
+            windows, group_len = group.input_ids.shape
+            grad = piece.new_zeros((windows * group_len, piece.shape[-1]))
+            out.append(grad.index_copy_(0, group.real_positions, piece).view(windows, group_len, -1))
+        return out
+
+    @staticmethod
+    def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
+        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions)
+
+
+def _group_spans(spans, group_windows, group_tokens):
+    """Consecutive runs of window spans: ``group_windows`` per run, or as many as fit in
+    ``group_tokens`` once padded to the run's longest window (never fewer than one)."""
+    if group_tokens is None:
+        size = group_windows or len(spans)
+        return [spans[i : i + size] for i in range(0, len(spans), size)]
+    runs, run, run_len = [], [], 0
+    for span in spans:
+        longest = max(run_len, span[2])
+        if run and longest * (len(run) + 1) > group_tokens:
+            runs.append(run)
+            run, longest = [], span[2]
+        run.append(span)
+        run_len = longest
+    runs.append(run)
+    return runs

@@ -1,0 +1,58 @@
+"""Tiny random-init models of the real architectures (no downloads), dropout on, scaled embeddings on
+where the family has them (with the default ``False`` a missing scale would go unnoticed)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as hf
+
+VOCAB = 96
+DROPOUT = 0.1
+
+_BART_LIKE = dict(
+    vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+    scale_embedding=True,
+)
+_T5_LIKE = dict(
+    vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+    relative_attention_num_buckets=8, relative_attention_max_distance=32, decoder_start_token_id=0,
+)
+
+FAMILIES = ("bart", "mbart", "pegasus", "t5", "longt5-local", "longt5-tglobal")
+
+
+def make_model(family: str, dropout: float = DROPOUT, seed: int = 0, **overrides) -> hf.PreTrainedModel:
+    torch.manual_seed(seed)
+    bart_drop = dict(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+    if family == "bart":
+        model = hf.BartForConditionalGeneration(hf.BartConfig(**{**_BART_LIKE, **bart_drop, **overrides}))
+    elif family == "mbart":
+        model = hf.MBartForConditionalGeneration(hf.MBartConfig(**{**_BART_LIKE, **bart_drop, **overrides}))
+    elif family == "pegasus":
+        model = hf.PegasusForConditionalGeneration(hf.PegasusConfig(**{**_BART_LIKE, **bart_drop, **overrides}))
+    elif family == "t5":
+        model = hf.T5ForConditionalGeneration(hf.T5Config(**{**_T5_LIKE, "dropout_rate": dropout, **overrides}))
+    elif family.startswith("longt5"):
+        attention = {"longt5-local": "local", "longt5-tglobal": "transient-global"}[family]
+        config = hf.LongT5Config(
+            **{**_T5_LIKE, "dropout_rate": dropout, "encoder_attention_type": attention, "local_radius": 3,
+               "global_block_size": 4, **overrides}
+        )
+        model = hf.LongT5ForConditionalGeneration(config)
+    else:
+        raise KeyError(family)
+    return model.train()
+
+
+def random_batch(lengths: list[int], label_lengths: list[int], pad_token_id: int, seed: int = 1):
+    """Right-padded ids/mask for documents of ``lengths`` tokens and -100-padded labels."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(lengths), max(label_lengths)), -100, dtype=torch.long)
+    for row, (n, m) in enumerate(zip(lengths, label_lengths)):
+        ids[row, :n] = torch.randint(4, VOCAB, (n,), generator=gen)
+        mask[row, :n] = 1
+        labels[row, :m] = torch.randint(4, VOCAB, (m,), generator=gen)
+    return ids, mask, labels
