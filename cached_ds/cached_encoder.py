@@ -89,16 +89,24 @@ def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> 
 
 
 class CachedEncoderFunction(torch.autograd.Function):
-    """forward: steps 1–2 without autograd; backward: step 4, returning parameter gradients.
+    """forward: steps 1–2 without autograd; backward: step 4.
 
-    Inputs are ``(model, plan, grad_dtype, weight, *params)``: ``params`` are the encoder's
-    trainable parameters (besides the embedding). They must be inputs even though ``backward``
-    could reach them through the module: autograd calls a Function's backward only when an input
-    needs a gradient, so a frozen embedding would otherwise silently cut the encoder off.
+    Inputs are ``(model, plan, grad_dtype, weight, anchor)``. The encoder's trainable parameters
+    are *not* inputs: an engine may swap their storage between uses (ZeRO-3 keeps them as empty
+    partitions outside their module's forward), and an input's shape is frozen into the graph.
+    ``anchor`` is an empty tensor that needs a gradient, so autograd calls ``backward`` even when
+    the embedding is frozen and the encoder is not (it would otherwise silently skip the encoder).
+
+    In ``backward`` groups 1..G-1 are recomputed under ``torch.autograd.grad``, which leaves
+    ``.grad`` and its hooks alone; their parameter gradients are summed in ``grad_dtype``. The last
+    group runs an ordinary nested backward, and a hook on each parameter adds the sum to the
+    incoming gradient: each ``.grad`` is accumulated exactly once per step, so an engine's
+    gradient hooks (DeepSpeed ZeRO's reductions) fire once, not once per group. The embedding's
+    encoder share is returned as ``weight``'s gradient and autograd adds it to the decoder's.
     """
 
     @staticmethod
-    def forward(ctx, model, plan: WindowPlan, grad_dtype, weight, *params):
+    def forward(ctx, model, plan: WindowPlan, grad_dtype, weight, anchor):
         device = weight.device
         ctx.model, ctx.plan, ctx.grad_dtype, ctx.device = model, plan, grad_dtype, device
         ctx.autocast = AutocastState.capture(device)
@@ -106,27 +114,63 @@ class CachedEncoderFunction(torch.autograd.Function):
         for group in plan.groups:
             ctx.rng_states.append(RngState.capture(device))
             outputs.append(encode_group(model, weight, group))
-        ctx.weight, ctx.params = weight, params
+        ctx.weight = weight
         return plan.fuse(outputs)
 
     @staticmethod
     def backward(ctx, grad_fused):
         needs_weight = ctx.needs_input_grad[3]
-        sums: list[torch.Tensor | None] = [None] * (1 + len(ctx.params))
-        for group, rng, grad in zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(grad_fused)):
-            with replayed(rng, ctx.autocast, ctx.device):
-                weight = ctx.weight.detach().requires_grad_(needs_weight)
-                output = encode_group(ctx.model, weight, group)
-            targets = ([weight] if needs_weight else []) + list(ctx.params)
-            grads = torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)
-            if not needs_weight:
-                grads = (None, *grads)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    sums[i] = g.to(ctx.grad_dtype, copy=True) if sums[i] is None else sums[i].add_(g)
-        inputs = (ctx.weight, *ctx.params)
-        results = [None if s is None else s.to(t.dtype) for s, t in zip(sums, inputs)]
-        return (None, None, None, *results)
+        params = trainable_encoder_params(ctx.model)
+        dtype = ctx.grad_dtype
+        param_sums: dict[nn.Parameter, torch.Tensor] = {}
+        weight_sum = None
+        *earlier, last = zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(grad_fused))
+        for group, rng, grad in earlier:
+            weight, output = _recompute(ctx, group, rng, needs_weight)
+            targets = [weight] * needs_weight + params
+            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)):
+                if target is weight:
+                    weight_sum = _accumulate(weight_sum, g, dtype)
+                elif g is not None:  # None: unused by this group (LayerDrop)
+                    param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
+        group, rng, grad = last
+        weight, output = _recompute(ctx, group, rng, needs_weight)
+        _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
+        weight_sum = _accumulate(weight_sum, weight.grad, dtype)
+        return None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's encoder pass again, with autograd, the same dropout masks and autocast; the
+    embedding weight enters as a fresh leaf so its gradient stays apart from the decoder's."""
+    with replayed(rng, ctx.autocast, ctx.device):
+        weight = ctx.weight.detach().requires_grad_(needs_weight)
+        return weight, encode_group(ctx.model, weight, group)
+
+
+def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if grad is None:
+        return total
+    return grad.to(dtype, copy=True) if total is None else total.add_(grad)
+
+
+def _backward_adding(output, grad, targets, sums) -> None:
+    """Nested backward of the last group, each parameter's incoming gradient getting its ``sums``
+    entry added before it is accumulated into ``.grad``. Parameters the last group did not use
+    (a layer dropped by LayerDrop) get their sum through a backward of their own."""
+    pending = dict(sums)
+
+    def add_sum(param, g):
+        return pending.pop(param).add_(g).to(g.dtype)
+
+    handles = [p.register_hook(lambda g, p=p: add_sum(p, g)) for p in pending]
+    try:
+        torch.autograd.backward(output, grad, inputs=targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if pending:
+        torch.autograd.backward(list(pending), [s.to(p.dtype) for p, s in pending.items()])
 
 
 def trainable_encoder_params(model: nn.Module) -> list[nn.Parameter]:
@@ -149,4 +193,5 @@ def encode_windows(model: nn.Module, plan: WindowPlan, mode: str = "cached", gra
             return plan.fuse([encode_group(model, weight, g) for g in plan.groups])
     if mode == "full":
         return plan.fuse([encode_group(model, weight, g) for g in plan.groups])
-    return CachedEncoderFunction.apply(model, plan, grad_dtype, weight, *params)
+    anchor = torch.empty(0, device=weight.device, requires_grad=True)
+    return CachedEncoderFunction.apply(model, plan, grad_dtype, weight, anchor)

@@ -11,10 +11,10 @@ WINDOW = 16
 SEED = 1234
 
 
-def cached_step(model, ids, mask, labels, **config):
+def cached_step(model, ids, mask, labels, seed=SEED, **config):
     wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, **config))
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     loss = wrapped(ids, mask, labels=labels).loss
     loss.backward()
     return loss.detach(), grads_of(model)
@@ -82,5 +82,17 @@ def test_token_budget_groups_equal_count_groups():
     assert [g.input_ids.shape[0] for g in wrapped.plan(ids, mask).groups] == [2, 2, 2]
     loss, grads = cached_step(model, ids, mask, labels, group_tokens=40)
     ref_loss, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 2, SEED)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layerdrop_skipping_layers_in_some_groups(seed):
+    """LayerDrop draws per group: a layer used by early groups but skipped by the last one still
+    gets its gradient (and the RNG replay makes every group drop the same layers again)."""
+    model = make_model("bart", encoder_layerdrop=0.5, encoder_layers=3)
+    ids, mask, labels = random_batch([4 * WINDOW], [6], model.config.pad_token_id)
+    loss, grads = cached_step(model, ids, mask, labels, seed=seed, group_windows=1)
+    ref_loss, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 1, seed)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     assert_grads_match(grads, ref)
