@@ -88,6 +88,20 @@ def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> 
     return model.get_encoder()(inputs_embeds=embeds, attention_mask=group.attention_mask).last_hidden_state
 
 
+def encode_plan(model: nn.Module, weight: torch.Tensor, plan: WindowPlan, rng_states: list | None = None) -> torch.Tensor:
+    """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
+    Padding groups leave the dropout stream as they found it, so padding changes no mask."""
+    outputs = []
+    for group in plan.groups:
+        rng = RngState.capture(weight.device)
+        if rng_states is not None:
+            rng_states.append(rng)
+        outputs.append(encode_group(model, weight, group))
+        if group.padding:
+            rng.restore(weight.device)
+    return plan.fuse(outputs)
+
+
 class CachedEncoderFunction(torch.autograd.Function):
     """forward: steps 1–2 without autograd; backward: step 4.
 
@@ -110,12 +124,9 @@ class CachedEncoderFunction(torch.autograd.Function):
         device = weight.device
         ctx.model, ctx.plan, ctx.grad_dtype, ctx.device = model, plan, grad_dtype, device
         ctx.autocast = AutocastState.capture(device)
-        ctx.rng_states, outputs = [], []
-        for group in plan.groups:
-            ctx.rng_states.append(RngState.capture(device))
-            outputs.append(encode_group(model, weight, group))
+        ctx.rng_states = []
         ctx.weight = weight
-        return plan.fuse(outputs)
+        return encode_plan(model, weight, plan, ctx.rng_states)
 
     @staticmethod
     def backward(ctx, grad_fused):
@@ -190,8 +201,8 @@ def encode_windows(model: nn.Module, plan: WindowPlan, mode: str = "cached", gra
     params = trainable_encoder_params(model)
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
         with torch.no_grad():
-            return plan.fuse([encode_group(model, weight, g) for g in plan.groups])
+            return encode_plan(model, weight, plan)
     if mode == "full":
-        return plan.fuse([encode_group(model, weight, g) for g in plan.groups])
+        return encode_plan(model, weight, plan)
     anchor = torch.empty(0, device=weight.device, requires_grad=True)
     return CachedEncoderFunction.apply(model, plan, grad_dtype, weight, anchor)

@@ -13,6 +13,7 @@ other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as us
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,12 +48,17 @@ class CachedSeq2Seq(nn.Module):
             )
         if self.config.decoder_gradient_checkpointing:
             enable_decoder_checkpointing(model)
+        # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
+        # count across ranks: it maps this rank's count to the count every rank will run.
+        self.sync_group_count: Callable[[int], int] | None = None
 
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WindowPlan:
         pad = self.model.config.pad_token_id
-        return WindowPlan.build(
-            input_ids, attention_mask, self.window, pad if pad is not None else 0, **self.config.grouping()
-        )
+        pad = pad if pad is not None else 0
+        plan = WindowPlan.build(input_ids, attention_mask, self.window, pad, **self.config.grouping())
+        if self.sync_group_count is not None:
+            plan = plan.padded_to(self.sync_group_count(len(plan.groups)), pad)
+        return plan
 
     def forward(
         self,

@@ -24,6 +24,7 @@ class WindowGroup:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     real_positions: torch.Tensor  # flat indices into (windows * group_len) of real (unpadded) tokens
+    padding: bool = False  # a one-token stand-in that contributes nothing (see WindowPlan.padded_to)
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +100,21 @@ class WindowPlan:
 
         fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
         return cls(groups, fused_mask, torch.cat(fused_positions))
+
+    def padded_to(self, num_groups: int, pad_token_id: int) -> WindowPlan:
+        """The same plan led by one-token padding groups up to ``num_groups`` groups.
+
+        Data-parallel ranks must run the same number of encoder calls when each call issues
+        collectives (ZeRO-3 gathers parameters per call: unequal counts abort gloo, hang NCCL).
+        Padding groups come first so the last group, whose backward delivers the gradients, is
+        real; their outputs and gradients are dropped."""
+        missing = num_groups - len(self.groups)
+        if missing <= 0:
+            return self
+        device = self.fused_mask.device
+        ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
+        stand_in = WindowGroup(ids, torch.ones_like(ids), torch.empty(0, dtype=torch.long, device=device), padding=True)
+        return WindowPlan([stand_in] * missing + self.groups, self.fused_mask, self.fused_positions)
 
     @property
     def batch_size(self) -> int:

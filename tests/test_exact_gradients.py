@@ -96,3 +96,22 @@ def test_layerdrop_skipping_layers_in_some_groups(seed):
     ref_loss, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 1, seed)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     assert_grads_match(grads, ref)
+
+
+@pytest.mark.parametrize("mode", ["cached", "full"])
+def test_padding_groups_change_nothing(mode):
+    """Groups added so data-parallel ranks agree on a count leave loss, gradients and RNG alone."""
+    model = make_model("bart")
+    ids, mask, labels = random_batch([3 * WINDOW + 2], [6], model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1, mode=mode))
+    wrapped.sync_group_count = lambda count: count + 3
+    assert [g.padding for g in wrapped.plan(ids, mask).groups] == [True] * 3 + [False] * 4
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    loss = wrapped(ids, mask, labels=labels).loss
+    loss.backward()
+    grads, next_draw = grads_of(model), torch.rand(1)
+    ref_loss, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 1, SEED)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+    assert torch.equal(next_draw, torch.rand(1)), "the RNG stream ends where the reference's does"
