@@ -1,0 +1,70 @@
+"""Real DeepSpeed engines on the CPU accelerator for tests: one rank in-process, configs from
+``ds_configs/`` with their ``"auto"`` values resolved to fixed test values (the launcher resolves
+them the HF way for users)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+LR, WEIGHT_DECAY = 1e-3, 0.01
+
+
+def single_rank_distributed(port: int = 29531) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        os.environ.setdefault(key, value)
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _resolve(node, values: dict, key=None):
+    if isinstance(node, dict):
+        return {k: _resolve(v, values, k) for k, v in node.items()}
+    if node == "auto":
+        if key not in values:
+            raise KeyError(f"no test value for 'auto' key {key!r}")
+        return values[key]
+    return node
+
+
+def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, clip: float = 0.0, bf16: bool = False,
+                hidden: int = 16, cached: dict | None = None) -> dict:
+    """A shipped config with fixed test values: small buckets, every parameter partitioned."""
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    values = {
+        "train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas, "gradient_clipping": clip, "enabled": bf16,
+        "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup_max_lr": LR, "warmup_num_steps": 10, "total_num_steps": 100,
+        "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0,
+        "stage3_param_persistence_threshold": 0,  # else tiny test parameters are never partitioned
+    }
+    config = _resolve(config, values)
+    config["scheduler"]["params"]["warmup_min_lr"] = LR  # a constant rate the reference can use
+    config["optimizer"]["params"]["torch_adam"] = True
+    config["zero_allow_untested_optimizer"] = True
+    if "offload_optimizer" in config["zero_optimization"]:
+        config["zero_force_ds_cpu_optimizer"] = False
+        for section in ("offload_param", "offload_optimizer"):
+            config["zero_optimization"][section]["pin_memory"] = False
+    config["cached"] = {**config["cached"], **(cached or {})}
+    return config
+
+
+def reference_adamw_step(model, grads: dict[str, torch.Tensor], clip: float = 0.0) -> float:
+    """Plain torch AdamW step on a copy of ``model`` given its gradients; returns the grad norm."""
+    model = copy.deepcopy(model)
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone() if name in grads else None
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY).step()
+    return model, norm
