@@ -22,6 +22,7 @@ No DeepSpeed, logging or CLI in here: engines integrate by wrapping ``loss.backw
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -105,7 +106,8 @@ def encode_plan(model: nn.Module, weight: torch.Tensor, plan: WindowPlan, rng_st
 class CachedEncoderFunction(torch.autograd.Function):
     """forward: steps 1–2 without autograd; backward: step 4.
 
-    Inputs are ``(model, plan, grad_dtype, weight, anchor)``. The encoder's trainable parameters
+    Inputs are ``(model, plan, grad_dtype, scope, weight, anchor)``; ``scope()`` is entered
+    around the no-grad pass and around the recompute (an engine can hold parameters there). The encoder's trainable parameters
     are *not* inputs: an engine may swap their storage between uses (ZeRO-3 keeps them as empty
     partitions outside their module's forward), and an input's shape is frozen into the graph.
     ``anchor`` is an empty tensor that needs a gradient, so autograd calls ``backward`` even when
@@ -120,17 +122,23 @@ class CachedEncoderFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model, plan: WindowPlan, grad_dtype, weight, anchor):
+    def forward(ctx, model, plan: WindowPlan, grad_dtype, scope, weight, anchor):
         device = weight.device
-        ctx.model, ctx.plan, ctx.grad_dtype, ctx.device = model, plan, grad_dtype, device
+        ctx.model, ctx.plan, ctx.grad_dtype, ctx.scope, ctx.device = model, plan, grad_dtype, scope, device
         ctx.autocast = AutocastState.capture(device)
         ctx.rng_states = []
         ctx.weight = weight
-        return encode_plan(model, weight, plan, ctx.rng_states)
+        with scope():
+            return encode_plan(model, weight, plan, ctx.rng_states)
 
     @staticmethod
     def backward(ctx, grad_fused):
-        needs_weight = ctx.needs_input_grad[3]
+        with ctx.scope():
+            return CachedEncoderFunction._recompute_groups(ctx, grad_fused)
+
+    @staticmethod
+    def _recompute_groups(ctx, grad_fused):
+        needs_weight = ctx.needs_input_grad[4]
         params = trainable_encoder_params(ctx.model)
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -148,7 +156,7 @@ class CachedEncoderFunction(torch.autograd.Function):
         weight, output = _recompute(ctx, group, rng, needs_weight)
         _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
         weight_sum = _accumulate(weight_sum, weight.grad, dtype)
-        return None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+        return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,19 +198,23 @@ def trainable_encoder_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.get_encoder().parameters() if p.requires_grad and p is not weight]
 
 
-def encode_windows(model: nn.Module, plan: WindowPlan, mode: str = "cached", grad_dtype=torch.float32) -> torch.Tensor:
+def encode_windows(
+    model: nn.Module, plan: WindowPlan, mode: str = "cached", grad_dtype=torch.float32, scope=contextlib.nullcontext
+) -> torch.Tensor:
     """Fused encoder states for ``plan``.
 
     ``cached``: CachED (encoder memory of one group); ``full``: ordinary backprop through every
     group (the baseline). Without autograd, or when nothing on the encoder path is trainable, the
-    encoder runs once without a graph and no recompute ever happens.
+    encoder runs once without a graph and no recompute ever happens. ``scope()`` is entered around
+    every pass over the groups.
     """
     weight = families.input_embedding(model).weight
     params = trainable_encoder_params(model)
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
-        with torch.no_grad():
+        with torch.no_grad(), scope():
             return encode_plan(model, weight, plan)
     if mode == "full":
-        return encode_plan(model, weight, plan)
+        with scope():
+            return encode_plan(model, weight, plan)
     anchor = torch.empty(0, device=weight.device, requires_grad=True)
-    return CachedEncoderFunction.apply(model, plan, grad_dtype, weight, anchor)
+    return CachedEncoderFunction.apply(model, plan, grad_dtype, scope, weight, anchor)

@@ -28,7 +28,9 @@ for the decoder, and keeping the encoder gathered under ZeRO-3 (``keep_encoder_g
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -36,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import families
 from .config import CachedConfig
 from .model import CachedSeq2Seq
 
@@ -111,6 +114,8 @@ def attach(engine, settings: EngineSettings) -> None:
         _check_zero3_model(wrapped.model)
         if dist.is_initialized() and dist.get_world_size() > 1:
             wrapped.sync_group_count = _max_over_ranks
+        if settings.keep_encoder_gathered:
+            wrapped.encoder_scope = partial(_encoder_gathered, wrapped.model)
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
     if engine.config.get("activation_checkpointing"):
         _use_deepspeed_checkpointing(engine, wrapped.model)
@@ -122,6 +127,27 @@ def _max_over_ranks(count: int) -> int:
     total = torch.tensor([count], dtype=torch.long)
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     return int(total.item())
+
+
+@contextmanager
+def _encoder_gathered(model: nn.Module):
+    """ZeRO-3: gather the encoder's parameters once for a whole pass over the window groups and
+    pin them (``ds_persist``, which ZeRO-3's release logic honours) until the pass ends.
+
+    The shared embedding stays with ZeRO-3's own handling: the decoder uses it too."""
+    embedding = families.input_embedding(model).weight
+    params = [p for p in model.get_encoder().parameters() if p is not embedding]
+    for p in params:
+        p.ds_persist = True
+    params[0].all_gather(param_list=params)  # one bucketed gather; skips what is already there
+    try:
+        yield
+    finally:
+        for p in params:
+            p.ds_persist = False
+        idle = [p for p in params if not p.ds_active_sub_modules]  # modules mid-backward release their own
+        if idle:
+            idle[0].partition(param_list=idle)
 
 
 def _check_zero3_model(model: nn.Module) -> None:

@@ -12,8 +12,9 @@ other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as us
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class CachedSeq2Seq(nn.Module):
         # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
         # count across ranks: it maps this rank's count to the count every rank will run.
         self.sync_group_count: Callable[[int], int] | None = None
+        # Entered around every pass over the window groups (ZeRO-3 keeps the encoder gathered there).
+        self.encoder_scope: Callable[[], ContextManager] = contextlib.nullcontext
 
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WindowPlan:
         pad = self.model.config.pad_token_id
@@ -71,7 +74,7 @@ class CachedSeq2Seq(nn.Module):
         """HF's seq2seq forward (same loss) with the encoder run window by window."""
         _check_labels(labels, input_ids)
         plan = self.plan(input_ids, attention_mask)
-        fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype)
+        fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype, self.encoder_scope)
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),
             attention_mask=plan.fused_mask,
@@ -87,7 +90,8 @@ class CachedSeq2Seq(nn.Module):
     ) -> tuple[BaseModelOutput, torch.Tensor]:
         """Fused encoder states of whole documents (windowed, no autograd) and their mask."""
         plan = self.plan(input_ids, attention_mask)
-        return BaseModelOutput(last_hidden_state=encode_windows(self.model, plan)), plan.fused_mask
+        fused = encode_windows(self.model, plan, scope=self.encoder_scope)
+        return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):

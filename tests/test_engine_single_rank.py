@@ -9,6 +9,8 @@ from ds_helpers import reference_adamw_step, resolved_config, single_rank_distri
 from reference import assert_grads_match, windowed_hf_step
 from tiny_models import make_model, random_batch
 
+from cached_ds.cached_encoder import CachedEncoderFunction, _recompute
+
 WINDOW = 16
 CACHED = {"window": WINDOW, "group_windows": 1, "group_tokens": None}
 
@@ -86,3 +88,37 @@ def test_engine_matches_reference(config, family, gas, clip):
     for name, p in engine.module.model.named_parameters():
         value = p.detach() if config == "zero0" else safe_get_full_fp32_param(p)  # ZeRO-0 keeps no master copy
         torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+class NaiveCachedEncoder(CachedEncoderFunction):
+    """The naive CachED (as the official code does it): one ordinary nested backward per window
+    group, so every group accumulates into ``.grad`` and fires DeepSpeed's gradient hooks."""
+
+    @staticmethod
+    def backward(ctx, grad_fused):
+        weight_grad = 0
+        for group, rng, grad in zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(grad_fused)):
+            weight, output = _recompute(ctx, group, rng, True)
+            torch.autograd.backward(output, grad)
+            weight_grad = weight_grad + weight.grad
+        return None, None, None, None, weight_grad, None
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_naive_nested_backward_breaks_zero(config, monkeypatch):
+    """Why the engine design exists: the naive approach raises under ZeRO-2 and gives wrong
+    gradients under ZeRO-3."""
+    from cached_ds import cached_encoder
+    from cached_ds.deepspeed_engine import initialize
+
+    monkeypatch.setattr(cached_encoder, "CachedEncoderFunction", NaiveCachedEncoder)
+    model = make_model("bart")
+    batches = micro_batches(model, 1)
+    ref_grads = reference_gradients(copy.deepcopy(model), batches)
+    engine, *_ = initialize(model, resolved_config(config, cached=CACHED))
+    if config == "zero2":
+        with pytest.raises(AssertionError, match="Gradient computed twice for this partition"):
+            train_step(engine, batches)
+    else:
+        with pytest.raises(AssertionError, match="global relative gradient error"):
+            assert_grads_match(train_step(engine, batches), ref_grads)

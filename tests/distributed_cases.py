@@ -1,0 +1,137 @@
+"""Two-rank DeepSpeed cases in one launch (run by test_engine_two_ranks.py):
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/distributed_cases.py OUT.jsonl
+
+Each rank trains on its own document; the reference is the mean of plain-HF gradients of both
+documents. Rank 0 writes one JSON object per case to OUT.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ds_helpers import resolved_config  # noqa: E402
+from reference import windowed_hf_step  # noqa: E402
+from tiny_models import make_model, random_batch  # noqa: E402
+
+WINDOW = 16
+COLLECTIVES = (
+    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+    "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced", "broadcast", "all_to_all_single",
+)
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives while active. DeepSpeed's comm layer calls them as
+    ``torch.distributed.X`` and ``torch.distributed.distributed_c10d.X``: both are wrapped, and
+    only the outermost call counts (one collective may be built on another)."""
+
+    def __init__(self):
+        self.counts, self.active, self.depth = Counter(), False, 0
+        c10d = dist.distributed_c10d
+        for name in COLLECTIVES:
+            original = getattr(c10d, name, None) or getattr(dist, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                if self.active and self.depth == 0:
+                    self.counts[_name] += 1
+                self.depth += 1
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.depth -= 1
+
+            for module in (dist, c10d):
+                if hasattr(module, name):
+                    setattr(module, name, counted)
+
+    def total(self, kind: str) -> int:
+        return sum(n for name, n in self.counts.items() if kind in name)
+
+
+def documents(windows_per_rank: list[int], pad: int):
+    return [random_batch([w * WINDOW], [6], pad, seed=40 + r) for r, w in enumerate(windows_per_rank)]
+
+
+def two_rank_config(stage_config: str, **cached) -> dict:
+    config = resolved_config(stage_config, world=2, cached={"window": WINDOW, "group_windows": 1, "group_tokens": None, **cached})
+    if stage_config == "zero3":  # release parameters after every use, as at real model sizes
+        config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0)
+    return config
+
+
+def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **cached) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart")
+    pristine = copy.deepcopy(model)
+    docs = documents(windows_per_rank, model.config.pad_token_id)
+    engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
+    ids, mask, labels = docs[rank]
+    torch.manual_seed(100 + rank)
+    engine.backward(engine(ids, mask, labels=labels).loss)
+    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}  # collective under ZeRO-3
+    engine.step()
+    ref = {}
+    for r, (ids, mask, labels) in enumerate(docs):
+        _, g = windowed_hf_step(pristine, ids, mask, labels, WINDOW, 1, seed=100 + r)
+        for k, v in g.items():
+            ref[k] = ref.get(k, 0) + v / len(docs)
+    num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
+    den = sum(float(ref[k].pow(2).sum()) for k in ref)
+    suffix = "-keep_encoder_gathered" if cached.get("keep_encoder_gathered") else ""
+    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5}
+
+
+def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
+    """Collectives issued by one training step after a warm-up step, with ``groups`` window groups."""
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart", dropout=0.0)
+    engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
+    ids, mask, labels = documents([groups, groups], model.config.pad_token_id)[rank]
+    for measured in (False, True):
+        counter.counts.clear()
+        counter.active = measured
+        engine.backward(engine(ids, mask, labels=labels).loss)
+        engine.step()
+    counter.active = False
+    suffix = "-keep_encoder_gathered" if cached.get("keep_encoder_gathered") else ""
+    return {"case": f"comm-{stage_config}{suffix}-groups{groups}", "reductions": counter.total("reduce"),
+            "gathers": counter.total("gather"), "counts": dict(counter.counts)}
+
+
+def main(out: str) -> None:
+    from ds_helpers import single_rank_distributed  # noqa: F401  (same env defaults; torchrun sets rank)
+    import deepspeed
+
+    counter = CollectiveCounter()  # before init: DeepSpeed's TorchBackend keeps references to these
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    results = []
+    for stage in ("zero0", "zero1", "zero2", "zero3"):
+        results.append(gradient_case(stage, [2, 4], rank))  # unequal window-group counts
+    results.append(gradient_case("zero3", [3, 3], rank))
+    results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True))
+    for stage in ("zero2", "zero3"):
+        for groups in (2, 8):
+            results.append(communication_case(stage, groups, counter, rank))
+    for groups in (2, 8):
+        results.append(communication_case("zero3", groups, counter, rank, keep_encoder_gathered=True))
+    if rank == 0:
+        Path(out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

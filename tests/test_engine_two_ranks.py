@@ -1,0 +1,46 @@
+"""Two CPU ranks through the real launcher (torchrun), all cases in one launch: exact gradients
+for ZeRO 0–3 (ranks with unequal window-group counts included) and collective counts that do not
+grow with the number of window groups."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks") / "results.jsonl"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+               str(TESTS / "distributed_cases.py"), str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("case", [
+    "zero0-windows[2, 4]", "zero1-windows[2, 4]", "zero2-windows[2, 4]", "zero3-windows[2, 4]",
+    "zero3-windows[3, 3]", "zero3-keep_encoder_gathered-windows[2, 4]",
+])
+def test_two_rank_gradients_equal_the_mean_reference(results, case):
+    assert results[case]["relative_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["zero2", "zero3", "zero3-keep_encoder_gathered"])
+def test_gradient_reductions_do_not_grow_with_window_groups(results, variant):
+    two, eight = results[f"comm-{variant}-groups2"], results[f"comm-{variant}-groups8"]
+    assert two["reductions"] > 0
+    assert two["reductions"] == eight["reductions"], (two["counts"], eight["counts"])
+
+
+def test_zero3_gathers_grow_with_groups_unless_the_encoder_stays_gathered(results):
+    assert results["comm-zero3-groups8"]["gathers"] > results["comm-zero3-groups2"]["gathers"]
+    kept2, kept8 = results["comm-zero3-keep_encoder_gathered-groups2"], results["comm-zero3-keep_encoder_gathered-groups8"]
+    assert kept2["gathers"] == kept8["gathers"], (kept2["counts"], kept8["counts"])
+    assert kept8["gathers"] < results["comm-zero3-groups8"]["gathers"]
