@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from .config import CachedConfig
 from .model import CachedSeq2Seq
 
 ENGINE_KEYS = ("keep_encoder_gathered",)
+CACHED_CONFIG_FILE = "cached_config.json"  # beside an exported HF model: the windows it was trained with
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,33 @@ def _use_deepspeed_checkpointing(engine, model: nn.Module) -> None:
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = True
             module._gradient_checkpointing_func = deepspeed.checkpointing.checkpoint
+
+
+def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None, tokenizer=None) -> Path:
+    """Write an HF folder (``from_pretrained`` loads it) from a checkpoint saved by
+    ``engine.save_checkpoint(checkpoint_dir)``, plus ``cached_config.json`` (window, groups) so
+    inference uses the same windows. Call on every rank; rank 0 writes.
+
+    Weights come from ``zero_to_fp32`` for ZeRO 1–3 (fp32 master weights); it rejects stage-0
+    checkpoints, whose module weights are the full weights, so stage 0 exports them directly."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    output_dir = Path(output_dir)
+    wrapped: CachedSeq2Seq = engine.module
+    if engine.zero_optimization_stage() == 0:
+        state = {k: v.detach().float().clone() for k, v in wrapped.model.state_dict().items()}
+    else:
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shard is on disk
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        wrapped.model.save_pretrained(output_dir, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        settings = {**asdict(wrapped.config), "window": wrapped.window}
+        (output_dir / CACHED_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return output_dir

@@ -122,3 +122,26 @@ def test_naive_nested_backward_breaks_zero(config, monkeypatch):
     else:
         with pytest.raises(AssertionError, match="global relative gradient error"):
             assert_grads_match(train_step(engine, batches), ref_grads)
+
+
+def test_deepspeed_activation_checkpointing_of_the_decoder():
+    """A non-empty activation_checkpointing section checkpoints decoder layers through
+    deepspeed.checkpointing: gradients stay exact and the decoder stores less for backward."""
+    from cached_ds import SavedTensorMeter
+    from cached_ds.deepspeed_engine import initialize
+
+    peaks = {}
+    for checkpointing in (False, True):
+        model = make_model("bart", decoder_layers=3)
+        batches = micro_batches(model, 1)
+        ref_grads = reference_gradients(copy.deepcopy(model), batches)
+        config = resolved_config("zero2", cached=CACHED)
+        if checkpointing:
+            config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False}
+        engine, *_ = initialize(model, config)
+        meter = SavedTensorMeter()
+        with meter.watch(engine.module.model.get_decoder()):
+            grads = train_step(engine, batches)
+        assert_grads_match(grads, ref_grads)
+        peaks[checkpointing] = meter.peak_bytes
+    assert peaks[True] < 0.5 * peaks[False]

@@ -1,0 +1,81 @@
+"""bf16 engines sum the encoder's per-group gradients in fp32; the "cached" section is validated."""
+
+import copy
+import json
+
+import pytest
+import torch
+from ds_helpers import CONFIGS, resolved_config, single_rank_distributed
+from reference import windowed_hf_step
+from tiny_models import make_model, random_batch
+
+from cached_ds.deepspeed_engine import EngineSettings, initialize, load_config
+
+WINDOW = 16
+BOUND = 0.01
+
+
+@pytest.fixture(scope="module", autouse=True)
+def distributed():
+    single_rank_distributed()
+
+
+def encoder_layer_error(config: str, grad_dtype: str) -> float:
+    """Relative error of a bf16 engine's encoder-layer gradients vs the fp32 reference, over
+    64 window groups with dropout off (so only rounding differs)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    model = make_model("bart", dropout=0.0)
+    ids, mask, labels = random_batch([64 * WINDOW], [12], model.config.pad_token_id, seed=5)
+    _, ref = windowed_hf_step(copy.deepcopy(model), ids, mask, labels, WINDOW, 1, seed=0)
+    cached = {"window": WINDOW, "group_windows": 1, "group_tokens": None, "grad_dtype": grad_dtype}
+    engine, *_ = initialize(model, resolved_config(config, bf16=True, cached=cached))
+    engine.backward(engine(ids, mask, labels=labels).loss)
+    keys = [k for k in ref if k.startswith("model.encoder.layers")]
+    grads = {n: safe_get_full_grad(p).float() for n, p in engine.module.model.named_parameters() if n in keys}
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    engine.step()
+    num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in keys)
+    return (num / sum(float(ref[k].pow(2).sum()) for k in keys)) ** 0.5
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_bf16_sums_group_gradients_in_fp32(config):
+    assert encoder_layer_error(config, "float32") <= BOUND
+    assert encoder_layer_error(config, "bfloat16") > BOUND, "the bf16-accumulating control must fail the bound"
+
+
+def test_unknown_cached_key():
+    with pytest.raises(ValueError, match=r"unknown keys \['group_size'\] in the \"cached\" section; valid keys"):
+        EngineSettings.from_section({"group_size": 4})
+
+
+def test_cached_section_must_be_an_object():
+    with pytest.raises(ValueError, match='"cached" section must be a JSON object'):
+        EngineSettings.from_section([1, 2])
+
+
+def test_keep_encoder_gathered_needs_zero3():
+    with pytest.raises(ValueError, match="keep_encoder_gathered\" needs ZeRO stage 3 .*stage 2"):
+        initialize(make_model("bart"), resolved_config("zero2", cached={"keep_encoder_gathered": True}))
+
+
+def test_layerdrop_refused_under_zero3():
+    with pytest.raises(ValueError, match="encoder_layerdrop=0.2 is not supported under ZeRO-3"):
+        initialize(make_model("bart", encoder_layerdrop=0.2), resolved_config("zero3"))
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist; pass --deepspeed ds_configs/zero3.json"):
+        load_config(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "train_batch_size": 1,\n  "zero_optimization": {"stage": 3,}\n}\n')
+    with pytest.raises(ValueError, match="not valid JSON: .* at line 3, column"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+def test_shipped_configs_have_a_valid_cached_section(name):
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    settings = EngineSettings.from_section(config["cached"])
+    assert settings.cached.mode == "cached"
