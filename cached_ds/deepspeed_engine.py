@@ -40,6 +40,7 @@ from torch import nn
 
 from . import families
 from .config import CachedConfig
+from .ds_config import load_config
 from .model import CachedSeq2Seq
 
 ENGINE_KEYS = ("keep_encoder_gathered",)
@@ -73,19 +74,6 @@ class EngineSettings:
         if not isinstance(keep, bool):
             raise ValueError(f'"cached.keep_encoder_gathered" must be true or false, got {keep!r}')
         return cls(CachedConfig.from_dict(section), keep)
-
-
-def load_config(config: str | Path | dict) -> dict:
-    """A DeepSpeed config from a dict or a JSON file, with errors that say where it is wrong."""
-    if isinstance(config, dict):
-        return json.loads(json.dumps(config))  # a private copy
-    path = Path(config)
-    if not path.is_file():
-        raise ValueError(f"DeepSpeed config {str(path)!r} does not exist; pass --deepspeed ds_configs/zero3.json or another file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
 
 
 def initialize(model: nn.Module, config: str | Path | dict, model_parameters=None, **kwargs):

@@ -47,8 +47,8 @@ def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, 
         "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0,
         "stage3_param_persistence_threshold": 0,  # else tiny test parameters are never partitioned
     }
+    values["warmup_min_lr"] = LR  # a constant rate the reference can use
     config = _resolve(config, values)
-    config["scheduler"]["params"]["warmup_min_lr"] = LR  # a constant rate the reference can use
     config["optimizer"]["params"]["torch_adam"] = True
     config["zero_allow_untested_optimizer"] = True
     if "offload_optimizer" in config["zero_optimization"]:

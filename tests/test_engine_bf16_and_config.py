@@ -9,7 +9,8 @@ from ds_helpers import CONFIGS, resolved_config, single_rank_distributed
 from reference import windowed_hf_step
 from tiny_models import make_model, random_batch
 
-from cached_ds.deepspeed_engine import EngineSettings, initialize, load_config
+from cached_ds.deepspeed_engine import EngineSettings, initialize
+from cached_ds.ds_config import load_config
 
 WINDOW = 16
 BOUND = 0.01

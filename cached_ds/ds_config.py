@@ -1,0 +1,73 @@
+"""DeepSpeed JSON configs: loading with precise errors, and HF-style ``"auto"`` resolution.
+
+``"auto"`` is filled the way Hugging Face's Trainer does: batch sizes from the run's flags and
+world size, optimizer and scheduler values from the flags, ``reduce_bucket_size = hidden²``,
+``stage3_prefetch_bucket_size = 0.9·hidden²``, ``stage3_param_persistence_threshold = 10·hidden``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+
+def load_config(config: str | Path | dict) -> dict:
+    """A DeepSpeed config from a dict or a JSON file, with errors that say where it is wrong."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config {str(path)!r} does not exist; pass --deepspeed ds_configs/zero3.json or another file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+
+
+def resolve_auto(config: dict, values: dict) -> dict:
+    """Replace every ``"auto"`` by ``values[key]`` (the key is the field's own name)."""
+
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if node == "auto":
+            if key not in values:
+                raise ValueError(f'no value for "auto" field {key!r}; set it to a number in the DeepSpeed config')
+            return values[key]
+        return node
+
+    return walk(config)
+
+
+def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int, lr: float, weight_decay: float,
+                warmup_steps: int, total_steps: int, max_grad_norm: float, bf16: bool, hidden_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_max_lr": lr,
+        # DeepSpeed needs >= 1 warm-up step and starts it at warmup_min_lr: no warm-up = start at the peak
+        "warmup_min_lr": lr if warmup_steps == 0 else 0.0,
+        "warmup_num_steps": max(1, warmup_steps),
+        "total_num_steps": max(total_steps, warmup_steps + 1),
+        "enabled": bf16,  # the bf16 section
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
+def check_batch_sizes(config: dict, world_size: int) -> None:
+    """DeepSpeed asserts train_batch_size = micro × GAS × world; say which fields disagree and how to fix."""
+    micro, gas, total = (config.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
+    if None in (micro, gas, total):
+        return
+    if total != micro * gas * world_size:
+        raise ValueError(
+            f"train_batch_size={total} but train_micro_batch_size_per_gpu × gradient_accumulation_steps × world size "
+            f"= {micro} × {gas} × {world_size} = {micro * gas * world_size}; set train_batch_size to \"auto\" or make them agree"
+        )

@@ -1,0 +1,52 @@
+"""Summarise whole documents and score them with ROUGE (rouge-score, F-measure × 100)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from rouge_score import rouge_scorer
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences_per_line(text: str) -> str:
+    """rougeLsum scores summary-level LCS over newline-separated sentences; split on sentence-final
+    punctuation instead of NLTK's punkt, which would need a data download."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references (got {len(predictions)} and {len(references)}), at least one")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(sentences_per_line(reference), sentences_per_line(prediction))
+        for kind in ROUGE_TYPES:
+            totals[kind] += scores[kind].fmeasure
+    return {kind: 100.0 * total / len(predictions) for kind, total in totals.items()}
+
+
+@torch.no_grad()
+def summarize(wrapped, tokenizer, documents: list[list[int]], batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
+    """Summaries of token-id documents of any length (CachED windows, HF ``generate``)."""
+    was_training = wrapped.training
+    wrapped.eval()
+    device = next(wrapped.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs = []
+    for start in range(0, len(documents), batch_size):
+        batch = documents[start : start + batch_size]
+        longest = max(len(d) for d in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        for row, doc in enumerate(batch):
+            ids[row, : len(doc)] = torch.tensor(doc)
+        mask = (torch.arange(longest)[None, :] < torch.tensor([len(d) for d in batch])[:, None]).long()
+        generated = wrapped.generate(ids.to(device), mask.to(device), **generate_kwargs)
+        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        if progress is not None:
+            progress.update(len(batch))
+    wrapped.train(was_training)
+    return [text.strip() for text in outputs]

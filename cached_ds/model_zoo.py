@@ -1,0 +1,54 @@
+"""Models for a run: a Hugging Face id or directory (``from_pretrained``), or a shipped config name
+(``cached_ds/model_configs/<name>.json``: real architecture shapes, random init) for benchmarks
+and the embedded default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import transformers as hf
+
+from .families import require_encoder_decoder
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str, **overrides) -> hf.PretrainedConfig:
+    values = {**json.loads((CONFIG_DIR / f"{name}.json").read_text()), **overrides}
+    return hf.AutoConfig.for_model(**values)
+
+
+def load_model(name_or_path: str, tokenizer=None, **config_overrides) -> hf.PreTrainedModel:
+    """A seq2seq LM; random-init configs get the tokenizer's vocabulary size and special ids."""
+    if name_or_path in shipped_configs():
+        if tokenizer is not None:
+            family = json.loads((CONFIG_DIR / f"{name_or_path}.json").read_text())["model_type"]
+            config_overrides = {**_special_ids(tokenizer, family), "vocab_size": len(tokenizer), **config_overrides}
+        model = hf.AutoModelForSeq2SeqLM.from_config(model_config(name_or_path, **config_overrides))
+    else:
+        path = Path(name_or_path)
+        if not path.exists() and "/" not in name_or_path:
+            raise ValueError(f"--model {name_or_path!r} is neither a local directory nor a shipped config ({', '.join(shipped_configs())}) nor an HF id (org/name)")
+        config = hf.AutoConfig.from_pretrained(name_or_path)
+        if not getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"--model {name_or_path!r} is a {config.model_type} model, not an encoder–decoder (config.is_encoder_decoder=False); use BART, mBART, PEGASUS, T5 or LongT5")
+        model = hf.AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **config_overrides)
+    require_encoder_decoder(model)
+    return model
+
+
+def _special_ids(tokenizer, family: str) -> dict:
+    """The tokenizer's ids in the model config. T5-style models start decoding from pad,
+    BART-style ones from eos (and force eos last)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = {"pad_token_id": pad, "eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id}
+    if family in ("t5", "longt5", "mt5", "umt5"):
+        ids["decoder_start_token_id"] = pad
+    else:
+        ids.update(decoder_start_token_id=eos, forced_eos_token_id=eos)
+    return {k: v for k, v in ids.items() if v is not None}

@@ -1,0 +1,185 @@
+"""Typed settings of a training run and the command line that fills them.
+
+Each component owns a small dataclass with validation (model, data, cached, optimisation, eval,
+logging, checkpointing); ``parse_args`` builds them from flags whose ``--help`` text is the
+field's documentation.
+
+    python launchers/train.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_type_hints
+
+PRESETS = ("default", "smoke")
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = field(default=None, metadata={"help": "HF model id or local directory (from_pretrained), or a shipped config name for random init (tiny-bart, bart-large, long-t5-tglobal-large, ...); default: the embedded tiny BART"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer id or directory; default: the model's"})
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = field(default=None, metadata={"help": "datasets.load_dataset name (e.g. ccdv/govreport-summarization)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "dataset configuration name"})
+    train_file: str | None = field(default=None, metadata={"help": "training documents: .jsonl, .json, .parquet or .csv"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out documents, same formats"})
+    train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
+    eval_split: str = field(default="validation", metadata={"help": "split of --dataset to evaluate on"})
+    text_column: str = field(default="document", metadata={"help": "column holding the source documents"})
+    summary_column: str = field(default="summary", metadata={"help": "column holding the reference summaries"})
+    max_source_tokens: int | None = field(default=None, metadata={"help": "truncate sources to this many tokens (ablations only; default: whole documents)"})
+    max_target_tokens: int | None = field(default=None, metadata={"help": "truncate summaries to this many tokens (default: none)"})
+    max_eval_documents: int | None = field(default=None, metadata={"help": "evaluate on at most this many documents"})
+
+    def validate(self) -> None:
+        if self.dataset and (self.train_file or self.eval_file):
+            raise ValueError("give either --dataset or --train_file/--eval_file, not both")
+        if self.eval_file and not self.train_file:
+            raise ValueError("--eval_file needs --train_file")
+        for name in ("max_source_tokens", "max_target_tokens", "max_eval_documents"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}")
+
+
+@dataclass
+class CachedArgs:
+    window: int | None = field(default=None, metadata={"help": "tokens per encoder window (overrides the config's \"cached\" section)"})
+    group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (overrides the config)"})
+
+
+@dataclass
+class OptimArgs:
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (fills \"auto\" in the DeepSpeed optimizer/scheduler)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps"})
+    micro_batch_size: int = field(default=1, metadata={"help": "documents per rank per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to train (default: --epochs worth)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training documents when --max_steps is not set"})
+    seed: int = field(default=42, metadata={"help": "seed of model init, data order and dropout"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 training (default: on where a GPU supports it)"})
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class EvalArgs:
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: at the end only)"})
+    num_beams: int = field(default=1, metadata={"help": "beam width for summarisation"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest generated summary"})
+    min_new_tokens: int = field(default=0, metadata={"help": "shortest generated summary"})
+    length_penalty: float = field(default=1.0, metadata={"help": "beam-search length penalty"})
+
+
+@dataclass
+class LoggingArgs:
+    logging_steps: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    tensorboard: bool = field(default=True, metadata={"help": "DeepSpeed tensorboard monitor under <output_dir>/tensorboard"})
+    csv: bool = field(default=True, metadata={"help": "DeepSpeed csv_monitor under <output_dir>/csv"})
+
+
+@dataclass
+class CheckpointArgs:
+    output_dir: str = field(default="outputs/run", metadata={"help": "where the resolved config, metrics, checkpoints, export and eval go"})
+    save_steps: int | None = field(default=None, metadata={"help": "save a checkpoint every N steps (default: at the end only)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in <output_dir>/checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "published checkpoints to keep"})
+
+
+@dataclass
+class RunConfig:
+    deepspeed: str
+    preset: str = "default"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    cached: CachedArgs = field(default_factory=CachedArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+
+    @property
+    def embedded(self) -> bool:
+        """No model and no data given: train the embedded default (generated task, tiny BART)."""
+        d = self.data
+        return self.model.model is None and not (d.dataset or d.train_file)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.checkpoint.output_dir)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+        if not self.embedded and not (self.data.dataset or self.data.train_file):
+            raise ValueError("no training data: pass --dataset NAME or --train_file FILE (or neither, with no --model, for the embedded default)")
+        if self.data.train_file is None and self.data.dataset is None and self.model.model is not None:
+            raise ValueError("--model needs data: pass --dataset or --train_file")
+        self.data.validate()
+        self.optim.validate()
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "cached": CachedArgs, "optim": OptimArgs, "eval": EvalArgs,
+            "logging": LoggingArgs, "checkpoint": CheckpointArgs}
+
+
+def _flag_type(hint):
+    """argparse type for a dataclass field's annotation (``int | None`` -> int; bools take true/false)."""
+    text = str(hint)
+    if "bool" in text:
+        return _boolean
+    for kind in (int, float, str):
+        if kind.__name__ in text:
+            return kind
+    return str
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a Hugging Face encoder–decoder on whole long documents with CachED inside DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--deepspeed", required=True, metavar="PATH", help="DeepSpeed JSON config (HF-style: takes the path), e.g. ds_configs/zero3.json")
+    parser.add_argument("--preset", default="default", choices=PRESETS, help="size of the embedded default run (smoke: seconds, for tests)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ranks are read from the environment")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _flag_type(hints[f.name])
+            extra = {"nargs": "?", "const": True} if kind is _boolean else {}  # bare --resume means true
+            group.add_argument(f"--{f.name}", dest=f"{section}.{f.name}", type=kind, default=f.default,
+                               help=f.metadata.get("help", ""), metavar=f.name.upper(), **extra)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    namespace = vars(build_parser().parse_args(argv))
+    sections = {name: cls(**{f.name: namespace[f"{name}.{f.name}"] for f in dataclasses.fields(cls)}) for name, cls in SECTIONS.items()}
+    config = RunConfig(deepspeed=namespace["deepspeed"], preset=namespace["preset"], **sections)
+    config.validate()
+    return config

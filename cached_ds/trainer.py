@@ -1,0 +1,266 @@
+"""The training run behind ``launchers/train.py``: build, train, checkpoint, export, evaluate.
+
+    deepspeed launchers/train.py --deepspeed ds_configs/zero3.json --model facebook/bart-large \\
+        --dataset ccdv/govreport-summarization --text_column report --max_steps 1000
+
+Loss is a token-level mean over the whole global batch: each micro-batch's summed cross-entropy
+is divided by the label-token count of the global batch (all micro-batches, all ranks — counted
+before the first backward, since a step's batches are prepared ahead) and multiplied by GAS ×
+world to undo DeepSpeed's division by GAS and its averaging over ranks. Every summary token then
+weighs the same, however the batch is split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers as hf
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .checkpoints import CheckpointStore, injected_fault
+from .deepspeed_engine import EngineSettings, export_hf, initialize
+from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
+from .evaluation import rouge, summarize
+from .model_zoo import load_model
+from .run_config import RunConfig
+
+logger = logging.getLogger("cached_ds")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
+def init_distributed() -> None:
+    """torchrun, the deepspeed launcher and SLURM+torchrun all set RANK/WORLD_SIZE; gloo on CPU."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend=backend)
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, tokenizer=None):
+        self.run = run
+        self.out = run.output_dir
+        init_distributed()
+        seed_everything(run.optim.seed)
+        self.tokenizer = tokenizer or self._load_tokenizer()
+        self.train_rows, self.eval_rows = self._load_data()
+        seed_everything(run.optim.seed)  # model init independent of data loading
+        self.model = load_model(run.model.model, self.tokenizer)
+        self.plan = data_lib.BatchPlan([r["num_tokens"] for r in self.train_rows], world_size(),
+                                       run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
+        self.plan.check()
+        self.total_steps = run.optim.max_steps or run.optim.epochs * self.plan.steps_per_epoch
+        self.engine = self._build_engine()
+        self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
+        self.step = 0
+
+    # ---- building ---------------------------------------------------------------------------
+    def _load_tokenizer(self):
+        name = self.run.model.tokenizer or self.run.model.model
+        try:
+            return hf.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot load a tokenizer from {name!r} ({error}); pass --tokenizer ID_OR_DIR") from None
+
+    def _load_data(self):
+        args = self.run.data
+        splits = {}
+        for split in ("train", "eval"):
+            if rank() != 0:
+                dist.barrier()  # rank 0 tokenizes first and fills datasets' cache; the others read it
+            dataset = data_lib.load_split(args, split)
+            if dataset is not None:
+                data_lib.check_columns(dataset, args, split)
+                dataset, dropped = data_lib.drop_empty(dataset, args)
+                if dropped:
+                    logger.warning("skipped %d %s documents with an empty text or summary", dropped, split)
+                dataset = data_lib.tokenize(dataset, self.tokenizer, args)
+                if split == "eval" and args.max_eval_documents:
+                    dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
+            if rank() == 0 and dist.is_initialized():
+                dist.barrier()
+            splits[split] = None if dataset is None else [dict(r) for r in dataset]
+        if not splits["train"]:
+            raise ValueError("no training documents left after skipping empty ones")
+        return splits["train"], splits["eval"]
+
+    def _build_engine(self):
+        run = self.run
+        config = load_config(run.deepspeed)
+        cached = config.setdefault("cached", {})
+        for key in ("window", "group_tokens"):
+            if getattr(run.cached, key) is not None:
+                cached[key] = getattr(run.cached, key)
+                if key == "group_tokens":
+                    cached.pop("group_windows", None)
+        EngineSettings.from_section(cached)  # fail on unknown keys before DeepSpeed starts
+        bf16 = run.optim.bf16 if run.optim.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        hidden = self.model.config.d_model
+        config = resolve_auto(config, auto_values(
+            micro_batch_size=run.optim.micro_batch_size, gradient_accumulation_steps=run.optim.gradient_accumulation_steps,
+            world_size=world_size(), lr=run.optim.lr, weight_decay=run.optim.weight_decay, warmup_steps=run.optim.warmup_steps,
+            total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
+        check_batch_sizes(config, world_size())
+        if run.logging.tensorboard:
+            config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
+        if run.logging.csv:
+            config.setdefault("csv_monitor", {"enabled": True, "output_path": str(self.out / "csv"), "job_name": "train"})
+        if rank() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        engine, *_ = initialize(self.model, config)
+        return engine
+
+    # ---- training ---------------------------------------------------------------------------
+    def train(self) -> dict:
+        run = self.run
+        epoch, position = 0, 0
+        self.store.discard_partial()
+        if run.checkpoint.resume:
+            state = self.store.load(self.engine)
+            self.step, epoch, position = state["step"], state["epoch"], state["position"]
+            logger.info("resumed from step %d", self.step)
+            self._forget_metrics_after(self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
+        metrics_file = self.out / "metrics.jsonl"
+        while self.step < self.total_steps:
+            steps = self.plan.epoch(epoch, rank())
+            while position < len(steps) and self.step < self.total_steps:
+                record = self._train_step([data_lib.collate([self.train_rows[i] for i in batch], self.tokenizer.pad_token_id) for batch in steps[position]])
+                position += 1
+                self.step += 1
+                if rank() == 0 and self.step % run.logging.logging_steps == 0:
+                    with metrics_file.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    self.engine.monitor.write_events([(f"train/{k}", v, self.step) for k, v in record.items() if k != "step" and v is not None])
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", doc_tokens=record["doc_tokens"])
+                if position == len(steps):
+                    epoch, position = epoch + 1, 0
+                if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
+                    self.store.save(self.engine, self.step, {"step": self.step, "epoch": epoch, "position": position})
+                if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
+                    self.evaluate(f"step{self.step}")
+                if position == 0:
+                    break  # a new epoch: new document order
+        bar.close()
+        if self.store.latest() != f"step{self.step:08d}":
+            self.store.save(self.engine, self.step, {"step": self.step, "epoch": epoch, "position": position})
+        export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
+        return self.evaluate("final")
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Lines a crashed run wrote after its last checkpoint are about to be trained again."""
+        path = self.out / "metrics.jsonl"
+        if rank() == 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches, loss normalised over the global batch."""
+        started = time.perf_counter()
+        device = self.engine.device
+        label_tokens = all_reduce_sum(sum(int((b["labels"] != -100).sum()) for b in micro_batches))
+        doc_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        scale = self.engine.gradient_accumulation_steps() * world_size() / label_tokens
+        summed = 0.0
+        for batch in micro_batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = self.engine(**batch).logits
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+            if injected_fault("nan_loss", self.step + 1):
+                loss_sum = loss_sum * float("nan")
+            self._stop_unless_finite(loss_sum)
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            summed += float(loss_sum.detach())
+        elapsed = time.perf_counter() - started
+        norm = self.engine.get_global_grad_norm()
+        return {"step": self.step + 1, "loss": all_reduce_sum(summed) / label_tokens, "lr": self.engine.get_lr()[0],
+                "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
+                "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
+
+    def _stop_unless_finite(self, loss: torch.Tensor) -> None:
+        bad = all_reduce_sum(0.0 if torch.isfinite(loss).item() else 1.0)
+        if bad:
+            latest = self.store.latest()
+            kept = f"the last good checkpoint is {self.store.root / latest}" if latest else "no checkpoint was saved yet"
+            raise FloatingPointError(f"loss is not finite at step {self.step + 1}: stopping; {kept} (lower --lr or check the data)")
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self, name: str) -> dict:
+        """Summaries of the held-out documents (sharded over ranks), ROUGE on rank 0."""
+        if not self.eval_rows:
+            return {}
+        run = self.run
+        mine = list(range(rank(), len(self.eval_rows), world_size()))
+        rounds = math.ceil(len(self.eval_rows) / world_size())
+        padded = mine + mine[-1:] * (rounds - len(mine))  # ZeRO-3: every rank must run as many generate calls
+        stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
+        texts = summarize(self.engine.module, self.tokenizer, [self.eval_rows[i]["input_ids"] for i in padded],
+                          num_beams=run.eval.num_beams, max_new_tokens=run.eval.max_new_tokens,
+                          min_new_tokens=run.eval.min_new_tokens, length_penalty=run.eval.length_penalty,
+                          synced_gpus=stage3, progress=tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0))
+        pairs = list(zip(mine, texts))
+        gathered = [None] * world_size()
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, pairs)
+        else:
+            gathered = [pairs]
+        if rank() != 0:
+            return {}
+        predictions = dict(p for part in gathered for p in part)
+        order = sorted(predictions)
+        references = [self.tokenizer.decode(self.eval_rows[i]["labels"], skip_special_tokens=True).strip() for i in order]
+        scores = rouge([predictions[i] for i in order], references)
+        with (self.out / f"predictions_{name}.jsonl").open("w") as handle:
+            for i, ref in zip(order, references):
+                handle.write(json.dumps({"index": i, "prediction": predictions[i], "reference": ref}) + "\n")
+        if name == "final":
+            (self.out / "eval_results.json").write_text(json.dumps(scores, indent=2) + "\n")
+        logger.info("eval %s: %s", name, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+        return scores

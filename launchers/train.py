@@ -1,0 +1,31 @@
+"""Train a Hugging Face encoder–decoder on whole long documents with CachED inside DeepSpeed.
+
+    deepspeed launchers/train.py --deepspeed ds_configs/zero3.json          # the embedded default
+    deepspeed --num_gpus 2 launchers/train.py --deepspeed ds_configs/zero3.json
+    deepspeed launchers/train.py --deepspeed ds_configs/zero3.json --model facebook/bart-large \\
+        --dataset ccdv/govreport-summarization --text_column report --max_steps 1000
+    python launchers/train.py --help
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cached_ds.run_config import parse_args  # noqa: E402
+
+
+def main(argv=None) -> None:
+    run = parse_args(argv)
+    if run.embedded:
+        from cached_ds.embedded import train_embedded_default
+
+        train_embedded_default(run)
+    else:
+        from cached_ds.trainer import Trainer
+
+        Trainer(run).train()
+
+
+if __name__ == "__main__":
+    main()
