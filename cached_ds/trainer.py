@@ -80,6 +80,30 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, optimizer_step: bool = True) -> tuple[float, float, float]:
+    """One optimizer step over this rank's micro-batches with the loss normalised over the
+    global batch; returns (summed loss, label tokens, document tokens), all global.
+    ``optimizer_step=False`` stops at the accumulation boundary with the gradients in place."""
+    device = engine.device
+    label_tokens = all_reduce_sum(sum(int((b["labels"] != -100).sum()) for b in micro_batches))
+    doc_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+    scale = engine.gradient_accumulation_steps() * world_size() / label_tokens
+    summed = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = engine(**batch).logits
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+        if nan_fault:
+            loss_sum = loss_sum * float("nan")
+        if check is not None:
+            check(loss_sum)
+        engine.backward(loss_sum * scale)
+        if optimizer_step or not engine.is_gradient_accumulation_boundary():
+            engine.step()
+        summed += float(loss_sum.detach())
+    return all_reduce_sum(summed), label_tokens, doc_tokens
+
+
 class Trainer:
     def __init__(self, run: RunConfig, tokenizer=None):
         self.run = run
@@ -201,26 +225,12 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this rank's micro-batches, loss normalised over the global batch."""
         started = time.perf_counter()
-        device = self.engine.device
-        label_tokens = all_reduce_sum(sum(int((b["labels"] != -100).sum()) for b in micro_batches))
-        doc_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
-        scale = self.engine.gradient_accumulation_steps() * world_size() / label_tokens
-        summed = 0.0
-        for batch in micro_batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = self.engine(**batch).logits
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
-            if injected_fault("nan_loss", self.step + 1):
-                loss_sum = loss_sum * float("nan")
-            self._stop_unless_finite(loss_sum)
-            self.engine.backward(loss_sum * scale)
-            self.engine.step()
-            summed += float(loss_sum.detach())
+        summed, label_tokens, doc_tokens = train_step(self.engine, micro_batches, check=self._stop_unless_finite,
+                                                      nan_fault=injected_fault("nan_loss", self.step + 1))
         elapsed = time.perf_counter() - started
         norm = self.engine.get_global_grad_norm()
-        return {"step": self.step + 1, "loss": all_reduce_sum(summed) / label_tokens, "lr": self.engine.get_lr()[0],
+        return {"step": self.step + 1, "loss": summed / label_tokens, "lr": self.engine.get_lr()[0],
                 "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
                 "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
 

@@ -111,6 +111,28 @@ def communication_case(stage_config: str, groups: int, counter: CollectiveCounte
             "gathers": counter.total("gather"), "counts": dict(counter.counts)}
 
 
+def loss_split_case(rank: int) -> dict:
+    """GAS 1 × 2 ranks, two documents per rank, vs the plain-HF token-level mean over all four."""
+    from deepspeed.utils import safe_get_full_grad
+    from loss_split_cases import batch_of
+    from loss_split_cases import documents as split_documents
+    from reference import token_mean_hf_step
+
+    from cached_ds.deepspeed_engine import initialize
+    from cached_ds.trainer import train_step
+
+    model = make_model("bart", dropout=0.0)
+    pad = model.config.pad_token_id
+    docs = split_documents(pad)
+    ref = token_mean_hf_step(model, docs, WINDOW)
+    model.zero_grad(set_to_none=True)
+    engine, *_ = initialize(model, resolved_config("zero2", micro=2, world=2, cached={"window": WINDOW}))
+    train_step(engine, [batch_of(docs[2 * rank : 2 * rank + 2], pad)], optimizer_step=False)
+    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}
+    num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
+    return {"case": "loss-split-gas1-2ranks", "relative_error": (num / sum(float(ref[k].pow(2).sum()) for k in ref)) ** 0.5}
+
+
 def main(out: str) -> None:
     from ds_helpers import single_rank_distributed  # noqa: F401  (same env defaults; torchrun sets rank)
     import deepspeed
@@ -128,6 +150,7 @@ def main(out: str) -> None:
             results.append(communication_case(stage, groups, counter, rank))
     for groups in (2, 8):
         results.append(communication_case("zero3", groups, counter, rank, keep_encoder_gathered=True))
+    results.append(loss_split_case(rank))
     if rank == 0:
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in results))
     dist.barrier()

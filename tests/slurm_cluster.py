@@ -5,7 +5,8 @@
                                             env={**os.environ, "GPUS_PER_NODE": "2"})
 
 Everything SLURM writes (config, state, spool, logs, job output) lives in a temp dir.
-Needs root (it installs Debian packages if missing and runs the daemons as root).
+Needs root: it installs the Debian packages if missing, runs slurmctld/slurmd as root (jobs run
+as the submitting user, root) and munged as the munge user.
 """
 
 import os

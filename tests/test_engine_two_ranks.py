@@ -27,6 +27,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "zero0-windows[2, 4]", "zero1-windows[2, 4]", "zero2-windows[2, 4]", "zero3-windows[2, 4]",
     "zero3-windows[3, 3]", "zero3-keep_encoder_gathered-windows[2, 4]",
+    "loss-split-gas1-2ranks",  # token-level mean over the global batch (see test_loss_normalisation.py)
 ])
 def test_two_rank_gradients_equal_the_mean_reference(results, case):
     assert results[case]["relative_error"] <= 1e-5
