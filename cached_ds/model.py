@@ -70,8 +70,17 @@ class CachedSeq2Seq(nn.Module):
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
-    ) -> Seq2SeqLMOutput:
-        """HF's seq2seq forward (same loss) with the encoder run window by window."""
+        encode_only: bool = False,
+    ) -> Seq2SeqLMOutput | tuple[BaseModelOutput, torch.Tensor]:
+        """HF's seq2seq forward (same loss) with the encoder run window by window.
+
+        ``encode_only=True`` returns ``(encoder outputs, fused mask)`` instead (``encode_long``):
+        running inside this module's forward lets engines such as ZeRO-3 gather the embedding
+        weight the core reads, as they do for training."""
+        if encode_only:
+            plan = self.plan(input_ids, attention_mask)
+            fused = encode_windows(self.model, plan, scope=self.encoder_scope)
+            return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
         _check_labels(labels, input_ids)
         plan = self.plan(input_ids, attention_mask)
         fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype, self.encoder_scope)
@@ -89,9 +98,7 @@ class CachedSeq2Seq(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[BaseModelOutput, torch.Tensor]:
         """Fused encoder states of whole documents (windowed, no autograd) and their mask."""
-        plan = self.plan(input_ids, attention_mask)
-        fused = encode_windows(self.model, plan, scope=self.encoder_scope)
-        return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
+        return self(input_ids, attention_mask, encode_only=True)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
