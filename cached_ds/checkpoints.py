@@ -84,6 +84,7 @@ class CheckpointStore:
             aside = self.root / "latest.tmp"
             aside.write_text(tag + "\n")
             os.replace(aside, self.root / "latest")
+            shutil.rmtree(self.staging)  # what is left is DeepSpeed's own "latest" file for staging
             self._prune()
         _barrier()
         return tag

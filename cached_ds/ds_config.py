@@ -50,8 +50,8 @@ def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, worl
         "lr": lr,
         "weight_decay": weight_decay,
         "warmup_max_lr": lr,
-        # DeepSpeed needs >= 1 warm-up step and starts it at warmup_min_lr: no warm-up = start at the peak
-        "warmup_min_lr": lr if warmup_steps == 0 else 0.0,
+        # WarmupDecayLR rises from warmup_min_lr and decays back to it; it needs >= 1 warm-up step
+        "warmup_min_lr": 0.0,
         "warmup_num_steps": max(1, warmup_steps),
         "total_num_steps": max(total_steps, warmup_steps + 1),
         "enabled": bf16,  # the bf16 section
