@@ -125,12 +125,14 @@ class RunConfig:
         return Path(self.checkpoint.output_dir)
 
     def validate(self) -> None:
+        from .deepspeed_engine import EngineSettings
+        from .ds_config import load_config
+
+        EngineSettings.from_section(load_config(self.deepspeed).get("cached"))  # bad path, JSON or keys: fail now
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if not self.embedded and not (self.data.dataset or self.data.train_file):
             raise ValueError("no training data: pass --dataset NAME or --train_file FILE (or neither, with no --model, for the embedded default)")
-        if self.data.train_file is None and self.data.dataset is None and self.model.model is not None:
-            raise ValueError("--model needs data: pass --dataset or --train_file")
         self.data.validate()
         self.optim.validate()
 

@@ -16,7 +16,10 @@ from cached_ds.run_config import parse_args  # noqa: E402
 
 
 def main(argv=None) -> None:
-    run = parse_args(argv)
+    try:
+        run = parse_args(argv)
+    except ValueError as error:  # bad flags or config: one clear line, no traceback
+        sys.exit(f"train.py: error: {error}")
     if run.embedded:
         from cached_ds.embedded import train_embedded_default
 
