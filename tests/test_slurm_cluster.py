@@ -1,5 +1,6 @@
 """A real one-node SLURM cluster (tests/slurm_cluster.py) and launchers/slurm/train.sbatch on it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,17 @@ def test_train_sbatch_wires_torchrun(slurm, tmp_path):
                        "launchers/train.py --deepspeed ds_configs/zero2.json "
                        "--preset smoke --output_dir /tmp/x"), out
     assert "STUB DS_ACCELERATOR=cpu" in out
+
+
+def test_training_job_through_slurm(slurm, tmp_path):
+    """The real recipe: sbatch --wait on the smoke preset, 1 node × 1 task × torchrun with 2 ranks."""
+    out = tmp_path / "run"
+    env = {**os.environ, "GPUS_PER_NODE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29655",
+           "DS_CONFIG": "ds_configs/zero2.json", "TRAIN_ARGS": f"--preset smoke --output_dir {out}"}
+    code, job, output = slurm.sbatch_wait("launchers/slurm/train.sbatch", env=env, timeout=600)
+    assert code == 0, output[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 2 * 2  # both ranks ran
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    assert (out / "eval_results.json").is_file() and "CachED lead" in output
