@@ -36,11 +36,16 @@ class Preset:
     warmup_steps: int
     vocab_size: int
     max_new_tokens: int
+    mentions: int = 4  # each fact stated this many times: a stronger signal for a model trained in minutes
+    encoder_layers: int = 1
+    init_std: float = 0.125
 
 
+# Tuned on 2 CPU cores (plain-torch loop, same data and model): CachED 73.2 vs truncated 57.3 ROUGE-2
+# (facts right: 49% vs 11%) with 1024-word documents, 8+ windows of 128 tokens, 300 steps of 8.
 PRESETS = {
-    "default": Preset(train_documents=512, eval_documents=24, document_words=2048, window=256, steps=150,
-                      micro_batch_size=4, lr=3e-3, warmup_steps=10, vocab_size=512, max_new_tokens=40),
+    "default": Preset(train_documents=512, eval_documents=24, document_words=1024, window=128, steps=300,
+                      micro_batch_size=8, lr=3e-3, warmup_steps=30, vocab_size=512, max_new_tokens=48),
     "smoke": Preset(train_documents=24, eval_documents=4, document_words=600, window=128, steps=4,
                     micro_batch_size=2, lr=3e-3, warmup_steps=0, vocab_size=256, max_new_tokens=12),
 }
@@ -50,8 +55,9 @@ def _prepare(data_dir: Path, preset: Preset, seed: int) -> None:
     """Documents, tokenizer and the randomly initialised model, written once by rank 0."""
     if (data_dir / "model" / "config.json").is_file():
         return  # a resumed or repeated run reuses them
-    train = synthetic.make_documents(preset.train_documents, seed=seed, doc_words=preset.document_words, window=preset.window)
-    held_out = synthetic.make_documents(preset.eval_documents, seed=seed + 1, doc_words=preset.document_words, window=preset.window)
+    shape = dict(doc_words=preset.document_words, window=preset.window, mentions=preset.mentions)
+    train = synthetic.make_documents(preset.train_documents, seed=seed, **shape)
+    held_out = synthetic.make_documents(preset.eval_documents, seed=seed + 1, **shape)
     data_dir.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", train), ("eval", held_out)):
         with (data_dir / f"{name}.jsonl").open("w") as handle:
@@ -60,7 +66,9 @@ def _prepare(data_dir: Path, preset: Preset, seed: int) -> None:
     texts = [r["document"] for r in train] + [r["summary"] for r in train]
     tokenizer = synthetic.train_tokenizer(texts, str(data_dir / "model"), vocab_size=preset.vocab_size)
     hf.set_seed(seed)
-    model = hf.BartForConditionalGeneration(synthetic.tiny_bart_config(tokenizer, window=preset.window))
+    config = synthetic.tiny_bart_config(tokenizer, window=preset.window, ffn_dim=128, init_std=preset.init_std)
+    config.encoder_layers = preset.encoder_layers
+    model = hf.BartForConditionalGeneration(config)
     model.save_pretrained(data_dir / "model")
     tokenizer.save_pretrained(data_dir / "model")
 

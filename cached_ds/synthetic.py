@@ -75,36 +75,43 @@ def make_documents(
     doc_words: int = 2048,
     window: int = 256,
     facts_after: int | None = None,
+    mentions: int = 1,
     attributes: Iterable[str] | None = None,
 ) -> list[dict]:
     """``n`` records ``{"document", "summary", "facts", "fact_word_positions"}``, deterministic in ``seed``.
 
     doc_words: words per document (the last sentence may overshoot by a few words).
     window: first-window size in tokens (the model's encoder window). At least ``facts_after``
-        facts start at word index >= ``window``, i.e. at token index >= ``window`` for any tokenizer
-        that gives every word at least one token and prepends nothing (``train_tokenizer``'s does).
+        facts are stated only at word index >= ``window``, i.e. at token index >= ``window`` for
+        any tokenizer that gives every word at least one token and prepends nothing
+        (``train_tokenizer``'s does).
     facts_after: facts after the first window; default all but one (that one lies in the first
         window, so the truncated baseline can learn it and the comparison is not all-or-nothing).
-    attributes: which ATTRIBUTES to plant (default all, >= 4): one fact each.
+    mentions: times each fact is stated (same attribute, same value, at different places; all
+        inside the first window for an early fact, all after it for a late one).
+    attributes: which ATTRIBUTES to plant (default all): one fact each.
     """
     names = list(attributes) if attributes is not None else list(ATTRIBUTES)
     unknown = [a for a in names if a not in ATTRIBUTES]
-    if unknown:
-        raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"attributes must be distinct names from {list(ATTRIBUTES)}, got {names}")
     facts_after = len(names) - 1 if facts_after is None else facts_after
     if not 0 <= facts_after <= len(names):
         raise ValueError(f"facts_after={facts_after} must lie in [0, {len(names)}]")
+    if mentions < 1:
+        raise ValueError(f"mentions={mentions} must be >= 1")
     early = len(names) - facts_after
-    if early * FACT_WORDS > window:
-        raise ValueError(f"{early} facts of {FACT_WORDS} words do not fit in a first window of {window} words")
-    if doc_words < window + 64:
-        raise ValueError(f"doc_words={doc_words} leaves no room after the first window of {window}")
+    early_words = early * mentions * FACT_WORDS
+    if early_words > window:
+        raise ValueError(f"{early} facts stated {mentions} times do not fit in a first window of {window} words")
+    if doc_words < window + 2 * facts_after * mentions * FACT_WORDS:
+        raise ValueError(f"doc_words={doc_words} leaves too little room after the first window of {window}")
 
     rng = random.Random(seed)
     records = []
     for _ in range(n):
         values = {a: rng.choice(ATTRIBUTES[a]) for a in names}
-        budget = doc_words - FACT_WORDS * len(names)
+        budget = doc_words - FACT_WORDS * mentions * len(names)
         filler: list[list[str]] = []
         length = 0
         while length < budget:
@@ -114,25 +121,24 @@ def make_documents(
         offsets = [0]
         for sentence in filler:
             offsets.append(offsets[-1] + len(sentence))
-        # Early facts: all of them must end inside the first window even when stacked at one slot.
-        early_slots = [i for i, o in enumerate(offsets) if o + early * FACT_WORDS <= window]
-        # Late facts: filler before the slot already fills the first window; inserting facts only
-        # moves later text further right, so they stay after it.
+        # Early statements must all end inside the first window, even if stacked at one slot.
+        early_slots = [i for i, o in enumerate(offsets) if o + early_words <= window]
+        # Late statements: the filler before the slot already fills the first window, and
+        # inserting statements only moves later text further right, so they stay after it.
         late_slots = [i for i, o in enumerate(offsets) if o >= window]
         order = names[:]
-        rng.shuffle(order)  # which attributes are early, and the order facts appear in: random
-        slots = sorted(rng.choice(early_slots) for _ in range(early))
-        slots += sorted(rng.sample(late_slots, facts_after) if len(late_slots) >= facts_after
-                        else [rng.choice(late_slots) for _ in range(facts_after)])
+        rng.shuffle(order)  # which attributes are early, and where facts appear: random
         inserts: dict[int, list[str]] = {}
-        for slot, attribute in zip(slots, order):
-            inserts.setdefault(slot, []).append(attribute)
+        for k, attribute in enumerate(order):
+            pool = early_slots if k < early else late_slots
+            for slot in rng.sample(pool, mentions) if len(pool) >= mentions else rng.choices(pool, k=mentions):
+                inserts.setdefault(slot, []).append(attribute)
 
         words: list[str] = []
-        positions: dict[str, int] = {}
+        positions: dict[str, list[int]] = {a: [] for a in names}
         for i in range(len(filler) + 1):
             for attribute in inserts.get(i, []):
-                positions[attribute] = len(words)
+                positions[attribute].append(len(words))
                 words += fact_sentence(attribute, values[attribute])
             if i < len(filler):
                 words += filler[i]
@@ -142,7 +148,7 @@ def make_documents(
             "document": " ".join(words),
             "summary": summary,
             "facts": {a: values[a] for a in names},
-            "fact_word_positions": {a: positions[a] for a in names},
+            "fact_word_positions": positions,  # word index of each statement's first word
         })
     return records
 
@@ -213,6 +219,7 @@ def tiny_bart_config(
     heads: int = 4,
     ffn_dim: int = 256,
     dropout: float = 0.0,
+    init_std: float | None = None,
 ) -> hf.BartConfig:
     """A small random BART whose encoder window is ``window`` positions, ids wired to ``tokenizer``."""
     return hf.BartConfig(
@@ -227,6 +234,7 @@ def tiny_bart_config(
         max_position_embeddings=window,  # CachED restarts positions in every window
         scale_embedding=True,
         dropout=dropout,
+        init_std=init_std if init_std is not None else d_model**-0.5,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
