@@ -3,8 +3,9 @@
     python -c "from cached_ds.synthetic import make_documents; print(make_documents(1, seed=0)[0]['summary'])"
 
 Every document is a few thousand words of filler sentences with one *fact* per attribute planted in
-it ("the color is red ."); the summary states the facts in a fixed attribute order ("the color is
-red . the city is oslo . ..."). Facts are placed so that at least ``facts_after`` of them start
+it ("the color is red ."); the summary states the facts tersely in a fixed attribute order ("color
+red . city oslo . ..."): ROUGE ignores punctuation, so every summary bigram depends on a fact and
+template words earn a model that never saw the facts nothing. Facts are placed so that at least ``facts_after`` of them start
 after the first ``window`` words, hence after the first ``window`` tokens too (the tokenizer below
 turns every word into at least one token and adds nothing in front): a model that reads only the
 first encoder window cannot know them, a model that reads the whole document can.
@@ -143,7 +144,7 @@ def make_documents(
             if i < len(filler):
                 words += filler[i]
         # Fixed attribute order: the summary never depends on where (or in which window) facts lie.
-        summary = " ".join(w for a in names for w in fact_sentence(a, values[a]))
+        summary = " ".join(f"{a} {values[a]} ." for a in names)
         records.append({
             "document": " ".join(words),
             "summary": summary,
@@ -215,18 +216,25 @@ def tiny_bart_config(
     tokenizer: hf.PreTrainedTokenizerBase,
     window: int = 256,
     d_model: int = 64,
-    layers: int = 2,
+    encoder_layers: int = 1,
+    decoder_layers: int = 2,
     heads: int = 4,
-    ffn_dim: int = 256,
+    ffn_dim: int = 128,
     dropout: float = 0.0,
     init_std: float | None = None,
 ) -> hf.BartConfig:
-    """A small random BART whose encoder window is ``window`` positions, ids wired to ``tokenizer``."""
+    """A small random BART whose encoder window is ``window`` positions, ids wired to ``tokenizer``.
+
+    The defaults learn ``make_documents``' task from scratch in a few hundred steps on CPU. One
+    encoder layer: the encoder runs twice per CachED step over every token (no-grad pass, then the
+    recompute), so it is most of the step time, and the task needs no more than a value token's own
+    embedding on the encoder side; the decoder needs two layers (find the attribute, then copy).
+    """
     return hf.BartConfig(
         vocab_size=len(tokenizer),
         d_model=d_model,
-        encoder_layers=layers,
-        decoder_layers=layers,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
         encoder_attention_heads=heads,
         decoder_attention_heads=heads,
         encoder_ffn_dim=ffn_dim,
@@ -234,11 +242,14 @@ def tiny_bart_config(
         max_position_embeddings=window,  # CachED restarts positions in every window
         scale_embedding=True,
         dropout=dropout,
+        # BART's init_std=0.02 suits d_model=1024 (~1/sqrt(d)); at d_model=64 it starts the
+        # query-key products ~40x too small and cross-attention takes thousands of steps to learn to
+        # find a fact among thousands of encoder states. 1/sqrt(d_model) learns it in hundreds.
         init_std=init_std if init_std is not None else d_model**-0.5,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,  # summaries are decoded from <s>
         forced_eos_token_id=tokenizer.eos_token_id,  # BART's default (2) would be <unk> here
     )
 

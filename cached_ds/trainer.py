@@ -169,6 +169,9 @@ class Trainer:
             world_size=world_size(), lr=run.optim.lr, weight_decay=run.optim.weight_decay, warmup_steps=run.optim.warmup_steps,
             total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
         check_batch_sizes(config, world_size())
+        if not run.optim.lr_decay and config.get("scheduler", {}).get("type") == "WarmupDecayLR":
+            config["scheduler"]["type"] = "WarmupLR"  # same warm-up, then constant
+            config["scheduler"]["params"].pop("total_num_steps", None)
         if run.logging.tensorboard:
             config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
         if run.logging.csv:
