@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher_env(**extra) -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    """The test process's environment without its own rendezvous (this pytest process may hold a
+    single-rank group on MASTER_PORT), plus a free port for single-process runs."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**env, "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def train_command(*args, ranks: int = 1, port: int = 29600) -> list[str]:
+def train_command(*args, ranks: int = 1) -> list[str]:
     script = str(REPO / "launchers" / "train.py")
     if ranks == 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port), script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
 def run_train(*args, ranks: int = 1, timeout: int = 600, check: bool = True, **env) -> subprocess.CompletedProcess:

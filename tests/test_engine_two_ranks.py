@@ -3,12 +3,12 @@ for ZeRO 0–3 (ranks with unequal window-group counts included) and collective 
 grow with the number of window groups."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launcher_helpers import free_port, launcher_env
 
 TESTS = Path(__file__).parent
 
@@ -16,8 +16,8 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks") / "results.jsonl"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    env = launcher_env()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(TESTS / "distributed_cases.py"), str(out)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

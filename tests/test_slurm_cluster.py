@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from launcher_helpers import free_port, launcher_env
 from slurm_cluster import REPO_ROOT, OneNodeSlurm
 
 TRAIN_SBATCH = REPO_ROOT / "launchers" / "slurm" / "train.sbatch"
@@ -67,7 +68,7 @@ def test_train_sbatch_wires_torchrun(slurm, tmp_path):
 def test_training_job_through_slurm(slurm, tmp_path):
     """The real recipe: sbatch --wait on the smoke preset, 1 node × 1 task × torchrun with 2 ranks."""
     out = tmp_path / "run"
-    env = {**os.environ, "GPUS_PER_NODE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29655",
+    env = {**launcher_env(), "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
            "DS_CONFIG": "ds_configs/zero2.json", "TRAIN_ARGS": f"--preset smoke --output_dir {out}"}
     code, job, output = slurm.sbatch_wait("launchers/slurm/train.sbatch", env=env, timeout=600)
     assert code == 0, output[-5000:]
