@@ -107,8 +107,8 @@ class CachedEncoderFunction(torch.autograd.Function):
     """forward: steps 1–2 without autograd; backward: step 4.
 
     Inputs are ``(model, plan, grad_dtype, scope, weight, anchor)``; ``scope()`` is entered
-    around the no-grad pass and around the recompute (an engine can hold parameters there). The encoder's trainable parameters
-    are *not* inputs: an engine may swap their storage between uses (ZeRO-3 keeps them as empty
+    around the no-grad pass and around the recompute (an engine can hold parameters there).
+    The encoder's trainable parameters are *not* inputs: an engine may swap their storage between uses (ZeRO-3 keeps them as empty
     partitions outside their module's forward), and an input's shape is frozen into the graph.
     ``anchor`` is an empty tensor that needs a gradient, so autograd calls ``backward`` even when
     the embedding is frozen and the encoder is not (it would otherwise silently skip the encoder).

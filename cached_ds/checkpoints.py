@@ -16,18 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from .distributed import barrier, rank
 
 FAULT_ENV = "CACHED_DS_FAULT"  # fault injection for crash tests: "kill_during_save@STEP"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -65,18 +57,18 @@ class CheckpointStore:
 
     def discard_partial(self) -> None:
         """A crash mid-save leaves only staging behind; nothing published is touched."""
-        if _rank() == 0 and self.staging.exists():
+        if rank() == 0 and self.staging.exists():
             shutil.rmtree(self.staging)
-        _barrier()
+        barrier()
 
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = f"step{step:08d}"
         engine.save_checkpoint(str(self.staging), tag=tag, client_state=client_state)
-        torch.save(rng_state(), self.staging / tag / f"rng_rank{_rank()}.pt")
-        _barrier()
+        torch.save(rng_state(), self.staging / tag / f"rng_rank{rank()}.pt")
+        barrier()
         if injected_fault("kill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if _rank() == 0:
+        if rank() == 0:
             target = self.root / tag
             if target.exists():
                 shutil.rmtree(target)
@@ -86,7 +78,7 @@ class CheckpointStore:
             os.replace(aside, self.root / "latest")
             shutil.rmtree(self.staging)  # what is left is DeepSpeed's own "latest" file for staging
             self._prune()
-        _barrier()
+        barrier()
         return tag
 
     def load(self, engine) -> dict:
@@ -96,7 +88,7 @@ class CheckpointStore:
         if tag is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.root}; run without --resume to start fresh")
         _, client_state = engine.load_checkpoint(str(self.root), tag=tag)
-        set_rng_state(torch.load(self.root / tag / f"rng_rank{_rank()}.pt", weights_only=False))
+        set_rng_state(torch.load(self.root / tag / f"rng_rank{rank()}.pt", weights_only=False))
         return client_state
 
     def _prune(self) -> None:

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import families
 from .config import CachedConfig
+from .distributed import barrier, rank, world_size
 from .ds_config import load_config
 from .model import CachedSeq2Seq
 
@@ -101,7 +102,7 @@ def attach(engine, settings: EngineSettings) -> None:
         raise ValueError(f'"cached.keep_encoder_gathered" needs ZeRO stage 3 (this config has stage {stage}); remove it')
     if stage == 3:
         _check_zero3_model(wrapped.model)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             wrapped.sync_group_count = _max_over_ranks
         if settings.keep_encoder_gathered:
             wrapped.encoder_scope = partial(_encoder_gathered, wrapped.model)
@@ -171,17 +172,15 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if engine.zero_optimization_stage() == 0:
         state = {k: v.detach().float().clone() for k, v in wrapped.model.state_dict().items()}
     else:
-        if dist.is_initialized():
-            dist.barrier()  # every rank's shard is on disk
+        barrier()  # every rank's shard is on disk
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
         state = {k.removeprefix("model."): v for k, v in state.items()}
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         wrapped.model.save_pretrained(output_dir, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         settings = {**asdict(wrapped.config), "window": wrapped.window}
         (output_dir / CACHED_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return output_dir

@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch.distributed as dist
 import transformers as hf
 
 from . import synthetic
 from .checkpoints import CheckpointStore
+from .distributed import barrier, rank
 from .evaluation import ROUGE_TYPES
 from .run_config import CachedArgs, DataArgs, ModelArgs, OptimArgs, RunConfig
 
@@ -92,14 +92,14 @@ def _with_preset(run: RunConfig, preset: Preset, data_dir: Path) -> RunConfig:
 
 
 def train_embedded_default(run: RunConfig) -> dict:
-    from .trainer import Trainer, init_distributed, rank
+    from .trainer import Trainer, init_distributed
 
     init_distributed()
     preset = PRESETS[run.preset]
     data_dir = run.output_dir / "data"
     if rank() == 0:
         _prepare(data_dir, preset, run.optim.seed)
-    dist.barrier()
+    barrier()
 
     whole = _with_preset(run, preset, data_dir)
     scores = Trainer(whole).train()

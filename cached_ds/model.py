@@ -77,12 +77,12 @@ class CachedSeq2Seq(nn.Module):
         ``encode_only=True`` returns ``(encoder outputs, fused mask)`` instead (``encode_long``):
         running inside this module's forward lets engines such as ZeRO-3 gather the embedding
         weight the core reads, as they do for training."""
+        if not encode_only:
+            _check_labels(labels, input_ids)
+        plan = self.plan(input_ids, attention_mask)
         if encode_only:
-            plan = self.plan(input_ids, attention_mask)
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
             return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
-        _check_labels(labels, input_ids)
-        plan = self.plan(input_ids, attention_mask)
         fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype, self.encoder_scope)
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),

@@ -19,7 +19,6 @@ import os
 import random
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .checkpoints import CheckpointStore, injected_fault
+from .distributed import all_reduce_sum, barrier, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
@@ -37,22 +37,6 @@ from .model_zoo import load_model
 from .run_config import RunConfig
 
 logger = logging.getLogger("cached_ds")
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce_sum(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total.item())
 
 
 def init_distributed() -> None:
@@ -135,7 +119,7 @@ class Trainer:
         splits = {}
         for split in ("train", "eval"):
             if rank() != 0:
-                dist.barrier()  # rank 0 tokenizes first and fills datasets' cache; the others read it
+                barrier()  # rank 0 tokenizes first and fills datasets' cache; the others read it
             dataset = data_lib.load_split(args, split)
             if dataset is not None:
                 data_lib.check_columns(dataset, args, split)
@@ -145,8 +129,8 @@ class Trainer:
                 dataset = data_lib.tokenize(dataset, self.tokenizer, args)
                 if split == "eval" and args.max_eval_documents:
                     dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
-            if rank() == 0 and dist.is_initialized():
-                dist.barrier()
+            if rank() == 0:
+                barrier()
             splits[split] = None if dataset is None else [dict(r) for r in dataset]
         if not splits["train"]:
             raise ValueError("no training documents left after skipping empty ones")

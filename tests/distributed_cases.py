@@ -134,7 +134,6 @@ def loss_split_case(rank: int) -> dict:
 
 
 def main(out: str) -> None:
-    from ds_helpers import single_rank_distributed  # noqa: F401  (same env defaults; torchrun sets rank)
     import deepspeed
 
     counter = CollectiveCounter()  # before init: DeepSpeed's TorchBackend keeps references to these

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from cached_ds.ds_config import resolve_auto
+
 CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 LR, WEIGHT_DECAY = 1e-3, 0.01
 
@@ -26,16 +28,6 @@ def single_rank_distributed(port: int = 29531) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
-def _resolve(node, values: dict, key=None):
-    if isinstance(node, dict):
-        return {k: _resolve(v, values, k) for k, v in node.items()}
-    if node == "auto":
-        if key not in values:
-            raise KeyError(f"no test value for 'auto' key {key!r}")
-        return values[key]
-    return node
-
-
 def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, clip: float = 0.0, bf16: bool = False,
                 hidden: int = 16, cached: dict | None = None) -> dict:
     """A shipped config with fixed test values: small buckets, every parameter partitioned."""
@@ -48,7 +40,7 @@ def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, 
         "stage3_param_persistence_threshold": 0,  # else tiny test parameters are never partitioned
     }
     values["warmup_min_lr"] = LR  # a constant rate the reference can use
-    config = _resolve(config, values)
+    config = resolve_auto(config, values)
     config["optimizer"]["params"]["torch_adam"] = True
     config["zero_allow_untested_optimizer"] = True
     if "offload_optimizer" in config["zero_optimization"]:
