@@ -41,7 +41,7 @@ from torch import nn
 from . import families
 from .config import CachedConfig
 from .distributed import barrier, rank, world_size
-from .ds_config import load_config
+from .ds_config import load_config, reuse_distance
 from .model import CachedSeq2Seq
 
 ENGINE_KEYS = ("keep_encoder_gathered",)
@@ -84,6 +84,9 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     the ``CachedSeq2Seq`` wrapper and ``engine.module.model`` the HF model."""
     config = load_config(config)
     settings = EngineSettings.from_section(config.pop("cached", None))
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
+        zero["stage3_max_reuse_distance"] = reuse_distance(model.config.d_model)  # not 1e9: see reuse_distance
     wrapped = CachedSeq2Seq(model, settings.cached)
     if model_parameters is None:
         model_parameters = [p for p in wrapped.parameters() if p.requires_grad]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -25,3 +27,17 @@ def all_reduce_sum(value: float) -> float:
     total = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total.item())
+
+
+def init_process_group() -> None:
+    """torchrun, the deepspeed launcher and SLURM+torchrun all set RANK/WORLD_SIZE; a plain
+    ``python`` run becomes a one-rank group. gloo on the CPU accelerator, NCCL on GPUs."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend=backend)

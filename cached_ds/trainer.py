@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .checkpoints import CheckpointStore, injected_fault
-from .distributed import all_reduce_sum, barrier, rank, world_size
+from .distributed import all_reduce_sum, barrier, init_process_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
@@ -40,15 +39,8 @@ logger = logging.getLogger("cached_ds")
 
 
 def init_distributed() -> None:
-    """torchrun, the deepspeed launcher and SLURM+torchrun all set RANK/WORLD_SIZE; gloo on CPU."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized():
-        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend=backend)
+    """The process group (``distributed.init_process_group``) and rank-0 logging."""
+    init_process_group()
     logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
 

@@ -38,6 +38,7 @@ def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, 
         "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup_max_lr": LR, "warmup_num_steps": 10, "total_num_steps": 100,
         "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0,
         "stage3_param_persistence_threshold": 0,  # else tiny test parameters are never partitioned
+        "stage3_max_reuse_distance": hidden * hidden,
     }
     values["warmup_min_lr"] = LR  # a constant rate the reference can use
     config = resolve_auto(config, values)

@@ -80,3 +80,16 @@ def test_shipped_configs_have_a_valid_cached_section(name):
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     settings = EngineSettings.from_section(config["cached"])
     assert settings.cached.mode == "cached"
+
+
+@pytest.mark.parametrize("given", [None, 123])
+def test_zero3_reuse_distance_is_bounded_unless_the_config_sets_it(given):
+    """DeepSpeed's default 1e9 makes ZeRO-3's first traced step O(trace²) (ds_config.reuse_distance)."""
+    config = resolved_config("zero3")
+    del config["zero_optimization"]["stage3_max_reuse_distance"]
+    if given is not None:
+        config["zero_optimization"]["stage3_max_reuse_distance"] = given
+    model = make_model("bart")
+    engine, *_ = initialize(model, config)
+    expected = model.config.d_model ** 2 if given is None else given
+    assert engine._config.zero_config.max_reuse_distance == expected

@@ -77,3 +77,19 @@ def test_training_job_through_slurm(slurm, tmp_path):
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 2 * 2  # both ranks ran
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert (out / "eval_results.json").is_file() and "CachED lead" in output
+
+
+def test_sweep_job_array_through_slurm(slurm, tmp_path):
+    """launchers/slurm/sweep.sbatch as a 2-task job array: one length per task, one results folder."""
+    out = tmp_path / "sweep"
+    env = {**launcher_env(), "PYTHON": sys.executable, "SWEEP_TOKENS": "1024,4096", "SWEEP_OUT": str(out),
+           "SWEEP_ARGS": "--smoke --methods cached,hf_ds_gc"}
+    code, _, output = slurm.sbatch_wait(REPO_ROOT / "launchers" / "slurm" / "sweep.sbatch", env=env, timeout=600,
+                                        sbatch_options=("--array=0-1", "--open-mode=append"))
+    assert code == 0, output[-5000:]
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    assert sorted((p["method"], p["tokens"]) for p in points) == [
+        ("cached", 1024), ("cached", 4096), ("hf_ds_gc", 1024), ("hf_ds_gc", 4096)]
+    assert not any(p["oom"] or "error" in p for p in points), points
+    assert "array task 0, 1024 tokens" in output and "array task 1, 4096 tokens" in output
+    assert (out / "table.md").read_text().count("| tiny-bart |") == 2 * 4

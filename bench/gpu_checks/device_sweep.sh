@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU run of [bench] on a lent machine (device tool): BART-large bf16 ZeRO-3, all four methods,
+# most informative points first, each sweep call bounded so the whole run ends inside the lease.
+# Results land in $OUT/bart (points.jsonl, table.md, memory.png, throughput.png) and $OUT/logs.tgz.
+#
+#   bash bench/gpu_checks/device_sweep.sh            # carry .whl (../shared/device/wheelhouse.sh builds it)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/deepspeed-*.whl .whl/hjson-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
+    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}
+RESULTS=$OUT/bart
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+
+sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
+    local left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -lt 30 ]; then echo "skipped (deadline): $*"; return; fi
+    timeout "$left" python3 bench/sweep.py --model bart-large --dtype bf16 --zero_stage 3 --out "$RESULTS" \
+        --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
+}
+# PLAN: one sweep per line (its arguments); the default puts the most informative points first.
+PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
+--tokens 1048576 --methods hf_ds_gc,cached,full_gc
+--tokens 2097152 --methods cached
+--tokens 524288 --methods hf_ds_gc,cached
+--tokens 65536 --methods full,full_gc,hf_ds_gc,cached
+--tokens 262144 --methods full,full_gc
+--tokens 4194304 --methods cached"}
+while IFS= read -r line; do
+    # shellcheck disable=SC2086  # each line is word-split into arguments on purpose
+    [ -n "$line" ] && sweep $line
+done <<< "$PLAN"
+tar czf "$OUT/logs.tgz" -C "$RESULTS" logs && rm -rf "$RESULTS/logs"
+cat "$RESULTS/table.md"

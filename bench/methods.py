@@ -1,0 +1,109 @@
+"""The four ways of training one long document that the sweep compares, each a DeepSpeed engine
+built from the same config (ZeRO stage, precision, AdamW), so only the method differs.
+
+- ``full``: cached_ds's windowed fusion-in-decoder with ordinary backprop (``mode="full"``).
+- ``full_gc``: the same with HF gradient checkpointing in encoder and decoder.
+- ``hf_ds_gc``: what users run today, plain HF + DeepSpeed + HF gradient checkpointing and no
+  cached_ds code: BART-style models (a learned 1024-position table) as a windowed
+  fusion-in-decoder (``WindowedFusionInDecoder`` below); T5/LongT5 on the whole input.
+- ``cached``: cached_ds's CachED through ``deepspeed_engine.initialize``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("full", "full_gc", "hf_ds_gc", "cached")
+RELATIVE_POSITION_FAMILIES = ("t5", "longt5", "mt5", "umt5")
+
+
+class WindowedFusionInDecoder(nn.Module):
+    """The windowed baseline as users write it with plain HF calls: the document cut into
+    ``window``-token rows, one HF encoder call on all of them, the states concatenated back into
+    one sequence per document and given to the HF decoder (``encoder_outputs``)."""
+
+    def __init__(self, model: nn.Module, window: int):
+        super().__init__()
+        self.model, self.window = model, window
+
+    def forward(self, input_ids, attention_mask, labels):
+        batch, length = input_ids.shape
+        pad = (-length) % self.window
+        ids = F.pad(input_ids, (0, pad), value=self.model.config.pad_token_id)
+        mask = F.pad(attention_mask, (0, pad))
+        states = self.model.get_encoder()(
+            input_ids=ids.view(-1, self.window), attention_mask=mask.view(-1, self.window)
+        ).last_hidden_state
+        states = states.reshape(batch, ids.shape[1], -1)
+        return self.model(encoder_outputs=(states,), attention_mask=mask, labels=labels, use_cache=False)
+
+
+class WholeInput(nn.Module):
+    """T5/LongT5 as users run them: one HF call on the whole document."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+
+def enable_hf_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant: the reentrant variant needs inputs that require grad and misses parameter
+    # gradients under ZeRO-3 otherwise; it is what HF recommends with DeepSpeed.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int):
+    """A DeepSpeed engine whose ``engine(input_ids=, attention_mask=, labels=)`` returns HF's output."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "hf_ds_gc":
+        import deepspeed
+
+        enable_hf_checkpointing(model)
+        family = model.config.model_type
+        module = WholeInput(model) if family in RELATIVE_POSITION_FAMILIES else WindowedFusionInDecoder(model, window)
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=[p for p in module.parameters() if p.requires_grad])
+        return engine
+
+    from cached_ds.deepspeed_engine import initialize
+
+    if method == "full_gc":
+        enable_hf_checkpointing(model)
+    cached = {
+        "window": window,
+        "group_tokens": group_tokens,
+        "mode": "cached" if method == "cached" else "full",
+        # CachED's decoder side grows with the document (cross-attention K/V of every layer):
+        # checkpointing the decoder keeps one layer's worth, as full_gc and hf_ds_gc do.
+        "decoder_gradient_checkpointing": method == "cached",
+    }
+    if ds_config["zero_optimization"]["stage"] == 3 and method == "cached":
+        cached["keep_encoder_gathered"] = True
+    engine, *_ = initialize(model, {**ds_config, "cached": cached})
+    return engine
+
+
+def attn_implementation(model: nn.Module) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def window_for(model: nn.Module, requested: int | None) -> int:
+    """The encoder window: the request, else the position table (BART: 1024), else LongT5's 4096."""
+    if requested:
+        return requested
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if model.config.model_type not in RELATIVE_POSITION_FAMILIES and limit:
+        return int(limit)
+    return 4096 if model.config.model_type == "longt5" else 512
+
+
+def random_document(tokens: int, target_tokens: int, vocab: int, device, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (1, tokens), generator=gen)
+    labels = torch.randint(4, vocab, (1, target_tokens), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}

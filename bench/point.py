@@ -1,0 +1,204 @@
+"""One sweep point in its own process: build the model and engine, time full optimizer steps,
+write one JSON result. A CUDA out-of-memory error is a result (``oom: true``), not a crash.
+
+    python bench/point.py --spec '{"method": "cached", "model": "tiny-bart", "tokens": 1024, ...}' --result out.json
+
+``sweep.py`` runs this once per (method, length) so one OOM cannot poison the next point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
+
+from flops import step_flops  # noqa: E402
+from methods import attn_implementation, build_engine, random_document, window_for  # noqa: E402
+
+GIB = 2**30
+
+
+def ds_config(stage: int, dtype: str, hidden: int) -> dict:
+    """``ds_configs/zero<stage>.json`` with its "auto" fields fixed for a one-document step."""
+    from cached_ds.ds_config import load_config, resolve_auto, reuse_distance
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "ds_configs" / f"zero{stage}.json")
+    config.pop("cached", None)
+    config.pop("scheduler", None)
+    config = resolve_auto(config, {
+        "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "enabled": dtype == "bf16", "lr": 1e-5, "weight_decay": 0.0,
+        "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_reuse_distance": reuse_distance(hidden),
+    })
+    # torch's AdamW: DeepSpeed's FusedAdam would compile a CUDA extension first (minutes).
+    config["optimizer"]["params"]["torch_adam"] = True
+    config["zero_allow_untested_optimizer"] = True
+    config["steps_per_print"] = 10**9
+    return config
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def train_step(engine, batch) -> float:
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+class PhaseClock:
+    """Where one step's time goes, from the encoder's forward hooks (synchronised, so it is run on
+    a step of its own, apart from the timed ones). For ``cached`` the encoder runs in forward
+    without autograd and again inside backward (the recompute), which splits the backward."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder, self.marks = encoder, []
+
+    def _mark(self, name):
+        synchronize()
+        self.marks.append((name, time.perf_counter()))
+
+    @contextmanager
+    def phase(self, name):
+        self._mark(f"{name}:start")
+        yield
+        self._mark(f"{name}:end")
+
+    def run(self, engine, batch) -> dict:
+        handles = [self.encoder.register_forward_pre_hook(lambda *_: self._mark("encoder:start")),
+                   self.encoder.register_forward_hook(lambda *_: self._mark("encoder:end"))]
+        try:
+            with self.phase("forward"):
+                loss = engine(**batch).loss
+            with self.phase("backward"):
+                engine.backward(loss)
+            with self.phase("optimizer"):
+                engine.step()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.split()
+
+    def split(self) -> dict:
+        times = {}
+        section = None
+        for name, t in self.marks:
+            if name.endswith(":start") and not name.startswith("encoder"):
+                section, times[section] = name.split(":")[0], {"start": t, "encoder": []}
+            elif name == "encoder:start":
+                times[section]["encoder"].append([t, None])
+            elif name == "encoder:end":
+                times[section]["encoder"][-1][1] = t
+            elif name.endswith(":end"):
+                times[section]["end"] = t
+        forward, backward = times["forward"], times["backward"]
+        encode = sum(end - start for start, end in forward["encoder"])
+        result = {"encoder_forward_s": encode, "decoder_forward_s": forward["end"] - forward["start"] - encode,
+                  "backward_s": backward["end"] - backward["start"],
+                  "optimizer_s": times["optimizer"]["end"] - times["optimizer"]["start"]}
+        if backward["encoder"]:  # cached: decoder backward, then the recompute + encoder backward
+            first = backward["encoder"][0][0]
+            result["decoder_backward_s"] = first - backward["start"]
+            result["recompute_backward_s"] = backward["end"] - first
+        return result
+
+
+def encoder_saved_peak(engine, encoder, batch) -> int:
+    """Peak bytes the encoder saves for backward during one step ([core]'s SavedTensorMeter)."""
+    from cached_ds.memory import SavedTensorMeter
+
+    meter = SavedTensorMeter()
+    with meter.watch(encoder):
+        train_step(engine, batch)
+    return meter.peak_bytes
+
+
+def measure(spec: dict) -> dict:
+    import transformers as hf
+
+    from cached_ds.model_zoo import model_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(spec.get("seed", 0))
+    config = model_config(spec["model"])
+    with device:  # random init straight on the device: seconds, not minutes, for BART-large
+        model = hf.AutoModelForSeq2SeqLM.from_config(config)
+    model.train()
+    window = window_for(model, spec.get("window"))
+    result = {"attn_implementation": attn_implementation(model), "window": window,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
+    encoder = model.get_encoder()
+    engine = build_engine(spec["method"], model, ds_config(spec["zero_stage"], spec["dtype"], config.d_model),
+                          window, spec["group_tokens"])
+    batch = random_document(spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
+    for _ in range(spec["warmup"]):
+        train_step(engine, batch)
+    synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times, losses = [], []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        losses.append(train_step(engine, batch))
+        synchronize()
+        step_times.append(time.perf_counter() - start)
+    step_s = statistics.median(step_times)
+    result.update(step_s=step_s, step_times=step_times, losses=losses, tokens_per_s=spec["tokens"] / step_s,
+                  model_tflops=flops / 1e12, model_tflops_per_s=flops / step_s / 1e12)
+    if device.type == "cuda":
+        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    if spec.get("breakdown", True):
+        result["breakdown"] = PhaseClock(encoder).run(engine, batch)
+    if spec.get("saved_tensor_meter"):
+        result["encoder_saved_peak_bytes"] = encoder_saved_peak(engine, encoder, batch)
+    return result
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="JSON object: method, model, tokens, target_tokens, ...")
+    parser.add_argument("--result", required=True, help="where to write the JSON result")
+    args = parser.parse_args()
+    spec = json.loads(args.spec)
+    from cached_ds.distributed import init_process_group
+
+    init_process_group()
+    try:
+        result = {"oom": False, **measure(spec)}
+    except Exception as error:  # noqa: BLE001 - an OOM is a measurement; anything else is reported
+        if not is_oom(error):
+            raise
+        result = {"oom": True, "error": str(error).splitlines()[0][:300]}
+        if torch.cuda.is_available():
+            result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    Path(args.result).write_text(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    os._exit(0)  # skip interpreter teardown (NCCL/gloo groups can hang in destructors)

@@ -1,0 +1,120 @@
+"""``points.jsonl`` → ``table.md`` and the PNG plots (memory and tokens/s against document length).
+
+    python bench/report.py bench/results/2026-11-27-nvidia-h100-80gb-hbm3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+BASELINE = "hf_ds_gc"
+
+
+def read_points(folder: Path) -> list[dict]:
+    path = folder / "points.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _fmt(value, digits=1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _status(point: dict) -> str:
+    if point.get("skipped"):
+        return "OOM (shorter length did)"
+    if point.get("oom"):
+        return "OOM"
+    if point.get("error"):
+        return "error"
+    return "ok"
+
+
+def table(points: list[dict]) -> str:
+    """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and model."""
+    baseline = {(p["model"], p["tokens"]): p.get("tokens_per_s") for p in points if p["method"] == BASELINE and not p.get("oom")}
+    rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], p["method"])):
+        base = baseline.get((p["model"], p["tokens"]))
+        ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
+        saved = p.get("encoder_saved_peak_bytes")
+        rows.append("| " + " | ".join([
+            p["model"], p["method"], _tokens(p["tokens"]), p.get("attn_implementation") or "–",
+            _fmt(p.get("peak_allocated_gib")), _fmt(p.get("peak_reserved_gib")), _fmt(p.get("step_s"), 3),
+            _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _fmt(p.get("model_tflops_per_s")),
+            "–" if saved is None else f"{saved / 2**20:.2f}", _status(p),
+        ]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def breakdown_table(points: list[dict]) -> str:
+    keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "recompute_backward_s", "backward_s", "optimizer_s"]
+    rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys) + " |",
+            "|---|---|---:|" + "---:|" * len(keys)]
+    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], p["method"])):
+        if "breakdown" in p:
+            rows.append(f"| {p['model']} | {p['method']} | {_tokens(p['tokens'])} | "
+                        + " | ".join(_fmt(p["breakdown"].get(k), 3) for k in keys) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(points: list[dict], folder: Path) -> list[Path]:
+    gpu = any(p.get("peak_allocated_gib") is not None for p in points)
+    memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
+                                else ("encoder_saved_peak_bytes", "encoder saved-tensor peak (bytes)"))
+    written = []
+    for key, label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (model, method) in sorted({(p["model"], p["method"]) for p in points}):
+            ok = sorted((p["tokens"], p[key]) for p in points
+                        if (p["model"], p["method"]) == (model, method) and not p.get("oom") and p.get(key) is not None)
+            failed = sorted(p["tokens"] for p in points if (p["model"], p["method"]) == (model, method) and p.get("oom"))
+            line, = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=f"{model} {method}")
+            if failed:  # an OOM is drawn as an × at the top of the axes, at its length
+                ax.plot([failed[0]], [1.0], marker="x", markersize=10, color=line.get_color(),
+                        transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("document tokens (× = out of memory)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        staging = folder / f".{name}.{os.getpid()}.tmp"
+        fig.savefig(staging, dpi=120, format="png")
+        staging.replace(folder / name)  # SLURM array tasks rewrite these side by side: never half-written
+        plt.close(fig)
+        written.append(folder / name)
+    return written
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_bytes(data)
+    staging.replace(path)
+
+
+def write_report(folder: Path) -> None:
+    points = read_points(folder)
+    text = (f"# Sweep results: {folder.name}\n\n{table(points)}\n## Time per step\n\n{breakdown_table(points)}\n"
+            "![memory](memory.png)\n![throughput](throughput.png)\n")
+    _write_atomic(folder / "table.md", text.encode())
+    plot(points, folder)
+
+
+if __name__ == "__main__":
+    write_report(Path(sys.argv[1]))

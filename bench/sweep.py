@@ -1,0 +1,147 @@
+"""Memory and throughput against document length: CachED vs the baselines users have today.
+
+    python bench/sweep.py --model bart-large --dtype bf16 --zero_stage 3          # GPU: 16K … 16M tokens
+    python bench/sweep.py --model long-t5-tglobal-large --tokens 16384,32768,65536
+    python bench/sweep.py --smoke                                                 # CPU: tiny model, 2 lengths
+
+Every (method, length) point runs in its own process (``point.py``): an out-of-memory error is
+recorded as ``oom`` and the method is not tried at longer lengths. Each point is appended to
+``points.jsonl`` as it finishes and ``table.md``, ``memory.png`` and ``throughput.png`` are
+rewritten, so an interrupted sweep keeps what it measured. Output goes to
+``bench/results/<date>-<device>/`` (``--out`` to change). Methods are described in ``methods.py``,
+the FLOP count in ``flops.py``; ``launchers/slurm/sweep.sbatch`` runs one length per array task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from methods import METHODS  # noqa: E402
+from report import read_points, write_report  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
+SMOKE = dict(model="tiny-bart", tokens=[1024, 4096], target_tokens=64, dtype="fp32", group_tokens=512,
+             steps=2, warmup=1, saved_tensor_meter=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bart-large", help="a shipped config (cached_ds/model_configs): bart-large, long-t5-tglobal-large, tiny-bart, tiny-long-t5")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--tokens", default=None, help="comma-separated document lengths (default: doubling 16K…16M)")
+    parser.add_argument("--target_tokens", type=int, default=1024, help="summary tokens per document")
+    parser.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3])
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--window", type=int, default=None, help="encoder window (default: the model's position limit; LongT5 4096)")
+    parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
+    parser.add_argument("--saved_tensor_meter", action="store_true", help="also record the encoder's saved-tensor peak (one more step)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<device>)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny-bart, 2 lengths, all methods, fp32")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--smoke" in argv:  # the smoke settings are defaults: flags given beside --smoke still win
+        parser.set_defaults(**{k: ",".join(map(str, v)) if k == "tokens" else v for k, v in SMOKE.items()})
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    args.methods = methods
+    try:
+        args.tokens = sorted({int(t) for t in args.tokens.split(",")}) if args.tokens else DEFAULT_TOKENS
+    except ValueError:
+        parser.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+    if min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
+    return args
+
+
+def device_name() -> str:
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(device: str) -> dict:
+    """One rank of its own: no rendezvous variables inherited from a launcher or SLURM."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = f"{spec['model']}-{spec['method']}-{spec['tokens']}"
+    result_file, log_file = logs / f"{stem}.json", logs / f"{stem}.log"
+    result_file.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        try:
+            proc = subprocess.run([sys.executable, str(HERE / "point.py"), "--spec", json.dumps(spec), "--result", str(result_file)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=child_env(device), timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    point = {**spec, "device": device, "wall_s": time.perf_counter() - start, "date": dt.date.today().isoformat()}
+    if result_file.exists():
+        point.update(json.loads(result_file.read_text()))
+    else:  # the process died without a result: a host OOM kill (-9), a timeout, or a bug (see the log)
+        tail = log_file.read_text().splitlines()[-5:]
+        point.update(oom=code == -9, error=f"exit {code}: " + " / ".join(tail)[-500:])
+    return point
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    device = device_name()
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"
+    out.mkdir(parents=True, exist_ok=True)
+    failed_at = {p["method"]: p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model}
+    plan = [(tokens, method) for tokens in args.tokens for method in args.methods]
+    for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
+        spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
+                    zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
+                    steps=args.steps, warmup=args.warmup, saved_tensor_meter=args.saved_tensor_meter)
+        if method in failed_at and tokens > failed_at[method]:
+            point = {**spec, "device": device, "oom": True, "skipped": True}
+        else:
+            point = run_point(spec, out, args.point_timeout, device)
+            if point.get("oom"):
+                failed_at[method] = min(tokens, failed_at.get(method, tokens))
+        with open(out / "points.jsonl", "a") as f:
+            f.write(json.dumps(point) + "\n")
+        write_report(out)
+        status = "OOM" if point.get("oom") else point.get("error") or f"{point['tokens_per_s']:,.0f} tok/s"
+        tqdm.write(f"{method:>9} {tokens:>9} tokens: {status}")
+    print(f"results in {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The benchmark's CPU smoke mode, run as users run it: every method at two lengths, each point in
+its own process, outputs well-formed, and CachED's encoder memory flat in document length."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"method": str, "model": str, "tokens": int, "zero_stage": int, "dtype": str, "device": str,
+            "step_s": float, "tokens_per_s": float, "oom": bool, "attn_implementation": str}
+METHODS = {"full", "full_gc", "hf_ds_gc", "cached"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    return out, points
+
+
+def test_every_method_and_length_has_a_well_formed_point(smoke):
+    out, points = smoke
+    assert {(p["method"], p["tokens"]) for p in points} == {(m, t) for m in METHODS for t in (1024, 4096)}
+    for p in points:
+        assert not p["oom"] and "error" not in p, p
+        for field, kind in REQUIRED.items():
+            assert isinstance(p[field], kind), (field, p)
+        assert p["device"] == "cpu" and p["zero_stage"] == 3 and p["dtype"] == "fp32"
+        assert "peak_allocated_gib" in p or p["device"] == "cpu"  # GPU memory only where there is a GPU
+        assert p["step_s"] > 0 and abs(p["tokens_per_s"] - p["tokens"] / p["step_s"]) < 1e-6 * p["tokens_per_s"]
+        assert len(p["step_times"]) == 2 and all(l == l for l in p["losses"])  # finite, not NaN
+        parts = p["breakdown"]
+        assert all(v >= 0 for v in parts.values())
+        assert ("recompute_backward_s" in parts) == (p["method"] == "cached")
+
+
+def test_table_and_plots_are_written(smoke):
+    out, points = smoke
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| tiny-bart |")]
+    assert len(rows) == 2 * len(points)  # the results table and the time breakdown
+    assert "1.00×" in table  # hf_ds_gc is its own baseline
+    for name in ("memory.png", "throughput.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_cached_encoder_saved_tensor_peak_does_not_grow_with_length(smoke):
+    _, points = smoke
+    peak = {(p["method"], p["tokens"]): p["encoder_saved_peak_bytes"] for p in points}
+    assert peak[("cached", 1024)] > 0
+    assert peak[("cached", 4096)] == peak[("cached", 1024)]
+    # The control: full backprop keeps every window's activations, 4x the tokens ~ 4x the bytes.
+    assert peak[("full", 4096)] > 3 * peak[("full", 1024)]
