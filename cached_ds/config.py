@@ -23,6 +23,9 @@ class CachedConfig:
     mode: ``cached`` (encoder memory of one group) or ``full`` (ordinary backprop through every
         window: the same model, kept as the baseline for benchmarks).
     decoder_gradient_checkpointing: recompute decoder layers in backward (HF's checkpointing).
+    encoder_gradient_checkpointing: inside CachED's per-group recompute, checkpoint the encoder
+        layers too (non-reentrant, RNG preserved: still exact), so a group's backward holds one
+        layer's activations instead of all of them; lets a group hold more windows.
     grad_dtype: dtype in which the encoder's per-group parameter gradients are summed.
     """
 
@@ -31,6 +34,7 @@ class CachedConfig:
     group_tokens: int | None = None
     mode: str = "cached"
     decoder_gradient_checkpointing: bool = False
+    encoder_gradient_checkpointing: bool = False
     grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -45,6 +49,8 @@ class CachedConfig:
             raise ValueError(f"group_tokens must be a positive integer, got {self.group_tokens!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.encoder_gradient_checkpointing, bool):
+            raise ValueError(f"encoder_gradient_checkpointing must be true or false, got {self.encoder_gradient_checkpointing!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {sorted(GRAD_DTYPES)}, got {self.grad_dtype!r}")
 

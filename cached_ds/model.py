@@ -49,6 +49,8 @@ class CachedSeq2Seq(nn.Module):
             )
         if self.config.decoder_gradient_checkpointing:
             enable_decoder_checkpointing(model)
+        if self.config.encoder_gradient_checkpointing:
+            enable_encoder_checkpointing(model)
         # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
         # count across ranks: it maps this rank's count to the count every rank will run.
         self.sync_group_count: Callable[[int], int] | None = None
@@ -112,7 +114,18 @@ def enable_decoder_checkpointing(model: nn.Module) -> None:
 
     Sets the same per-module flags as HF's ``gradient_checkpointing_enable`` but on the decoder,
     with non-reentrant checkpointing, which preserves RNG state: gradients stay exact."""
-    for module in model.get_decoder().modules():
+    _enable_checkpointing(model.get_decoder())
+
+
+def enable_encoder_checkpointing(model: nn.Module) -> None:
+    """The same flags on the encoder. They act only where autograd records (``cached``: the
+    per-group recompute; ``full``: every window), and non-reentrant checkpointing replays each
+    layer with the RNG state of its first run, so dropout masks and gradients stay exact."""
+    _enable_checkpointing(model.get_encoder())
+
+
+def _enable_checkpointing(stack: nn.Module) -> None:
+    for module in stack.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = True
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)

@@ -1,0 +1,134 @@
+"""GPU check of cached_ds.t5_attention: the CUDA paths against HF's eager attention, fp32.
+
+For tiny T5 and LongT5 (local, transient-global) models on CUDA, one forward + backward of a
+fixed random weighting of encoder states and logits (two padded documents, padded summaries),
+once with the fast attention installed and once on an untouched copy with HF eager attention;
+prints ONE JSON line: per case the max relative errors of outputs, parameter gradients (global
+and worst single parameter) and input gradients, whether the flex_attention path ran, seconds.
+Every case catches its own exception and reports it in the JSON. About 30-60 s on an H100
+(flex_attention compiles a few small shapes).
+
+    python bench/gpu_checks/t5_attention_check.py
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for cached_ds
+
+TOLERANCE = 1e-4  # fp32 with different summation orders; the CPU tests hold 1e-5
+
+
+def tiny(family: str):
+    import transformers as hf
+
+    common = {
+        "vocab_size": 96, "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+        "num_heads": 2, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32,
+        "decoder_start_token_id": 0,
+        "dropout_rate": 0.0,  # the fast path runs HF's code under attention dropout; keep it on ours
+    }
+    if family == "t5":
+        return hf.T5ForConditionalGeneration(hf.T5Config(**common))
+    kind = {"longt5-local": "local", "longt5-tglobal": "transient-global"}[family]
+    return hf.LongT5ForConditionalGeneration(
+        hf.LongT5Config(**common, encoder_attention_type=kind, local_radius=7, global_block_size=8)
+    )
+
+
+def step(model, lengths=(150, 97), summary=(12, 7)):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    batch, width = len(lengths), max(lengths)
+    ids = torch.randint(4, 96, (batch, width), generator=gen)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    dec = torch.randint(4, 96, (batch, max(summary)), generator=gen)
+    dec_mask = (torch.arange(max(summary))[None] < torch.tensor(summary)[:, None]).long()
+    ids, mask, dec, dec_mask = (t.cuda() for t in (ids, mask, dec, dec_mask))
+    embed = model.get_input_embeddings()
+    x = embed(ids).detach().requires_grad_(True)
+    y = embed(dec).detach().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = model(inputs_embeds=x, attention_mask=mask, decoder_inputs_embeds=y, decoder_attention_mask=dec_mask, use_cache=False)
+    enc = out.encoder_last_hidden_state * mask[..., None]
+    logits = out.logits * dec_mask[..., None]
+    loss = sum((t * torch.randn(t.shape, generator=gen).cuda()).sum() / t.numel() for t in (enc, logits))
+    loss.backward()
+    grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    return {"encoder": enc.detach(), "logits": logits.detach(), "x": x.grad, "y": y.grad}, grads
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check(family: str, use_flex: bool) -> dict:
+    import torch
+
+    from cached_ds import flex_t5
+    from cached_ds.t5_attention import install_fast_t5_attention
+
+    start = time.time()
+    torch.manual_seed(0)
+    model = tiny(family).cuda().train()
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    install_fast_t5_attention(model, block=64, use_flex=use_flex)
+    calls = flex_t5.calls
+    outs, grads = step(model)
+    flex_calls = flex_t5.calls - calls
+    ref_outs, ref_grads = step(reference)
+    errors = {f"{k}_rel": rel(outs[k], ref_outs[k]) for k in ref_outs}
+    missing = sorted(set(grads) ^ set(ref_grads))
+    num = sum(float((grads[k].double() - ref_grads[k].double()).pow(2).sum()) for k in ref_grads if k in grads)
+    den = sum(float(ref_grads[k].double().pow(2).sum()) for k in ref_grads)
+    per_param = {k: rel(grads[k], ref_grads[k]) for k in ref_grads if k in grads and ref_grads[k].norm() > 1e-6}
+    worst = max(per_param, key=per_param.get)
+    errors.update(grad_global_rel=(num / den) ** 0.5, grad_worst_param=worst, grad_worst_rel=per_param[worst])
+    bias = [k for k in ref_grads if "relative_attention_bias" in k]
+    errors["bias_table_grad_rel"] = max(rel(grads[k], ref_grads[k]) for k in bias)
+    numbers = [v for k, v in errors.items() if k.endswith("_rel")]
+    return {
+        **errors, "missing_grads": missing, "flex_calls": flex_calls, "seconds": round(time.time() - start, 1),
+        "ok": not missing and max(numbers) <= TOLERANCE and (flex_calls > 0) == (use_flex and family != "longt5-tglobal"),
+    }
+
+
+def main() -> None:
+    result: dict = {"check": "t5_attention"}
+    try:
+        import torch
+        import transformers
+
+        result.update(torch=torch.__version__, transformers=transformers.__version__, cuda=torch.cuda.is_available())
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons, on both sides
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        if torch.cuda.is_available():
+            result["device"] = torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 — report, never crash
+        result["error"] = traceback.format_exc(limit=3)
+    if result.get("cuda"):
+        cases = [("t5", True), ("longt5-local", True), ("longt5-tglobal", True), ("t5", False)]
+        for family, use_flex in cases:
+            name = f"{family}-{'flex' if use_flex else 'blocked'}"
+            try:
+                result[name] = check(family, use_flex)
+            except Exception as error:  # noqa: BLE001
+                result[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:1500],
+                                "trace": traceback.format_exc(limit=6)[-1500:]}
+    result["ok"] = bool(result.get("cuda")) and all(
+        v.get("ok") for v in result.values() if isinstance(v, dict)
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

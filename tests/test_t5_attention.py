@@ -1,0 +1,232 @@
+"""Fast T5/LongT5 self-attention (cached_ds.t5_attention) equals HF's eager attention, and
+encoder gradient checkpointing keeps CachED exact.
+
+The fast path does not reproduce HF's attention-probability dropout (its mask is (batch, heads,
+L, L)); these tests switch that one dropout off on the replaced modules (``dropout = 0``) in
+both models and keep every other dropout on, except where they check the fallback to HF.
+"""
+
+import copy
+
+import pytest
+import torch
+from reference import assert_grads_match, grads_of, windowed_hf_step
+from tiny_models import make_model, random_batch
+
+from cached_ds import CachedConfig, CachedSeq2Seq, SavedTensorMeter
+from cached_ds.t5_attention import (
+    OffsetBias,
+    _targets,
+    fast_t5_attention,
+    install_fast_t5_attention,
+    remove_fast_t5_attention,
+)
+
+FAST_FAMILIES = ("t5", "longt5-local", "longt5-tglobal")
+BLOCK = 4  # several query/key blocks even in these short sequences
+SEED = 1234
+WINDOW = 16
+
+
+def without_attention_dropout(model):
+    """Attention-probability dropout off on the modules the fast attention replaces (the fast
+    path cannot replay HF's (batch, heads, L, L) mask); residual/FF/cross-attention dropout stays."""
+    for module, _ in _targets(model):
+        module.dropout = 0.0
+    return model
+
+
+def pair(family, dropout=0.1, fast_attn_impl=None):
+    """A model with the fast attention and an untouched deep copy running HF's eager attention.
+    ``fast_attn_impl`` sets the masks HF hands the fast model (sdpa: bool or None, eager: additive)."""
+    model = without_attention_dropout(make_model(family, dropout=dropout))
+    reference = copy.deepcopy(model)
+    if reference.config._attn_implementation != "eager":
+        reference.set_attn_implementation("eager")
+    if fast_attn_impl is not None:
+        model.set_attn_implementation(fast_attn_impl)
+    install_fast_t5_attention(model, block=BLOCK)
+    return model, reference
+
+
+def first_self_attention_bias(model):
+    """What the encoder's first self-attention returned as ``position_bias`` (a real forward hook)."""
+    seen = []
+    module = next(m for m, _ in _targets(model.get_encoder()))
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
+    return seen, handle
+
+
+def run(model, lengths, label_lengths, seed=SEED):
+    """Encoder states and logits at real (unpadded) positions, after backward of a fixed random
+    weighting of both (padding positions' outputs are don't-cares: HF fills them with garbage); returns outputs, parameter gradients and the input-embedding gradients."""
+    gen = torch.Generator().manual_seed(7)
+    ids, mask, _ = random_batch(lengths, label_lengths, model.config.pad_token_id)
+    dec_ids, dec_mask, _ = random_batch(label_lengths, label_lengths, model.config.pad_token_id, seed=3)
+    embed = model.get_input_embeddings()
+    x = embed(ids).detach().requires_grad_(True)
+    y = embed(dec_ids).detach().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(inputs_embeds=x, attention_mask=mask, decoder_inputs_embeds=y, decoder_attention_mask=dec_mask, use_cache=False)
+    enc = out.encoder_last_hidden_state * mask[..., None]
+    logits = out.logits * dec_mask[..., None]
+    # random weights scaled like a mean, so gradients have a cross-entropy loss's size
+    loss = sum((t * torch.randn(t.shape, generator=gen)).sum() / t.numel() for t in (enc, logits))
+    loss.backward()
+    return enc.detach(), logits.detach(), grads_of(model), x.grad, y.grad
+
+
+def assert_same_step(fast, ref):
+    for name, a, b in zip(("encoder states", "logits"), fast[:2], ref[:2]):
+        rel = float((a - b).norm() / b.norm())
+        assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
+    assert_grads_match(fast[2], ref[2])
+    assert_grads_match({"inputs_embeds": fast[3], "decoder_inputs_embeds": fast[4]}, {"inputs_embeds": ref[3], "decoder_inputs_embeds": ref[4]})
+
+
+@pytest.mark.parametrize(
+    "family, attn_impl",
+    [("t5", "sdpa"), ("t5", "eager"), ("longt5-local", None), ("longt5-tglobal", None)],
+    ids=["t5-bool-masks", "t5-additive-masks", "longt5-local", "longt5-tglobal"],  # LongT5 is eager-only in HF
+)
+def test_fast_attention_equals_hf_eager(family, attn_impl):
+    """Two padded documents (23 and 14 tokens: not multiples of the block, local block or global
+    block), several blocks each; decoder summaries of 6 and 4 tokens (causal, padded).
+    Dropout on everywhere except attention probabilities."""
+    model, reference = pair(family, fast_attn_impl=attn_impl)
+    seen, handle = first_self_attention_bias(model)
+    fast = run(model, [23, 14], [6, 4])
+    handle.remove()
+    assert isinstance(seen[0], OffsetBias), "the fast path ran (not HF's forward)"
+    assert_same_step(fast, run(reference, [23, 14], [6, 4]))
+    bias = "encoder.block.0.layer.0." + ("SelfAttention" if family == "t5" else "LocalSelfAttention" if family == "longt5-local" else "TransientGlobalSelfAttention")
+    assert fast[2][bias + ".relative_attention_bias.weight"].abs().sum() > 0
+    if family == "longt5-tglobal":
+        assert fast[2][bias + ".global_relative_attention_bias.weight"].abs().sum() > 0
+
+
+def test_one_block_and_long_sequence_t5():
+    """Edge sizes: a 1-token document and one far longer than the bias buckets' max distance (32)."""
+    model, reference = pair("t5")
+    assert_same_step(run(model, [1, 70], [1, 9]), run(reference, [1, 70], [1, 9]))
+
+
+@pytest.mark.parametrize("family", ["t5", "longt5-local"])
+def test_attention_dropout_falls_back_to_hf_exactly(family):
+    """With attention dropout in training the replaced modules run HF's own forward: exact, not fast."""
+    model = make_model(family)  # attention dropout 0.1
+    reference = copy.deepcopy(model)
+    install_fast_t5_attention(model, block=BLOCK)
+    seen, handle = first_self_attention_bias(model)
+    fast = run(model, [19, 11], [5, 3])
+    handle.remove()
+    assert isinstance(seen[0], torch.Tensor), "HF's forward ran"
+    assert_same_step(fast, run(reference, [19, 11], [5, 3]))
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_generation_unchanged(family):
+    """Greedy and beam search give HF's tokens: the encoder and the first decoder step run fast,
+    later steps (filled KV cache) HF's forward."""
+    model = make_model(family).eval()
+    reference = copy.deepcopy(model)
+    install_fast_t5_attention(model, block=BLOCK)
+    ids, mask, _ = random_batch([23, 14], [1, 1], model.config.pad_token_id)
+    for options in ({"do_sample": False}, {"num_beams": 3}):
+        fast = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **options)
+        assert torch.equal(fast, reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **options))
+
+
+def test_install_keeps_parameters_and_remove_restores_hf():
+    model = make_model("longt5-tglobal")
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert install_fast_t5_attention(model) == 4  # 2 encoder (tglobal) + 2 decoder self-attention
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert model.state_dict().keys() == state.keys()
+    cross = model.decoder.block[0].layer[1].EncDecAttention
+    assert "forward" not in cross.__dict__, "cross-attention is left to HF"
+    assert remove_fast_t5_attention(model) == 4
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with fast_t5_attention(model, block=8):
+        assert sum("forward" in m.__dict__ for m in model.modules()) == 4
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="block"):
+        install_fast_t5_attention(model, block=0)
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_cached_step_with_fast_attention_equals_windowed_hf(family):
+    """CachedSeq2Seq (cached mode, groups of 2 windows) with the fast attention installed: same
+    loss and gradients as plain windowed HF (dropout on except attention probabilities)."""
+    model, reference = pair(family)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    loss = wrapped(ids, mask, labels=labels).loss
+    loss.backward()
+    ref_loss, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads_of(model), ref)
+
+
+@pytest.mark.parametrize("family", ["t5", "longt5-local", "longt5-tglobal"])
+@pytest.mark.parametrize("mode", ["cached", "full"])
+def test_encoder_gradient_checkpointing_stays_exact(family, mode):
+    """Non-reentrant checkpointing of the encoder layers inside the recompute, dropout on
+    everywhere (attention included): still the windowed HF gradients."""
+    model = make_model(family)
+    reference = copy.deepcopy(model)
+    ids, mask, labels = random_batch([3 * WINDOW + 1, WINDOW + 3], [6, 3], model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2, mode=mode, encoder_gradient_checkpointing=True))
+    assert all(block.gradient_checkpointing for block in model.get_encoder().block)
+    assert not any(block.gradient_checkpointing for block in model.get_decoder().block)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    loss = wrapped(ids, mask, labels=labels).loss
+    loss.backward()
+    ref_loss, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads_of(model), ref)
+
+
+def encoder_saved_peak(model, length, wrapped=None):
+    """Peak bytes the encoder keeps for backward over one forward + backward."""
+    ids, mask, labels = random_batch([length], [4], model.config.pad_token_id)
+    meter = SavedTensorMeter()
+    with meter.watch(model.get_encoder()):
+        if wrapped is None:
+            model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+        else:
+            wrapped(ids, mask, labels=labels).loss.backward()
+    return meter.peak_bytes
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_fast_attention_saves_linear_memory(family):
+    """Doubling the length doubles what the fast encoder saves (no L × L tensor); HF's T5 grows
+    faster (its (batch, heads, L, L) scores), which shows the measure would catch one."""
+    model = without_attention_dropout(make_model(family))
+    hf_ratio = encoder_saved_peak(model, 512) / encoder_saved_peak(model, 256)
+    install_fast_t5_attention(model)
+    fast_ratio = encoder_saved_peak(model, 512) / encoder_saved_peak(model, 256)
+    assert fast_ratio <= 2.05, fast_ratio
+    if family != "longt5-local":  # HF's local attention is linear too
+        assert hf_ratio > 2.5, hf_ratio
+
+
+def test_encoder_gradient_checkpointing_saves_less():
+    """With the flag the recompute keeps one layer's activations (2 layers here: under half)."""
+    peaks = {}
+    for flag in (False, True):
+        model = make_model("t5")
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=4, encoder_gradient_checkpointing=flag))
+        peaks[flag] = encoder_saved_peak(model, 64, wrapped)
+    assert peaks[True] < peaks[False] / 2, peaks
+
+
+def test_encoder_gradient_checkpointing_is_validated():
+    with pytest.raises(ValueError, match="encoder_gradient_checkpointing"):
+        CachedConfig(encoder_gradient_checkpointing="yes")
