@@ -56,3 +56,22 @@ def random_batch(lengths: list[int], label_lengths: list[int], pad_token_id: int
         mask[row, :n] = 1
         labels[row, :m] = torch.randint(4, VOCAB, (m,), generator=gen)
     return ids, mask, labels
+
+
+def cross_attention_modules(model: hf.PreTrainedModel) -> list[torch.nn.Module]:
+    """The decoder's cross-attention modules, located with plain HF attribute paths."""
+    decoder = model.get_decoder()
+    if hasattr(decoder, "layers"):  # BART, mBART, PEGASUS
+        return [layer.encoder_attn for layer in decoder.layers]
+    return [block.layer[1].EncDecAttention for block in decoder.block]  # T5, LongT5
+
+
+def make_model_without_cross_attention_dropout(family: str, dropout: float = DROPOUT, seed: int = 0, **overrides):
+    """``make_model`` with no dropout on the decoder's cross-attention probabilities (streaming
+    cross-attention has none) and every other dropout on. Zeroing the modules' ``dropout`` rather
+    than a config field keeps T5's hidden dropout (its ``dropout_rate`` sets both) and BART's
+    self-attention dropout (its ``attention_dropout`` sets all attention modules)."""
+    model = make_model(family, dropout, seed, **overrides)
+    for module in cross_attention_modules(model):
+        module.dropout = 0.0
+    return model

@@ -1,0 +1,404 @@
+"""Decoder cross-attention over very long encoder states without N-sized activations.
+
+HF's decoder cross-attention projects all N fused encoder states to K and V and forms a
+(batch, heads, target, N) score tensor, and autograd keeps all three for backward in every decoder
+layer. Here the keys are visited in blocks of ``block`` tokens with an online softmax (flash
+attention's log-sum-exp merge): each block's K and V are projected from ``states`` on the fly in
+forward and projected *again* in backward. Saved for backward: the projected queries, the output,
+the per-row log-sum-exp, a (batch, N) boolean key mask and ``states`` itself (the caller's tensor,
+shared by every layer) — nothing else grows with N.
+
+    model = AutoModelForSeq2SeqLM.from_pretrained("facebook/bart-large", attention_dropout=0.0)
+    install_streaming_cross_attention(model, block=4096)
+    loss = CachedSeq2Seq(model)(input_ids, attention_mask, labels=labels).loss   # streaming
+    loss.backward()
+    remove_streaming_cross_attention(model)   # HF's modules again; the parameters never changed
+
+Decisions:
+
+- **Families**: BART, mBART, PEGASUS (scores scaled by head_dim**-0.5, biases on q/k/v/out) and
+  T5, LongT5 (no scaling, no biases, no relative bias in cross-attention) — the ``LAYOUTS`` table.
+  Biases are read from the projection modules, so a family without them simply has ``None``.
+- **Same parameters**: the replacement registers the original's projection modules under their
+  own names, so ``state_dict`` keys, saved models and optimizer state are unchanged.
+- **No attention-probability dropout**: matching HF's masks would need HF's (batch, heads, target,
+  N) draw. A training forward with nonzero cross-attention dropout raises ``ValueError`` naming
+  the config field (``attention_dropout``; T5's ``dropout_rate``, which also sets hidden dropout,
+  so there the fix is to zero only the cross-attention modules' ``.dropout``). Hidden and
+  activation dropout are untouched, and no random number is drawn here, so the decoder's
+  dropout stream is the same as HF's.
+- **Generation**: with a KV cache (``use_cache=True``, ``generate``) the original module runs:
+  cached cross-attention K/V are N-sized by definition. T5/LongT5 build a cache in training too
+  unless ``use_cache=False`` (``CachedSeq2Seq`` passes it); that case warns. Without a cache the
+  streaming path runs in training and in eval alike (both exact).
+- **Masks**: HF hands cross-attention a (batch, 1, target, N) mask built from the 2-D encoder
+  mask; it is reduced to a (batch, N) key mask. A mask that differs between queries runs HF's module.
+- Attention weights are never formed, so they are returned as ``None`` (HF's
+  ``output_attentions`` gets no cross-attention weights from these modules).
+- **Out-of-band states gradient** (``gradient_sink.GradientSink``): when ``states`` carries a
+  sink the layers add d(loss)/d(states) block by block into its one fp32 buffer instead of each
+  returning an N-sized gradient for autograd to sum in the states' dtype. ``CachedSeq2Seq``'s
+  cached encoder output carries one (its gradient cache); ``with_gradient_sink`` adds one to
+  any other states tensor.
+- Not covered: DeepSpeed ZeRO-3 (the K/V weights are read outside their ``nn.Linear``'s forward,
+  where ZeRO-3 has them partitioned); no fused kernel (plain PyTorch ops, any device).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .gradient_sink import SINK_ATTRIBUTE, GradientSink, accumulation_dtype, attach, sink_of
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayout:
+    """What differs between families' decoder cross-attention modules."""
+
+    projections: tuple[str, str, str, str]  # query, key, value, output submodule names
+    heads: str  # attribute holding the head count
+    head_dim: str  # attribute holding the per-head width
+    scaled: bool  # scores multiplied by head_dim**-0.5 (T5 folds the scale into its init instead)
+    mask_kwarg: str  # keyword the decoder layer passes the encoder mask under
+    dropout_field: str  # config field that sets the module's attention-probability dropout
+    returns_position_bias: bool  # T5 modules return (output, position_bias, weights)
+    slots: Callable[[nn.Module], Iterator[tuple[nn.Module, str]]]  # decoder -> (parent, attribute)
+
+
+def _bart_slots(decoder):
+    for layer in decoder.layers:
+        yield layer, "encoder_attn"
+
+
+def _t5_slots(decoder):
+    for block in decoder.block:
+        yield block.layer[1], "EncDecAttention"
+
+
+_BART_LIKE = CrossAttentionLayout(
+    projections=("q_proj", "k_proj", "v_proj", "out_proj"), heads="num_heads", head_dim="head_dim", scaled=True,
+    mask_kwarg="attention_mask", dropout_field="attention_dropout", returns_position_bias=False, slots=_bart_slots,
+)
+_T5_LIKE = CrossAttentionLayout(
+    projections=("q", "k", "v", "o"), heads="n_heads", head_dim="key_value_proj_dim", scaled=False,
+    mask_kwarg="mask", dropout_field="dropout_rate", returns_position_bias=True, slots=_t5_slots,
+)
+LAYOUTS = {"bart": _BART_LIKE, "mbart": _BART_LIKE, "pegasus": _BART_LIKE, "t5": _T5_LIKE, "longt5": _T5_LIKE}
+
+
+def layout_of(model: nn.Module) -> CrossAttentionLayout:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ValueError(
+            f"streaming cross-attention supports {sorted(LAYOUTS)}, got model_type={model_type!r} "
+            f"({type(model).__name__}); pass the Hugging Face model itself (CachedSeq2Seq's .model)"
+        )
+    return LAYOUTS[model_type]
+
+
+# --------------------------------------------------------------------------- the attention itself
+
+
+def _heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """(batch, n, d) -> projected (batch, heads, n, head_dim)."""
+    return nn.functional.linear(x, weight, bias).view(*x.shape[:2], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, n, head_dim) -> (batch, n, heads * head_dim)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and gradient sums: fp32 at least (fp64 stays fp64)."""
+    return accumulation_dtype(dtype)
+
+
+def _scores(query, key, keep, start, scale) -> torch.Tensor:
+    """Scores of one key block in the statistics dtype, -inf on masked keys."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(_stats_dtype(query.dtype))
+    if scale != 1.0:
+        scores = scores * scale
+    if keep is not None:
+        visible = keep[:, None, None, start : start + key.shape[2]]
+        scores = scores.masked_fill(~visible, -INF)
+    return scores
+
+
+class _Blocks:
+    """Per-block K/V of ``states``, projected in the queries' dtype (autocast's, when it is on)."""
+
+    def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block):
+        self.dtype, self.heads, self.block = query.dtype, query.shape[1], block
+        self.states = states
+        self.k_weight, self.k_bias, self.v_weight, self.v_bias = (
+            None if t is None else t.to(self.dtype) for t in (k_weight, k_bias, v_weight, v_bias)
+        )
+
+    def __iter__(self):
+        for start in range(0, self.states.shape[1], self.block):
+            x = self.states[:, start : start + self.block].to(self.dtype)
+            key = _heads(x, self.k_weight, self.k_bias, self.heads)
+            yield start, x, key, _heads(x, self.v_weight, self.v_bias, self.heads)
+
+
+def _no_autocast(device: torch.device):
+    # Forward and backward must project in the same dtype; autocast is on in one and off in the other.
+    return torch.autocast(device.type, enabled=False)
+
+
+class StreamingAttentionFunction(torch.autograd.Function):
+    """softmax(q kᵀ · scale + mask) v over key blocks; K, V recomputed from ``states`` in backward.
+
+    Inputs: ``query`` (batch, heads, target, head_dim), already projected; ``states`` (batch, N, d);
+    ``keep`` (batch, N) bool or ``None``; the key and value projections' weights and biases
+    (biases may be ``None``); ``scale``; ``block``; ``sink``, a ``GradientSink`` that takes
+    d(loss)/d(states) instead of autograd, or ``None``. Every row needs at least one visible key."""
+
+    @staticmethod
+    def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None):
+        with _no_autocast(query.device):
+            out, lse = _attend(query, _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block), keep, scale)
+        ctx.save_for_backward(query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse)
+        ctx.scale, ctx.block, ctx.sink = scale, block, sink
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse = ctx.saved_tensors
+        with _no_autocast(query.device):
+            grads = _attend_backward(ctx, grad_out, query, states, keep, (k_weight, k_bias, v_weight, v_bias), out, lse)
+        return (*grads, None, None, None)
+
+
+def _attend(query, blocks: _Blocks, keep, scale):
+    """Online softmax: a running row max, row sum and unnormalised output, rescaled per block."""
+    batch, heads, target, head_dim = query.shape
+    row_max = query.new_full((batch, heads, target), -INF, dtype=_stats_dtype(query.dtype))
+    row_sum = torch.zeros_like(row_max)
+    acc = query.new_zeros((batch, heads, target, head_dim), dtype=row_max.dtype)
+    for start, _, key, value in blocks:
+        scores = _scores(query, key, keep, start, scale)
+        new_max = torch.maximum(row_max, scores.amax(-1))
+        # A row that has only seen masked keys so far keeps max -inf; exponentiate against 0 there
+        # (its probabilities and rescale factor are then exactly 0 instead of NaN).
+        safe_max = new_max.masked_fill(new_max == -INF, 0.0)
+        probs = torch.exp(scores - safe_max[..., None])
+        rescale = torch.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + probs.sum(-1)
+        acc = acc * rescale[..., None] + torch.matmul(probs.to(query.dtype), value)
+        row_max = new_max
+    return (acc / row_sum[..., None]).to(query.dtype), row_max + row_sum.log()
+
+
+def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
+    """Flash-attention backward per block: P = exp(S - lse), dS = P * (dP - rowsum(dO * O));
+    then through the K/V projections to their weights, biases and ``states``."""
+    needs_query, needs_states, _, *needs_weights = ctx.needs_input_grad[:7]
+    dtype, stats, scale = query.dtype, _stats_dtype(query.dtype), ctx.scale
+    grad_out = grad_out.to(dtype)
+    delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)
+    grad_query = torch.zeros_like(query, dtype=stats) if needs_query else None
+    sink = ctx.sink if needs_states else None
+    grad_states = torch.empty_like(states) if needs_states and sink is None else None
+    # k_weight, k_bias, v_weight, v_bias gradients, summed over blocks (None: not needed / no bias)
+    sums = [torch.zeros_like(w, dtype=stats) if need else None for w, need in zip(weights, needs_weights)]
+    blocks = _Blocks(query, states, *weights, ctx.block)
+    for start, x, key, value in blocks:
+        probs = torch.exp(_scores(query, key, keep, start, scale) - lse[..., None])  # 0 on masked keys
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).to(stats)
+        grad_scores = probs * (grad_probs - delta)
+        if scale != 1.0:
+            grad_scores = grad_scores * scale
+        grad_scores = grad_scores.to(dtype)
+        if grad_query is not None:
+            grad_query += torch.matmul(grad_scores, key)
+        grad_key = _merge_heads(torch.matmul(grad_scores.transpose(-1, -2), query))  # (batch, block, inner)
+        grad_value = _merge_heads(torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out))
+        _add_projection_grads(sums[0], sums[1], grad_key, x)
+        _add_projection_grads(sums[2], sums[3], grad_value, x)
+        if needs_states:
+            grad_x = torch.matmul(grad_key, blocks.k_weight) + torch.matmul(grad_value, blocks.v_weight)
+            if sink is not None:
+                sink.add(states, start, grad_x)
+            else:
+                grad_states[:, start : start + x.shape[1]] = grad_x
+    grad_query = None if grad_query is None else grad_query.to(dtype)
+    return (grad_query, grad_states, None, *(None if s is None else s.to(w.dtype) for s, w in zip(sums, weights)))
+
+
+def _add_projection_grads(weight_sum, bias_sum, grad, x) -> None:
+    """For y = x Wᵀ + b with output gradient ``grad``: dW += gradᵀ x, db += grad, summed over
+    batch and tokens (in place; ``None`` sums are skipped)."""
+    if weight_sum is not None:
+        weight_sum += torch.matmul(grad.flatten(0, 1).transpose(0, 1), x.flatten(0, 1))
+    if bias_sum is not None:
+        bias_sum += grad.sum((0, 1))
+
+
+def streaming_cross_attention(
+    query, states, keep, k_weight, k_bias, v_weight, v_bias, scale: float, block: int, sink=None
+):
+    """Attention output (batch, heads, target, head_dim); see ``StreamingAttentionFunction``."""
+    return StreamingAttentionFunction.apply(query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink)
+
+
+# --------------------------------------------------------------------------- out-of-band states gradient
+
+# ``GradientSink`` lives in ``gradient_sink`` (the core's gradient cache uses it too); these names
+# stay importable from here.
+_SINK_ATTRIBUTE = SINK_ATTRIBUTE
+
+
+class _SinkOutlet(torch.autograd.Function):
+    """Identity in forward; in backward, the sink's total plus whatever reached it through
+    autograd (a layer that ran HF's module), cast once to the states' dtype. It runs after every
+    consumer of its output has run its backward: autograd's dependency order guarantees it."""
+
+    @staticmethod
+    def forward(ctx, states, sink):
+        ctx.set_materialize_grads(False)  # no N-sized zeros when every layer used the sink
+        ctx.sink, ctx.dtype = sink, states.dtype
+        return states.view_as(states)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = ctx.sink.take()
+        if total is None:
+            return grad, None
+        if grad is not None:
+            total += grad
+        return total.to(ctx.dtype), None
+
+
+def with_gradient_sink(states: torch.Tensor) -> torch.Tensor:
+    """``states`` whose gradient the streaming layers deliver out of band through one fp32
+    ``GradientSink`` (at ``._streaming_gradient_sink``); give the result to the decoder.
+
+        states = with_gradient_sink(encoder_states)
+        model(encoder_outputs=BaseModelOutput(last_hidden_state=states), ...).loss.backward()
+    """
+    sink = GradientSink()
+    return attach(_SinkOutlet.apply(states, sink), sink)
+
+
+# --------------------------------------------------------------------------- the module replacement
+
+_NOT_KEY_PADDING = object()
+
+
+def key_padding_mask(mask: torch.Tensor | None):
+    """(batch, N) bool, True on visible keys, from the mask HF passes cross-attention: ``None``
+    (all visible), a (batch, 1, target, N) boolean (sdpa) or additive float mask (eager: 0 where
+    visible). A fresh compact tensor, so what is saved for backward is N bytes per document, not
+    HF's target × N mask. ``_NOT_KEY_PADDING`` when the mask differs between queries or heads."""
+    if mask is None:
+        return None
+    row = mask[:, :1, :1, :]
+    if not torch.equal(mask, row.expand_as(mask)):
+        return _NOT_KEY_PADDING
+    row = row[:, 0, 0, :]
+    return row.clone() if row.dtype == torch.bool else row == 0
+
+
+def _checked_block(block: int) -> int:
+    if block < 1:
+        raise ValueError(f"block must be a positive number of key tokens, got {block}")
+    return block
+
+
+class StreamingCrossAttention(nn.Module):
+    """Stands in for one decoder cross-attention module: its projection modules are registered
+    here under their own names (same parameters, same ``state_dict`` keys); the original module
+    is kept, unregistered, at ``.original`` for the cached (generation) path and for removal."""
+
+    def __init__(self, original: nn.Module, layout: CrossAttentionLayout, block: int):
+        super().__init__()
+        self.layout, self.block = layout, _checked_block(block)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.__dict__["original"] = original  # not a submodule: that would duplicate the state_dict keys
+        self.train(original.training)
+
+    def __getattr__(self, name):
+        # The original's plain attributes (layer_idx, config, dropout, ...) stay readable.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "original" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["original"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        states = kwargs.get("key_value_states")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.2x
+        keep = key_padding_mask(kwargs.get(self.layout.mask_kwarg))
+        # Positional arguments: a calling convention we do not know. A position bias: an earlier T5
+        # layer ran HF's module and shares its bias (mask included) with the next.
+        position_bias = kwargs.get("position_bias")
+        if args or states is None or cache is not None or position_bias is not None or keep is _NOT_KEY_PADDING:
+            if cache is not None and self.training and torch.is_grad_enabled():
+                warnings.warn(
+                    "a KV cache was passed to cross-attention in training, so HF's module runs (N-sized K/V "
+                    "and scores); call the model with use_cache=False to stream (CachedSeq2Seq does)",
+                    stacklevel=2,
+                )
+            self.original.train(self.training)
+            return self.original(hidden_states, *args, **kwargs)
+        self._check_no_attention_dropout()
+        q_name, k_name, v_name, o_name = self.layout.projections
+        k_proj, v_proj = getattr(self, k_name), getattr(self, v_name)
+        batch, target = hidden_states.shape[:2]
+        heads, head_dim = getattr(self.original, self.layout.heads), getattr(self.original, self.layout.head_dim)
+        query = getattr(self, q_name)(hidden_states).view(batch, target, heads, head_dim).transpose(1, 2)
+        scale = head_dim**-0.5 if self.layout.scaled else 1.0
+        sink = sink_of(states)
+        out = streaming_cross_attention(
+            query, states, keep, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias, scale, self.block, sink
+        )
+        out = getattr(self, o_name)(out.transpose(1, 2).reshape(batch, target, heads * head_dim))
+        # T5 also returns the position bias it used; None lets the next layer build its own.
+        return (out, None, None) if self.layout.returns_position_bias else (out, None)
+
+    def _check_no_attention_dropout(self) -> None:
+        p = self.original.dropout
+        if self.training and p > 0:
+            field = self.layout.dropout_field
+            raise ValueError(
+                f"streaming cross-attention has no dropout on attention probabilities, but this decoder's "
+                f"cross-attention has {p} (config.{field}); build the model with {field}=0.0, or set "
+                f".original.dropout = 0.0 on every StreamingCrossAttention module to drop it from "
+                f"cross-attention only (hidden dropout stays on)"
+            )
+
+
+def install_streaming_cross_attention(model: nn.Module, block: int = 1024) -> list[StreamingCrossAttention]:
+    """Replace every decoder cross-attention module of the HF ``model`` with a streaming one of
+    ``block`` key tokens per step (installing again only updates ``block``). Returns them."""
+    layout = layout_of(model)
+    installed = []
+    for parent, name in layout.slots(model.get_decoder()):
+        module = getattr(parent, name)
+        if isinstance(module, StreamingCrossAttention):
+            module.block = _checked_block(block)
+        else:
+            module = StreamingCrossAttention(module, layout, block)
+            setattr(parent, name, module)
+        installed.append(module)
+    return installed
+
+
+def remove_streaming_cross_attention(model: nn.Module) -> None:
+    """Put HF's original cross-attention modules back (they hold the same parameters)."""
+    for parent, name in layout_of(model).slots(model.get_decoder()):
+        module = getattr(parent, name)
+        if isinstance(module, StreamingCrossAttention):
+            module.original.train(module.training)
+            setattr(parent, name, module.original)
