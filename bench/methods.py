@@ -57,8 +57,9 @@ def enable_hf_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int):
-    """A DeepSpeed engine whose ``engine(input_ids=, attention_mask=, labels=)`` returns HF's output."""
+def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int, kernels: dict | None = None):
+    """A DeepSpeed engine whose ``engine(input_ids=, attention_mask=, labels=)`` returns HF's output.
+    ``kernels``: extra "cached" settings for ``cached`` (``cross_attention_block``, ``fast_t5_attention``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hf_ds_gc":
@@ -82,8 +83,10 @@ def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, gr
         # checkpointing the decoder keeps one layer's worth, as full_gc and hf_ds_gc do.
         "decoder_gradient_checkpointing": method == "cached",
     }
-    if ds_config["zero_optimization"]["stage"] == 3 and method == "cached":
-        cached["keep_encoder_gathered"] = True
+    if method == "cached":
+        cached.update(kernels or {})
+        if ds_config["zero_optimization"]["stage"] == 3:
+            cached["keep_encoder_gathered"] = True
     engine, *_ = initialize(model, {**ds_config, "cached": cached})
     return engine
 

@@ -145,7 +145,7 @@ def measure(spec: dict) -> dict:
     flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
     encoder = model.get_encoder()
     engine = build_engine(spec["method"], model, ds_config(spec["zero_stage"], spec["dtype"], config.d_model),
-                          window, spec["group_tokens"])
+                          window, spec["group_tokens"], spec.get("kernels"))
     batch = random_document(spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)

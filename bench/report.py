@@ -30,6 +30,12 @@ def _tokens(n: int) -> str:
     return str(n)
 
 
+def label(point: dict) -> str:
+    """The method, with the cached kernels it ran with (``cached+cross_attention_block=4096``)."""
+    extras = [f"{k}={v}" if v is not True else k for k, v in sorted((point.get("kernels") or {}).items())]
+    return "+".join([point["method"], *extras])
+
+
 def _fmt(value, digits=1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
@@ -49,12 +55,12 @@ def table(points: list[dict]) -> str:
     baseline = {(p["model"], p["tokens"]): p.get("tokens_per_s") for p in points if p["method"] == BASELINE and not p.get("oom")}
     rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], p["method"])):
+    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
         base = baseline.get((p["model"], p["tokens"]))
         ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
         saved = p.get("encoder_saved_peak_bytes")
         rows.append("| " + " | ".join([
-            p["model"], p["method"], _tokens(p["tokens"]), p.get("attn_implementation") or "–",
+            p["model"], label(p), _tokens(p["tokens"]), p.get("attn_implementation") or "–",
             _fmt(p.get("peak_allocated_gib")), _fmt(p.get("peak_reserved_gib")), _fmt(p.get("step_s"), 3),
             _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _fmt(p.get("model_tflops_per_s")),
             "–" if saved is None else f"{saved / 2**20:.2f}", _status(p),
@@ -66,9 +72,9 @@ def breakdown_table(points: list[dict]) -> str:
     keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "recompute_backward_s", "backward_s", "optimizer_s"]
     rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys) + " |",
             "|---|---|---:|" + "---:|" * len(keys)]
-    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], p["method"])):
+    for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
         if "breakdown" in p:
-            rows.append(f"| {p['model']} | {p['method']} | {_tokens(p['tokens'])} | "
+            rows.append(f"| {p['model']} | {label(p)} | {_tokens(p['tokens'])} | "
                         + " | ".join(_fmt(p["breakdown"].get(k), 3) for k in keys) + " |")
     return "\n".join(rows) + "\n"
 
@@ -78,19 +84,19 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
     memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
                                 else ("encoder_saved_peak_bytes", "encoder saved-tensor peak (bytes)"))
     written = []
-    for key, label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
+    for key, axis_label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (model, method) in sorted({(p["model"], p["method"]) for p in points}):
+        for (model, method) in sorted({(p["model"], label(p)) for p in points}):
             ok = sorted((p["tokens"], p[key]) for p in points
-                        if (p["model"], p["method"]) == (model, method) and not p.get("oom") and p.get(key) is not None)
-            failed = sorted(p["tokens"] for p in points if (p["model"], p["method"]) == (model, method) and p.get("oom"))
+                        if (p["model"], label(p)) == (model, method) and not p.get("oom") and p.get(key) is not None)
+            failed = sorted(p["tokens"] for p in points if (p["model"], label(p)) == (model, method) and p.get("oom"))
             line, = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=f"{model} {method}")
             if failed:  # an OOM is drawn as an × at the top of the axes, at its length
                 ax.plot([failed[0]], [1.0], marker="x", markersize=10, color=line.get_color(),
                         transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document tokens (× = out of memory)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(axis_label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import METHODS  # noqa: E402
-from report import read_points, write_report  # noqa: E402
+from report import label, read_points, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--window", type=int, default=None, help="encoder window (default: the model's position limit; LongT5 4096)")
     parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
+    parser.add_argument("--cross_attention_block", type=int, default=None, help="cached: streaming cross-attention key block (default: HF's module)")
+    parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
@@ -96,7 +98,7 @@ def child_env(device: str) -> dict:
 def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    stem = f"{spec['model']}-{spec['method']}-{spec['tokens']}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{spec['model']}-{label(spec)}-{spec['tokens']}")
     result_file, log_file = logs / f"{stem}.json", logs / f"{stem}.log"
     result_file.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -116,29 +118,35 @@ def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
     return point
 
 
+def kernels(args) -> dict:
+    chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     device = device_name()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"
     out.mkdir(parents=True, exist_ok=True)
-    failed_at = {p["method"]: p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model}
+    failed_at = {label(p): p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model}
     plan = [(tokens, method) for tokens in args.tokens for method in args.methods]
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
         spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
-                    steps=args.steps, warmup=args.warmup, saved_tensor_meter=args.saved_tensor_meter)
-        if method in failed_at and tokens > failed_at[method]:
+                    steps=args.steps, warmup=args.warmup, saved_tensor_meter=args.saved_tensor_meter, kernels=kernels(args) if method == "cached" else {})
+        name = label(spec)
+        if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}
         else:
             point = run_point(spec, out, args.point_timeout, device)
             if point.get("oom"):
-                failed_at[method] = min(tokens, failed_at.get(method, tokens))
+                failed_at[name] = min(tokens, failed_at.get(name, tokens))
         with open(out / "points.jsonl", "a") as f:
             f.write(json.dumps(point) + "\n")
         write_report(out)
         status = "OOM" if point.get("oom") else point.get("error") or f"{point['tokens_per_s']:,.0f} tok/s"
-        tqdm.write(f"{method:>9} {tokens:>9} tokens: {status}")
+        tqdm.write(f"{name:>9} {tokens:>9} tokens: {status}")
     print(f"results in {out}")
     return out
 

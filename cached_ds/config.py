@@ -27,6 +27,11 @@ class CachedConfig:
         layers too (non-reentrant, RNG preserved: still exact), so a group's backward holds one
         layer's activations instead of all of them; lets a group hold more windows.
     grad_dtype: dtype in which the encoder's per-group parameter gradients are summed.
+    cross_attention_block: stream the decoder's cross-attention over key blocks of this many
+        tokens (``streaming_cross_attention``: no N-sized K/V or scores kept for backward);
+        ``None`` keeps HF's modules. Needs cross-attention dropout 0 in training.
+    fast_t5_attention: T5/LongT5 only: blocked self-attention without (heads × L × L) tensors
+        (``t5_attention``); modules with attention dropout in training still run HF's code.
     """
 
     window: int | None = None
@@ -36,6 +41,8 @@ class CachedConfig:
     decoder_gradient_checkpointing: bool = False
     encoder_gradient_checkpointing: bool = False
     grad_dtype: str = "float32"
+    cross_attention_block: int | None = None
+    fast_t5_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
@@ -49,8 +56,12 @@ class CachedConfig:
             raise ValueError(f"group_tokens must be a positive integer, got {self.group_tokens!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.encoder_gradient_checkpointing, bool):
-            raise ValueError(f"encoder_gradient_checkpointing must be true or false, got {self.encoder_gradient_checkpointing!r}")
+        for flag in ("decoder_gradient_checkpointing", "encoder_gradient_checkpointing", "fast_t5_attention"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        block = self.cross_attention_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {block!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {sorted(GRAD_DTYPES)}, got {self.grad_dtype!r}")
 

@@ -43,6 +43,7 @@ from .config import CachedConfig
 from .distributed import barrier, rank, world_size
 from .ds_config import load_config, reuse_distance
 from .model import CachedSeq2Seq
+from .streaming_cross_attention import StreamingCrossAttention
 
 ENGINE_KEYS = ("keep_encoder_gathered",)
 CACHED_CONFIG_FILE = "cached_config.json"  # beside an exported HF model: the windows it was trained with
@@ -88,6 +89,8 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
         zero["stage3_max_reuse_distance"] = reuse_distance(model.config.d_model)  # not 1e9: see reuse_distance
     wrapped = CachedSeq2Seq(model, settings.cached)
+    if zero.get("stage") == 3:
+        _gather_streaming_modules_whole(wrapped.model)
     if model_parameters is None:
         model_parameters = [p for p in wrapped.parameters() if p.requires_grad]
     engine, optimizer, dataloader, scheduler = deepspeed.initialize(
@@ -141,6 +144,18 @@ def _encoder_gathered(model: nn.Module):
         idle = [p for p in params if not p.ds_active_sub_modules]  # modules mid-backward release their own
         if idle:
             idle[0].partition(param_list=idle)
+
+
+def _gather_streaming_modules_whole(model: nn.Module) -> None:
+    """Streaming cross-attention reads its K/V projection weights block by block inside its own
+    forward and backward, not through the projections' ``nn.Linear`` calls, where ZeRO-3 would
+    gather them. As ZeRO-3 leaf modules (set before ``deepspeed.initialize`` registers its
+    hooks) they get all their parameters gathered around their forward and their backward."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for module in model.modules():
+        if isinstance(module, StreamingCrossAttention):
+            set_z3_leaf_module(module, True)
 
 
 def _check_zero3_model(model: nn.Module) -> None:

@@ -24,9 +24,12 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import families
 from .cached_encoder import encode_windows
 from .config import CachedConfig
+from .streaming_cross_attention import install_streaming_cross_attention
+from .t5_attention import install_fast_t5_attention
 from .windows import WindowPlan
 
 IGNORE_INDEX = -100
+T5_FAMILIES = ("t5", "longt5")
 
 
 class CachedSeq2Seq(nn.Module):
@@ -51,6 +54,12 @@ class CachedSeq2Seq(nn.Module):
             enable_decoder_checkpointing(model)
         if self.config.encoder_gradient_checkpointing:
             enable_encoder_checkpointing(model)
+        if self.config.cross_attention_block is not None:
+            install_streaming_cross_attention(model, self.config.cross_attention_block)
+        if self.config.fast_t5_attention:
+            if model.config.model_type not in T5_FAMILIES:
+                raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")
+            install_fast_t5_attention(model)
         # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
         # count across ranks: it maps this rank's count to the count every rank will run.
         self.sync_group_count: Callable[[int], int] | None = None

@@ -140,7 +140,7 @@ def _chunks(layout, q, k, v, offsets, side_k, side_v, side_table, q0, q1):
     """(scores, values, key tensor, key range or None, bias index) of every key chunk of a query block."""
     lq, lk = q.shape[2], k.shape[2]
     qb = q[:, :, q0:q1].float()
-    if layout.side is not None:
+    if layout.side is not None and side_k.shape[2] > 0:  # no global block in inputs shorter than one
         s, buckets = _side_scores(qb, side_k.float(), side_table, layout.side, q0, q1)
         yield s, side_v.float(), side_k.float(), None, buckets
     for k0, k1 in _key_blocks(layout, q0, q1, lk):

@@ -1,0 +1,81 @@
+"""Streaming cross-attention and the fast T5 attention switched on from the "cached" section, in
+real DeepSpeed engines (ZeRO-2 and ZeRO-3, CPU, 1 rank): gradients equal the plain windowed HF
+reference, and the replacement kernels are what actually ran."""
+
+import copy
+
+import pytest
+from ds_helpers import resolved_config, single_rank_distributed
+from reference import assert_grads_match
+from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
+from tiny_models import make_model_without_cross_attention_dropout
+
+from cached_ds.streaming_cross_attention import StreamingCrossAttention
+from cached_ds.t5_attention import _targets
+
+
+@pytest.fixture(scope="module", autouse=True)
+def distributed():
+    single_rank_distributed()
+
+
+def without_self_attention_dropout(model):
+    """The fast T5 path has no attention-probability dropout; hidden dropout stays on."""
+    for module, _ in _targets(model):
+        module.dropout = 0.0
+    return model
+
+
+def autograd_functions(tensor, depth: int = 8) -> set[str]:
+    """Names of the backward nodes within ``depth`` steps of ``tensor`` (what produced it)."""
+    seen, frontier = set(), [tensor.grad_fn]
+    for _ in range(depth):
+        frontier = [n for f in frontier if f is not None for n, _ in f.next_functions]
+        seen |= {type(f).__name__ for f in frontier if f is not None}
+    return seen
+
+
+def record_kernels(model):
+    """Backward-node names under each replaced module's output, collected by forward hooks."""
+    names: set[str] = set()
+    hook = lambda module, args, out: names.update(autograd_functions(out[0] if isinstance(out, tuple) else out))  # noqa: E731
+    for module in model.modules():
+        if isinstance(module, StreamingCrossAttention) or "_cached_ds_hf_forward" in module.__dict__:
+            module.register_forward_hook(hook)
+    return names
+
+
+CASES = [
+    ("zero3", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
+    ("zero2", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
+    ("zero3", "t5", {"cross_attention_block": 8, "fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
+    ("zero3", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
+    ("zero2", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
+]
+
+
+@pytest.mark.parametrize("config, family, kernels, node", CASES, ids=[f"{c}-{f}-{'-'.join(k)}" for c, f, k, _ in CASES])
+def test_engine_with_attention_kernels_matches_reference(config, family, kernels, node):
+    from cached_ds.deepspeed_engine import initialize
+
+    model = without_self_attention_dropout(make_model_without_cross_attention_dropout(family))
+    pristine = copy.deepcopy(model)
+    batches = micro_batches(model, gas=2)
+    ref_grads = reference_gradients(pristine, batches)
+
+    engine, *_ = initialize(model, resolved_config(config, gas=2, cached={**CACHED, **kernels}))
+    ran = record_kernels(engine.module.model)
+    grads = train_step(engine, batches)
+    assert node in ran, sorted(ran)
+    if "cross_attention_block" in kernels:
+        assert "StreamingAttentionFunctionBackward" in ran
+    assert_grads_match({k: g.float() for k, g in grads.items() if k in ref_grads}, ref_grads)
+
+
+def test_bad_kernel_settings_name_the_field():
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    with pytest.raises(ValueError, match="cross_attention_block"):
+        CachedConfig(cross_attention_block=0)
+    with pytest.raises(ValueError, match="fast_t5_attention"):
+        CachedSeq2Seq(make_model_without_cross_attention_dropout("bart"), CachedConfig(fast_t5_attention=True))
