@@ -5,8 +5,10 @@ The steps, as in GradCache's ``grad_cache.py``:
 1. ``WindowPlan`` splits the documents into windows and window groups (``windows.py``).
 2. ``forward``: encode every group without autograd, remembering its RNG and autocast state,
    and fuse the outputs into one (batch, tokens, hidden) tensor for the decoder.
-3. The caller runs the decoder and ``loss.backward()``; autograd hands us d(loss)/d(fused states):
-   the gradient cache.
+3. The caller runs the decoder and ``loss.backward()``; d(loss)/d(fused states) is the gradient
+   cache. The fused states carry a ``GradientSink``: decoder layers that know it (streaming
+   cross-attention) add their share into its fp32 buffer out of band; autograd hands us the rest
+   (layers that ran HF's module), and the two are summed in fp32.
 4. ``backward``: re-encode group by group *with* autograd, replaying each group's RNG state (same
    dropout masks) and autocast state, push the group's slice of the gradient cache through it, and
    sum the encoder's parameter gradients in fp32. They are returned as the Function's input
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from . import families
+from .gradient_sink import GradientSink, attach
 from .windows import WindowGroup, WindowPlan
 
 
@@ -113,6 +116,11 @@ class CachedEncoderFunction(torch.autograd.Function):
     ``anchor`` is an empty tensor that needs a gradient, so autograd calls ``backward`` even when
     the embedding is frozen and the encoder is not (it would otherwise silently skip the encoder).
 
+    The output carries a ``GradientSink`` this Function owns (``gradient_sink``): the gradient
+    cache is the sink's fp32 total plus whatever autograd delivers (``None`` when every consumer
+    wrote to the sink: gradients are not materialised), kept in fp32 and cast to the encoder's
+    dtype one group slice at a time.
+
     In ``backward`` groups 1..G-1 are recomputed under ``torch.autograd.grad``, which leaves
     ``.grad`` and its hooks alone; their parameter gradients are summed in ``grad_dtype``. The last
     group runs an ordinary nested backward, and a hook on each parameter adds the sum to the
@@ -128,8 +136,12 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.autocast = AutocastState.capture(device)
         ctx.rng_states = []
         ctx.weight = weight
+        ctx.sink = GradientSink()
+        ctx.set_materialize_grads(False)  # no N-sized zeros when every decoder layer used the sink
         with scope():
-            return encode_plan(model, weight, plan, ctx.rng_states)
+            fused = encode_plan(model, weight, plan, ctx.rng_states)
+        ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
+        return attach(fused, ctx.sink)
 
     @staticmethod
     def backward(ctx, grad_fused):
@@ -143,20 +155,36 @@ class CachedEncoderFunction(torch.autograd.Function):
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
         weight_sum = None
-        *earlier, last = zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(grad_fused))
-        for group, rng, grad in earlier:
+        cache = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
+        last = len(ctx.plan.groups) - 1
+        for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(cache))):
             weight, output = _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
+            if index == last:
+                _backward_adding(output, grad.to(output.dtype), targets, param_sums)
+                weight_sum = _accumulate(weight_sum, weight.grad, dtype)
+                break
             for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)):
                 if target is weight:
                     weight_sum = _accumulate(weight_sum, g, dtype)
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
-        group, rng, grad = last
-        weight, output = _recompute(ctx, group, rng, needs_weight)
-        _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
-        weight_sum = _accumulate(weight_sum, weight.grad, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
+    """d(loss)/d(fused states): the sink's total (at least fp32) plus autograd's share, added in
+    place into the total. No gradient at all (nothing downstream depended on the states): zeros,
+    as autograd would have materialised, so every encoder parameter still gets its ``.grad``
+    (and an engine's hooks their one call)."""
+    total = ctx.sink.take()
+    if total is None and grad_fused is None:
+        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device)
+    if total is None:
+        return grad_fused
+    if grad_fused is not None:
+        total += grad_fused
+    return total
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gradient_sink import SINK_ATTRIBUTE, GradientSink, accumulation_dtype, attach, sink_of
+from .gradient_sink import (
+    SINK_ATTRIBUTE,
+    GradientSink,
+    accumulation_dtype,
+    attach,
+    sink_of,
+)
 
 INF = float("inf")
 

@@ -12,6 +12,8 @@ the fused (batch, tokens, hidden) tensor the decoder attends to — and gradient
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dataclasses import dataclass
 
 import torch
@@ -128,17 +130,18 @@ class WindowPlan:
         fused = packed.new_zeros((batch * longest, packed.shape[-1]))
         return fused.index_copy(0, self.fused_positions, packed).view(batch, longest, -1)
 
-    def split_gradient(self, grad_fused: torch.Tensor) -> list[torch.Tensor]:
+    def split_gradient(self, grad_fused: torch.Tensor) -> Iterator[torch.Tensor]:
         """The inverse of :meth:`fuse` for a gradient: each group's slice in its padded layout
-        (zeros on padding)."""
-        packed = grad_fused.reshape(-1, grad_fused.shape[-1]).index_select(0, self.fused_positions)
-        slices = packed.split([g.num_tokens for g in self.groups])
-        out = []
-        for group, piece in zip(self.groups, slices):
+        (zeros on padding), made when asked for, so at most one group's copy exists beside the
+        gradient cache (which is N-sized, and fp32 when the decoder wrote it out of band)."""
+        rows = grad_fused.reshape(-1, grad_fused.shape[-1])
+        start = 0
+        for group in self.groups:
+            positions = self.fused_positions[start : start + group.num_tokens]
+            start += group.num_tokens
             windows, group_len = group.input_ids.shape
-            grad = piece.new_zeros((windows * group_len, piece.shape[-1]))
-            out.append(grad.index_copy_(0, group.real_positions, piece).view(windows, group_len, -1))
-        return out
+            grad = rows.new_zeros((windows * group_len, rows.shape[-1]))
+            yield grad.index_copy_(0, group.real_positions, rows.index_select(0, positions)).view(windows, group_len, -1)
 
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""One buffer, of at least fp32, for d(loss)/d(encoder states) written out of band.
+
+Every decoder layer's cross-attention reads the same (batch, N, hidden) encoder states, so
+autograd would hand each layer's N-sized gradient back in the states' dtype and sum them there
+(bf16: one rounding per layer, on partial sums that grow with the layer count). Instead a
+``GradientSink`` rides on the states tensor (attribute ``SINK_ATTRIBUTE``); layers that know it
+(``streaming_cross_attention``) add their share block by block into its fp32 total and return no
+gradient for the states, and whoever produced the states (``cached_encoder``'s gradient cache,
+or ``streaming_cross_attention.with_gradient_sink``) takes the total in its backward, which
+autograd runs after every consumer's.
+
+No dependencies beyond torch, so the core and the decoder modules can both import it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SINK_ATTRIBUTE = "_streaming_gradient_sink"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in: fp32 at least (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class GradientSink:
+    """d(loss)/d(states) summed over every layer that writes here, in one buffer of
+    ``accumulation_dtype(states.dtype)``, allocated on the first ``add``; ``take`` empties it.
+    ``blocks_added`` counts the ``add`` calls (never reset): whether, and how much, was delivered."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.blocks_added = 0
+
+    def add(self, states: torch.Tensor, start: int, grad: torch.Tensor) -> None:
+        """Add ``grad``, the gradient of ``states[:, start : start + grad.shape[1]]``."""
+        if self.total is None:
+            self.total = torch.zeros(states.shape, dtype=accumulation_dtype(states.dtype), device=states.device)
+        self.total[:, start : start + grad.shape[1]] += grad
+        self.blocks_added += 1
+
+    def take(self) -> torch.Tensor | None:
+        """The total so far (``None`` if nothing was added), leaving the sink empty."""
+        total, self.total = self.total, None
+        return total
+
+
+def attach(states: torch.Tensor, sink: GradientSink) -> torch.Tensor:
+    """``states`` itself, now carrying ``sink`` (layers find it with ``sink_of``)."""
+    setattr(states, SINK_ATTRIBUTE, sink)
+    return states
+
+
+def sink_of(states: torch.Tensor) -> GradientSink | None:
+    return getattr(states, SINK_ATTRIBUTE, None)
