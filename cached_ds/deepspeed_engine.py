@@ -111,7 +111,7 @@ def attach(engine, settings: EngineSettings) -> None:
         if world_size() > 1:
             wrapped.sync_group_count = _max_over_ranks
         if settings.keep_encoder_gathered:
-            wrapped.encoder_scope = partial(_encoder_gathered, wrapped.model)
+            wrapped.encoder_scope = partial(_encoder_gathered, wrapped.model, _zero3_module_hook_ids(engine))
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
     if engine.config.get("activation_checkpointing"):
         _use_deepspeed_checkpointing(engine, wrapped.model)
@@ -126,24 +126,60 @@ def _max_over_ranks(count: int) -> int:
 
 
 @contextmanager
-def _encoder_gathered(model: nn.Module):
+def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int] = frozenset()):
     """ZeRO-3: gather the encoder's parameters once for a whole pass over the window groups and
     pin them (``ds_persist``, which ZeRO-3's release logic honours) until the pass ends.
 
+    While they are pinned, ZeRO-3's module hooks inside the encoder (fetch, trace, release:
+    four per submodule, ``zero3_hook_ids``) have nothing to do but cost time: about 200 Python
+    hook calls per encoder call for BART-large, once per window group, which left an H100 idle
+    (CachED's no-grad encode 3.3x slower than HF's one-batch encoder on the same tokens,
+    bench/results/2026-11-27-*). They are taken off for the pass and put back, in order, after.
+    Gradient reduction is unaffected: it hangs on the parameters, not on the modules.
+
     The shared embedding stays with ZeRO-3's own handling: the decoder uses it too."""
-    embedding = families.input_embedding(model).weight
-    params = [p for p in model.get_encoder().parameters() if p is not embedding]
+    embedding_module = families.input_embedding(model)
+    encoder = model.get_encoder()
+    params = [p for p in encoder.parameters() if p is not embedding_module.weight]
     for p in params:
         p.ds_persist = True
     params[0].all_gather(param_list=params)  # one bucketed gather; skips what is already there
+    inner = [m for m in encoder.modules() if m is not encoder and m is not embedding_module]
     try:
-        yield
+        with _hooks_removed(inner, zero3_hook_ids):
+            yield
     finally:
         for p in params:
             p.ds_persist = False
         idle = [p for p in params if not p.ds_active_sub_modules]  # modules mid-backward release their own
         if idle:
             idle[0].partition(param_list=idle)
+
+
+def _zero3_module_hook_ids(engine) -> frozenset[int]:
+    """Ids of the forward hooks ZeRO-3 put on every module (``DeepSpeedZeRoOffload``)."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    handles = [*getattr(offload, "forward_hooks", ()), *getattr(offload, "backward_hooks", ())]
+    return frozenset(handle.id for handle in handles)
+
+
+@contextmanager
+def _hooks_removed(modules: list[nn.Module], hook_ids: frozenset[int]):
+    saved = []
+    for module in modules:
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            if any(i in hook_ids for i in hooks):
+                saved.append((hooks, dict(hooks)))
+                for i in [i for i in hooks if i in hook_ids]:
+                    del hooks[i]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:
+            added = {i: fn for i, fn in hooks.items() if i not in original}
+            hooks.clear()
+            hooks.update(original)
+            hooks.update(added)
 
 
 def _gather_streaming_modules_whole(model: nn.Module) -> None:

@@ -93,3 +93,26 @@ def test_zero3_reuse_distance_is_bounded_unless_the_config_sets_it(given):
     engine, *_ = initialize(model, config)
     expected = model.config.d_model ** 2 if given is None else given
     assert engine._config.zero_config.max_reuse_distance == expected
+
+
+def test_kept_gathered_encoder_runs_without_zero3_module_hooks():
+    """keep_encoder_gathered takes ZeRO-3's per-module hooks off the encoder's submodules for the
+    pass (pure overhead while everything is gathered) and puts them back, in order, afterwards."""
+    from cached_ds.deepspeed_engine import _zero3_module_hook_ids
+
+    model = make_model("bart")
+    ids, mask, labels = random_batch([4 * WINDOW], [5], model.config.pad_token_id)
+    cached = {"window": WINDOW, "group_windows": 1, "group_tokens": None, "keep_encoder_gathered": True}
+    engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
+    zero3 = _zero3_module_hook_ids(engine)
+    q_proj = engine.module.model.get_encoder().layers[0].self_attn.q_proj
+    before = (list(q_proj._forward_pre_hooks), list(q_proj._forward_hooks))
+    assert zero3 & set(before[0]) and zero3 & set(before[1])
+    seen = []
+    probe = q_proj.register_forward_pre_hook(lambda module, args: seen.append(zero3 & set(module._forward_pre_hooks)))
+    engine.backward(engine(ids, mask, labels=labels).loss)
+    engine.step()
+    probe.remove()
+    assert len(seen) == 2 * 4  # the no-grad pass and the recompute, one call per window group
+    assert not any(seen)
+    assert (list(q_proj._forward_pre_hooks), list(q_proj._forward_hooks)) == before
