@@ -4,6 +4,8 @@
 # Results land in $OUT/bart (points.jsonl, table.md, memory.png, throughput.png) and $OUT/logs.tgz.
 #
 #   bash bench/gpu_checks/device_sweep.sh            # carry .whl (../shared/device/wheelhouse.sh builds it)
+#   CHECKS=1 bash bench/gpu_checks/device_sweep.sh   # first the kernels' CUDA checks (~1.5 min), into $OUT/checks.jsonl
+#   MODEL=long-t5-tglobal-large PLAN="--tokens 16384 --methods hf_ds_gc,cached" bash bench/gpu_checks/device_sweep.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -11,21 +13,30 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
     .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
-RESULTS=$OUT/bart
+MODEL=${MODEL:-bart-large}
+RESULTS=$OUT/${MODEL%%-*}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths, before any timing
+    for check in streaming_cross_attention_check t5_attention_check; do
+        timeout 240 python3 "bench/gpu_checks/$check.py" | tee -a "$OUT/checks.jsonl"
+    done
+fi
 
 sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
     local left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -lt 30 ]; then echo "skipped (deadline): $*"; return; fi
-    timeout "$left" python3 bench/sweep.py --model bart-large --dtype bf16 --zero_stage 3 --out "$RESULTS" \
+    timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" \
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments); the default puts the most informative points first.
 PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc
 --tokens 2097152 --methods cached
+--tokens 262144 --methods cached --cross_attention_block 8192
+--tokens 4194304 --methods cached --cross_attention_block 8192
+--tokens 8388608 --methods cached --cross_attention_block 8192
 --tokens 524288 --methods hf_ds_gc,cached
 --tokens 65536 --methods full,full_gc,hf_ds_gc,cached
 --tokens 262144 --methods full,full_gc
