@@ -171,13 +171,18 @@ def test_cached_step_with_fast_attention_equals_windowed_hf(family):
     """CachedSeq2Seq (cached mode, groups of 2 windows) with the fast attention installed: same
     loss and gradients as plain windowed HF (dropout on except attention probabilities)."""
     model, reference = pair(family)
-    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
-    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+    assert_cached_step_matches(model, reference, [3 * WINDOW + 5, WINDOW + 2], [7, 4], CachedConfig(window=WINDOW, group_windows=2))
+
+
+def assert_cached_step_matches(model, reference, lengths, label_lengths, config):
+    """One CachedSeq2Seq step on ``model`` against plain windowed HF on ``reference``."""
+    ids, mask, labels = random_batch(lengths, label_lengths, model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, config)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(SEED)
     loss = wrapped(ids, mask, labels=labels).loss
     loss.backward()
-    ref_loss, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
+    ref_loss, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, config.group_windows, SEED)
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
     assert_grads_match(grads_of(model), ref)
 
@@ -189,17 +194,10 @@ def test_encoder_gradient_checkpointing_stays_exact(family, mode):
     everywhere (attention included): still the windowed HF gradients."""
     model = make_model(family)
     reference = copy.deepcopy(model)
-    ids, mask, labels = random_batch([3 * WINDOW + 1, WINDOW + 3], [6, 3], model.config.pad_token_id)
-    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2, mode=mode, encoder_gradient_checkpointing=True))
+    config = CachedConfig(window=WINDOW, group_windows=2, mode=mode, encoder_gradient_checkpointing=True)
+    assert_cached_step_matches(model, reference, [3 * WINDOW + 1, WINDOW + 3], [6, 3], config)
     assert all(block.gradient_checkpointing for block in model.get_encoder().block)
     assert not any(block.gradient_checkpointing for block in model.get_decoder().block)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(SEED)
-    loss = wrapped(ids, mask, labels=labels).loss
-    loss.backward()
-    ref_loss, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
-    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
-    assert_grads_match(grads_of(model), ref)
 
 
 def encoder_saved_peak(model, length, wrapped=None):
