@@ -4,20 +4,23 @@ The steps, as in GradCache's ``grad_cache.py``:
 
 1. ``WindowPlan`` splits the documents into windows and window groups (``windows.py``).
 2. ``forward``: encode every group without autograd, remembering its RNG and autocast state,
-   and fuse the outputs into one (batch, tokens, hidden) tensor for the decoder.
+   and fuse the outputs into one (batch, tokens, hidden) tensor for the decoder. Under a memory
+   budget (``GroupSchedule.keep_bytes``) the leading groups run with autograd instead and keep
+   their graphs until backward, as many as fit.
 3. The caller runs the decoder and ``loss.backward()``; d(loss)/d(fused states) is the gradient
    cache. The fused states carry a ``GradientSink``: decoder layers that know it (streaming
    cross-attention) add their share into its fp32 buffer out of band; autograd hands us the rest
    (layers that ran HF's module), and the two are summed in fp32.
 4. ``backward``: re-encode group by group *with* autograd, replaying each group's RNG state (same
-   dropout masks) and autocast state, push the group's slice of the gradient cache through it, and
-   sum the encoder's parameter gradients in fp32. They are returned as the Function's input
-   gradients, so every parameter's ``.grad`` is written exactly once per backward — whatever
-   engine hooks sit on it fire once, not once per group.
+   dropout masks) and autocast state (a kept group uses its forward graph instead), push the
+   group's slice of the gradient cache through it, and sum the encoder's parameter gradients in
+   fp32. They are returned as the Function's input gradients, so every parameter's ``.grad`` is
+   written exactly once per backward — whatever engine hooks sit on it fire once, not once per group.
 
-Encoder activation memory is one window group, whatever the document length. The token embedding
-weight is an input too: its encoder share comes back from the recompute and autograd adds it to
-the decoder's and the LM head's shares (the tied embedding gets all three).
+Encoder activation memory is one window group, whatever the document length, plus the budget for
+kept graphs: a document whose groups all fit costs what full backprop costs, with no recompute.
+The token embedding weight is an input too: its encoder share comes back from the recompute and
+autograd adds it to the decoder's and the LM head's shares (the tied embedding gets all three).
 
 No DeepSpeed, logging or CLI in here: engines integrate by wrapping ``loss.backward()``.
 """
@@ -26,14 +29,16 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from functools import partial
 
 import torch
 from torch import nn
 
 from . import families
 from .gradient_sink import GradientSink, attach
+from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
 
 
@@ -92,24 +97,50 @@ def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> 
     return model.get_encoder()(inputs_embeds=embeds, attention_mask=group.attention_mask).last_hidden_state
 
 
-def encode_plan(model: nn.Module, weight: torch.Tensor, plan: WindowPlan, rng_states: list | None = None) -> torch.Tensor:
+def encode_plan(
+    model: nn.Module,
+    weight: torch.Tensor,
+    plan: WindowPlan,
+    rng_states: list | None = None,
+    encode: Callable[[WindowGroup], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
-    Padding groups leave the dropout stream as they found it, so padding changes no mask."""
+    Padding groups leave the dropout stream as they found it, so padding changes no mask.
+    ``encode`` (default ``encode_group``) runs one group: whatever it keeps, it draws the same
+    dropout masks, so the stream later groups see does not depend on it."""
+    encode = encode or partial(encode_group, model, weight)
     outputs = []
     for group in plan.groups:
         rng = RngState.capture(weight.device)
         if rng_states is not None:
             rng_states.append(rng)
-        outputs.append(encode_group(model, weight, group))
+        outputs.append(encode(group))
         if group.padding:
             rng.restore(weight.device)
     return plan.fuse(outputs)
 
 
-class CachedEncoderFunction(torch.autograd.Function):
-    """forward: steps 1–2 without autograd; backward: step 4.
+@dataclass
+class GroupSchedule:
+    """How ``CachedEncoderFunction.backward`` gets each window group's parameter gradients.
 
-    Inputs are ``(model, plan, grad_dtype, scope, weight, anchor)``; ``scope()`` is entered
+    keep_bytes: device memory for autograd graphs kept from the forward. Groups are kept in
+        order while their graphs (saved tensors and output) fit; a kept group is not recomputed,
+        so when every group fits CachED costs what full backprop costs. 0: recompute every group.
+    grad_dtype: dtype the per-group parameter gradients are summed in.
+    kept_groups, kept_bytes: what the last forward kept (written by it).
+    """
+
+    grad_dtype: torch.dtype = torch.float32
+    keep_bytes: int = 0
+    kept_groups: int = 0
+    kept_bytes: int = 0
+
+
+class CachedEncoderFunction(torch.autograd.Function):
+    """forward: steps 1–2 without autograd (but for kept groups); backward: step 4.
+
+    Inputs are ``(model, plan, schedule, scope, weight, anchor)``; ``scope()`` is entered
     around the no-grad pass and around the recompute (an engine can hold parameters there).
     The encoder's trainable parameters are *not* inputs: an engine may swap their storage between uses (ZeRO-3 keeps them as empty
     partitions outside their module's forward), and an input's shape is frozen into the graph.
@@ -121,8 +152,13 @@ class CachedEncoderFunction(torch.autograd.Function):
     wrote to the sink: gradients are not materialised), kept in fp32 and cast to the encoder's
     dtype one group slice at a time.
 
-    In ``backward`` groups 1..G-1 are recomputed under ``torch.autograd.grad``, which leaves
-    ``.grad`` and its hooks alone; their parameter gradients are summed in ``grad_dtype``. The last
+    ``schedule`` (``GroupSchedule``) sets the budget for graphs kept from the forward and the
+    dtype of the sums, and gets what was kept. Kept groups are the leading ones, so backward,
+    which runs the groups in order, frees them all before it recomputes the first other group.
+
+    In ``backward`` groups 1..G-1 are recomputed (or taken from the forward) under
+    ``torch.autograd.grad``, which leaves ``.grad`` and its hooks alone (and frees a kept graph
+    as it goes); their parameter gradients are summed in ``grad_dtype``. The last
     group runs an ordinary nested backward, and a hook on each parameter adds the sum to the
     incoming gradient: each ``.grad`` is accumulated exactly once per step, so an engine's
     gradient hooks (DeepSpeed ZeRO's reductions) fire once, not once per group. The embedding's
@@ -130,16 +166,19 @@ class CachedEncoderFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model, plan: WindowPlan, grad_dtype, scope, weight, anchor):
+    def forward(ctx, model, plan: WindowPlan, schedule: GroupSchedule, scope, weight, anchor):
         device = weight.device
-        ctx.model, ctx.plan, ctx.grad_dtype, ctx.scope, ctx.device = model, plan, grad_dtype, scope, device
+        ctx.model, ctx.plan, ctx.grad_dtype, ctx.scope, ctx.device = model, plan, schedule.grad_dtype, scope, device
         ctx.autocast = AutocastState.capture(device)
         ctx.rng_states = []
         ctx.weight = weight
         ctx.sink = GradientSink()
         ctx.set_materialize_grads(False)  # no N-sized zeros when every decoder layer used the sink
+        keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])
         with scope():
-            fused = encode_plan(model, weight, plan, ctx.rng_states)
+            fused = encode_plan(model, weight, plan, ctx.rng_states, keeper)
+        ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
+        schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
         return attach(fused, ctx.sink)
 
@@ -158,7 +197,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         cache = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
         last = len(ctx.plan.groups) - 1
         for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(cache))):
-            weight, output = _recompute(ctx, group, rng, needs_weight)
+            # A kept graph is used once (a second backward through the same step recomputes).
+            weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
             if index == last:
                 _backward_adding(output, grad.to(output.dtype), targets, param_sums)
@@ -188,11 +228,55 @@ def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's encoder pass again, with autograd, the same dropout masks and autocast; the
-    embedding weight enters as a fresh leaf so its gradient stays apart from the decoder's."""
+    """A group's encoder pass again, with autograd, the same dropout masks and autocast."""
     with replayed(rng, ctx.autocast, ctx.device):
+        return _encode_with_graph(ctx, group, needs_weight)
+
+
+def _encode_with_graph(ctx, group: WindowGroup, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's encoder pass with autograd; the embedding weight enters as a fresh leaf so its
+    gradient stays apart from the decoder's."""
+    with torch.enable_grad():
         weight = ctx.weight.detach().requires_grad_(needs_weight)
         return weight, encode_group(ctx.model, weight, group)
+
+
+class _GraphKeeper:
+    """``encode`` for the forward's ``encode_plan``: groups run with autograd, and keep their
+    graph (in ``kept``), while the graphs kept so far fit ``budget`` bytes; from the first group
+    that does not fit, without autograd. A group shaped like one already measured is known not
+    to fit without building its graph; otherwise the graph is measured and, if it does not fit,
+    dropped at once: the forward holds at most the budget plus one group. Autograd or not, a
+    group draws the same dropout masks, so keeping changes neither its output nor the stream the
+    next groups see."""
+
+    def __init__(self, ctx, budget: int, needs_weight: bool):
+        self.ctx, self.budget, self.needs_weight = ctx, budget, needs_weight
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bytes = 0
+        self.calls = 0
+        self.open = budget > 0
+        self._cost_of_shape: dict[torch.Size, int] = {}
+        self._resident = {p.untyped_storage().data_ptr() for p in ctx.model.parameters()}
+
+    def __call__(self, group: WindowGroup) -> torch.Tensor:
+        index, self.calls = self.calls, self.calls + 1
+        shape = group.input_ids.shape
+        if self.open and self.bytes + self._cost_of_shape.get(shape, 0) > self.budget:
+            self.open = False
+        if not self.open:
+            return encode_group(self.ctx.model, self.ctx.weight, group)
+        counter = SavedBytesCounter(self._resident)
+        with counter.counting(self.ctx.model.get_encoder()):
+            weight, output = _encode_with_graph(self.ctx, group, self.needs_weight)
+        counter.add(output)  # kept too, until backward
+        self._cost_of_shape[shape] = counter.bytes
+        if self.bytes + counter.bytes <= self.budget:
+            self.kept[index] = (weight, output)
+            self.bytes += counter.bytes
+        else:
+            self.open = False
+        return output.detach()
 
 
 def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -227,14 +311,18 @@ def trainable_encoder_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def encode_windows(
-    model: nn.Module, plan: WindowPlan, mode: str = "cached", grad_dtype=torch.float32, scope=contextlib.nullcontext
+    model: nn.Module,
+    plan: WindowPlan,
+    mode: str = "cached",
+    schedule: GroupSchedule | None = None,
+    scope=contextlib.nullcontext,
 ) -> torch.Tensor:
     """Fused encoder states for ``plan``.
 
-    ``cached``: CachED (encoder memory of one group); ``full``: ordinary backprop through every
-    group (the baseline). Without autograd, or when nothing on the encoder path is trainable, the
-    encoder runs once without a graph and no recompute ever happens. ``scope()`` is entered around
-    every pass over the groups.
+    ``cached``: CachED (encoder memory of one group, plus ``schedule.keep_bytes`` of kept graphs);
+    ``full``: ordinary backprop through every group (the baseline). Without autograd, or when
+    nothing on the encoder path is trainable, the encoder runs once without a graph and no
+    recompute ever happens. ``scope()`` is entered around every pass over the groups.
     """
     weight = families.input_embedding(model).weight
     params = trainable_encoder_params(model)
@@ -245,4 +333,4 @@ def encode_windows(
         with scope():
             return encode_plan(model, weight, plan)
     anchor = torch.empty(0, device=weight.device, requires_grad=True)
-    return CachedEncoderFunction.apply(model, plan, grad_dtype, scope, weight, anchor)
+    return CachedEncoderFunction.apply(model, plan, schedule or GroupSchedule(), scope, weight, anchor)

@@ -32,6 +32,11 @@ class CachedConfig:
         ``None`` keeps HF's modules. Needs cross-attention dropout 0 in training.
     fast_t5_attention: T5/LongT5 only: blocked self-attention without (heads × L × L) tensors
         (``t5_attention``); modules with attention dropout in training still run HF's code.
+    keep_graphs_bytes: ``cached`` mode: device memory (bytes) for encoder graphs kept from the
+        forward to the backward. Leading window groups keep theirs while they fit (measured: the
+        tensors autograd saves plus the group's output) and are not recomputed; the rest are.
+        Exact either way. ``None`` or 0: recompute every group. Needs the encoder's parameters
+        resident between forward and backward: ZeRO 0–2, not ZeRO-3.
     """
 
     window: int | None = None
@@ -43,6 +48,7 @@ class CachedConfig:
     grad_dtype: str = "float32"
     cross_attention_block: int | None = None
     fast_t5_attention: bool = False
+    keep_graphs_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
@@ -62,6 +68,15 @@ class CachedConfig:
         block = self.cross_attention_block
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {block!r}")
+        keep = self.keep_graphs_bytes
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError(
+                f"keep_graphs_bytes must be a non-negative number of bytes (0 or null: recompute every group), got {keep!r}"
+            )
+        if keep and self.mode != "cached":
+            raise ValueError(
+                f"keep_graphs_bytes is for mode 'cached' (mode {self.mode!r} keeps every group's graph); remove it"
+            )
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {sorted(GRAD_DTYPES)}, got {self.grad_dtype!r}")
 

@@ -106,6 +106,13 @@ def attach(engine, settings: EngineSettings) -> None:
     stage = engine.zero_optimization_stage()
     if settings.keep_encoder_gathered and stage != 3:
         raise ValueError(f'"cached.keep_encoder_gathered" needs ZeRO stage 3 (this config has stage {stage}); remove it')
+    if settings.cached.keep_graphs_bytes and stage == 3:
+        # Kept encoder graphs hold the parameters autograd saved in the forward; ZeRO-3 releases
+        # them (empty partitions) when the forward's encoder pass ends.
+        raise ValueError(
+            '"cached.keep_graphs_bytes" needs the encoder parameters resident from forward to backward: '
+            "ZeRO stage 0-2 (this config has stage 3); remove it or use stage 2"
+        )
     if stage == 3:
         _check_zero3_model(wrapped.model)
         if world_size() > 1:

@@ -10,11 +10,16 @@ released. Parameters are not activations and are left out.
         loss = model(...).loss
         loss.backward()
     print(meter.peak_bytes)
+
+``SavedBytesCounter`` counts the bytes one piece of work saves (what keeping its graph until
+backward costs), for the memory-budgeted schedule in ``cached_encoder``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,3 +87,66 @@ class SavedTensorMeter:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class SavedBytesCounter:
+    """Bytes of the distinct storages autograd saves while counting, parameters left out (they
+    are resident anyway): with the output's, what keeping a group's graph until backward costs.
+
+    Saved-tensor hooks have one slot and the innermost pair wins, so a pair pushed inside the
+    encoder's forward (``SavedTensorMeter`` watches a module that way) would hide the encoder from
+    a count pushed around it. The count is pushed again first thing inside the encoder's forward,
+    and hands every tensor on to the pair it displaced: whoever else watches still sees them all."""
+
+    def __init__(self, resident: set[int]):
+        self.bytes = 0
+        self._seen = set(resident)  # storage pointers: the parameters', then each one counted
+        self._pushed: list[torch.autograd.graph.saved_tensors_hooks] = []
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+
+    @contextmanager
+    def counting(self, encoder: nn.Module) -> Iterator[None]:
+        """Count around the whole group (its embedding lookup included) and inside ``encoder``."""
+        self._push()
+        handles = [
+            encoder.register_forward_pre_hook(lambda *_: self._push()),
+            encoder.register_forward_hook(lambda *_: self._pop(), prepend=True, always_call=True),  # before others pop
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._pop()
+
+    def _push(self) -> None:
+        # torch's own chaining reads the slot this way too (_functorch/_aot_autograd/utils.py).
+        displaced = torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+        def pack(tensor):
+            self.add(tensor)
+            return tensor.detach() if displaced is None else _Passed(displaced[1], displaced[0](tensor))
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
+        hooks.__enter__()
+        self._pushed.append(hooks)
+
+    def _pop(self) -> None:
+        self._pushed.pop().__exit__(None, None, None)
+
+
+@dataclass(frozen=True)
+class _Passed:
+    """A tensor packed by the hooks a ``SavedBytesCounter`` displaced, and how they unpack it."""
+
+    unpack: Callable
+    packed: object
+
+
+def _unpack(packed):
+    return packed.unpack(packed.packed) if isinstance(packed, _Passed) else packed

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from . import families
-from .cached_encoder import encode_windows
+from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .streaming_cross_attention import install_streaming_cross_attention
 from .t5_attention import install_fast_t5_attention
@@ -65,6 +65,10 @@ class CachedSeq2Seq(nn.Module):
         self.sync_group_count: Callable[[int], int] | None = None
         # Entered around every pass over the window groups (ZeRO-3 keeps the encoder gathered there).
         self.encoder_scope: Callable[[], ContextManager] = contextlib.nullcontext
+        # Window groups whose encoder graph the last training forward kept (``keep_graphs_bytes``)
+        # instead of recomputing it in backward, and the bytes they hold.
+        self.last_kept_groups = 0
+        self.last_kept_bytes = 0
 
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WindowPlan:
         pad = self.model.config.pad_token_id
@@ -94,7 +98,9 @@ class CachedSeq2Seq(nn.Module):
         if encode_only:
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
             return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
-        fused = encode_windows(self.model, plan, self.config.mode, self.config.grad_torch_dtype, self.encoder_scope)
+        schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0)
+        fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
+        self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),
             attention_mask=plan.fused_mask,

@@ -1,0 +1,182 @@
+"""A memory budget for kept encoder graphs (``keep_graphs_bytes``): groups whose graph fits are
+not recomputed, the rest are; gradients stay exact in every split (fp32, dropout on)."""
+
+import copy
+
+import pytest
+import torch
+from reference import assert_grads_match, grads_of, windowed_hf_step
+from tiny_models import make_model, random_batch
+
+from cached_ds import CachedConfig, CachedSeq2Seq, SavedTensorMeter
+
+WINDOW = 16
+GROUP_WINDOWS = 2
+SEED = 1234
+EVERY_GROUP = 2**40  # bytes: more than any test needs
+
+
+def two_documents(model):
+    """Groups of 2 windows: four (2, 16) groups and a (1, 5) one, the second document padded."""
+    return random_batch([6 * WINDOW, 2 * WINDOW + 5], [7, 4], model.config.pad_token_id)
+
+
+def cached_step(model, batch, budget, seed=SEED, group_windows=GROUP_WINDOWS, **config):
+    """One CachED forward + backward; returns the wrapper (for its kept-graph stats), loss, grads."""
+    ids, mask, labels = batch
+    config = CachedConfig(window=WINDOW, group_windows=group_windows, keep_graphs_bytes=budget, **config)
+    wrapped = CachedSeq2Seq(model, config)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = wrapped(ids, mask, labels=labels).loss
+    loss.backward()
+    return wrapped, loss.detach(), grads_of(model)
+
+
+def budgets(model, batch, **step) -> dict[str, int]:
+    """0; half of what every group's graph takes in the same step (some groups kept); enough for
+    all of them."""
+    every = cached_step(copy.deepcopy(model), batch, EVERY_GROUP, **step)[0].last_kept_bytes
+    return {"none": 0, "some": every // 2, "all": EVERY_GROUP}
+
+
+def groups_in(model, batch) -> int:
+    return len(CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=GROUP_WINDOWS)).plan(*batch[:2]).groups)
+
+
+def assert_kept(wrapped, split: str, groups: int) -> None:
+    kept = wrapped.last_kept_groups
+    assert {"none": kept == 0, "some": 0 < kept < groups, "all": kept == groups}[split], (split, kept, groups)
+    assert (wrapped.last_kept_bytes > 0) == (kept > 0)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "longt5-tglobal"])
+@pytest.mark.parametrize("split", ["none", "some", "all"])
+def test_exact_in_every_split(family, split):
+    model = make_model(family)
+    batch = two_documents(model)
+    wrapped, loss, grads = cached_step(model, batch, budgets(model, batch)[split])
+    next_draw = torch.rand(1)
+    assert_kept(wrapped, split, groups_in(model, batch))
+    ref_loss, ref = windowed_hf_step(model, *batch, WINDOW, GROUP_WINDOWS, SEED)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+    assert torch.equal(next_draw, torch.rand(1)), "kept or not, the dropout stream ends where the reference's does"
+
+
+@pytest.mark.parametrize("split", ["some", "all"])
+@pytest.mark.parametrize("seed", range(3))
+def test_layerdrop_with_kept_groups(split, seed):
+    """LayerDrop draws per group; with every group kept the last one, which delivers the sums,
+    comes from the forward, and a layer it skipped still gets the other groups' gradient."""
+    model = make_model("bart", encoder_layerdrop=0.5, encoder_layers=3)
+    batch = two_documents(model)
+    wrapped, loss, grads = cached_step(model, batch, budgets(model, batch, seed=seed)[split], seed=seed)
+    assert_kept(wrapped, split, groups_in(model, batch))
+    ref_loss, ref = windowed_hf_step(model, *batch, WINDOW, GROUP_WINDOWS, seed)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+
+
+def test_encoder_checkpointing_inside_kept_groups():
+    model = make_model("t5")
+    batch = two_documents(model)
+    wrapped, loss, grads = cached_step(model, batch, budgets(model, batch, encoder_gradient_checkpointing=True)["some"],
+                                       encoder_gradient_checkpointing=True)
+    assert_kept(wrapped, "some", groups_in(model, batch))
+    ref_loss, ref = windowed_hf_step(model, *batch, WINDOW, GROUP_WINDOWS, SEED)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_every_group_kept_means_no_recompute(family):
+    """With every graph kept, the encoder runs once per group, with autograd, as in full
+    backprop; with none kept, once without autograd and once more in backward."""
+    model = make_model(family)
+    batch = two_documents(model)
+    groups = groups_in(model, batch)
+    calls, split_budgets = {}, budgets(model, batch)
+    for split in ("none", "all"):
+        seen = calls[split] = []
+        handle = model.get_encoder().register_forward_hook(lambda *_, seen=seen: seen.append(torch.is_grad_enabled()))
+        cached_step(model, batch, split_budgets[split])
+        handle.remove()
+    assert calls["all"] == [True] * groups
+    assert calls["none"] == [False] * groups + [True] * groups
+
+
+def encoder_saved_peak(model, batch, budget) -> tuple[int, int]:
+    """Peak live bytes the encoder saves for backward over one step, and the groups kept."""
+    meter = SavedTensorMeter()
+    with meter.watch(model.get_encoder()):
+        wrapped, *_ = cached_step(model, batch, budget)
+    assert meter.live_bytes == 0, "every kept graph is released by the backward"
+    return meter.peak_bytes, wrapped.last_kept_groups
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_saved_memory_grows_with_kept_groups_within_budget(family):
+    model = make_model(family)
+    batch = two_documents(model)
+    split = budgets(model, batch)
+    peaks = {name: encoder_saved_peak(model, batch, budget) for name, budget in split.items()}
+    one_group, _ = peaks["none"]
+    (some, kept_some), (every, kept_all) = peaks["some"], peaks["all"]
+    assert 2 <= kept_some < kept_all
+    assert one_group < some < every, peaks
+    assert some <= split["some"] + one_group, "the budget plus the one group being recomputed"
+    assert every > 3 * one_group, "all five groups' graphs were held at once, as full backprop holds them"
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "1GB"], ids=["negative", "bool", "float", "string"])
+def test_bad_budget_names_the_field(value):
+    with pytest.raises(ValueError, match="keep_graphs_bytes must be a non-negative number of bytes"):
+        CachedConfig(keep_graphs_bytes=value)
+
+
+def test_budget_in_full_mode_is_an_error():
+    with pytest.raises(ValueError, match="keep_graphs_bytes is for mode 'cached'"):
+        CachedConfig(mode="full", keep_graphs_bytes=1 << 20)
+    CachedConfig(mode="full", keep_graphs_bytes=0)  # 0: nothing kept, nothing to object to
+
+
+@pytest.fixture
+def distributed():
+    from ds_helpers import single_rank_distributed
+
+    single_rank_distributed()
+
+
+@pytest.mark.parametrize("split", ["some", "all"])
+def test_zero2_engine_with_a_budget_matches_the_reference(distributed, split):
+    """ZeRO-2 reduces each gradient from the hook on its ``.grad``: kept groups, the last one
+    included, still leave exactly one accumulation per parameter per micro-batch."""
+    from ds_helpers import resolved_config
+    from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
+
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart")
+    batches = micro_batches(model, gas=2)
+    ref_grads = reference_gradients(copy.deepcopy(model), batches)
+    every = max(
+        cached_step(copy.deepcopy(model), batch, EVERY_GROUP, group_windows=1)[0].last_kept_bytes
+        for batch in batches
+    )
+    budget = {"some": every // 2, "all": EVERY_GROUP}[split]
+    engine, *_ = initialize(model, resolved_config("zero2", gas=2, cached={**CACHED, "keep_graphs_bytes": budget}))
+    grads = train_step(engine, batches)
+    kept, groups = engine.module.last_kept_groups, len(engine.module.plan(*batches[-1][:2]).groups)
+    assert 0 < kept < groups if split == "some" else kept == groups
+    assert_grads_match(grads, ref_grads)
+
+
+def test_zero3_engine_rejects_a_budget(distributed):
+    from ds_helpers import resolved_config
+
+    from cached_ds.deepspeed_engine import initialize
+
+    config = resolved_config("zero3", cached={"window": WINDOW, "keep_graphs_bytes": 1 << 20})
+    with pytest.raises(ValueError, match="keep_graphs_bytes.*ZeRO stage 0-2"):
+        initialize(make_model("bart"), config)
