@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
+from .shared_beam_generation import generate_shared
 from .streaming_cross_attention import install_streaming_cross_attention
 from .t5_attention import install_fast_t5_attention
 from .windows import WindowPlan
@@ -119,9 +120,11 @@ class CachedSeq2Seq(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
-        """HF ``generate`` (greedy, beam, sampling…) conditioned on the whole documents."""
+        """HF ``generate`` (greedy, beam, sampling…) conditioned on the whole documents; the beams
+        of a document share one copy of its encoder states and cross-attention K/V
+        (``shared_beam_generation``) instead of HF's one per beam."""
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
-        return self.model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
+        return generate_shared(self.model, encoder_outputs, fused_mask, self.config.cross_attention_block, **generate_kwargs)
 
 
 def enable_decoder_checkpointing(model: nn.Module) -> None:

@@ -28,9 +28,11 @@ Decisions:
   activation dropout are untouched, and no random number is drawn here, so the decoder's
   dropout stream is the same as HF's.
 - **Generation**: with a KV cache (``use_cache=True``, ``generate``) the original module runs:
-  cached cross-attention K/V are N-sized by definition. T5/LongT5 build a cache in training too
-  unless ``use_cache=False`` (``CachedSeq2Seq`` passes it); that case warns. Without a cache the
-  streaming path runs in training and in eval alike (both exact).
+  cached cross-attention K/V are N-sized by definition — per beam, in HF's beam search. Inside
+  ``CachedSeq2Seq.generate`` these modules take their ``shared_encoder_side`` path instead
+  (``shared_beam_generation``): K/V once per document, shared by its beams. T5/LongT5 build a
+  cache in training too unless ``use_cache=False`` (``CachedSeq2Seq`` passes it); that case
+  warns. Without a cache the streaming path runs in training and in eval alike (both exact).
 - **Masks**: HF hands cross-attention a (batch, 1, target, N) mask built from the 2-D encoder
   mask; it is reduced to a (batch, N) key mask. A mask that differs between queries runs HF's module.
 - Attention weights are never formed, so they are returned as ``None`` (HF's
@@ -47,7 +49,8 @@ Decisions:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,7 +187,7 @@ class StreamingAttentionFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _attend(query, blocks: _Blocks, keep, scale):
+def _attend(query, blocks: Iterable, keep, scale):
     """Online softmax: a running row max, row sum and unnormalised output, rescaled per block."""
     batch, heads, target, head_dim = query.shape
     row_max = query.new_full((batch, heads, target), -INF, dtype=_stats_dtype(query.dtype))
@@ -254,6 +257,17 @@ def streaming_cross_attention(
 ):
     """Attention output (batch, heads, target, head_dim); see ``StreamingAttentionFunction``."""
     return StreamingAttentionFunction.apply(query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink)
+
+
+def attend_to_cached(query, key, value, keep, scale: float, block: int) -> torch.Tensor:
+    """The same online softmax over K/V projected beforehand, (batch, heads, N, head_dim): for
+    generation, which reuses them every step. Forward only; only one key block's scores exist at a
+    time, however many queries (beams) there are."""
+    blocks = (
+        (start, None, key[:, :, start : start + block], value[:, :, start : start + block])
+        for start in range(0, key.shape[2], block)
+    )
+    return _attend(query, blocks, keep, scale)[0]
 
 
 # --------------------------------------------------------------------------- out-of-band states gradient
@@ -331,6 +345,9 @@ class StreamingCrossAttention(nn.Module):
         for name, child in original.named_children():
             self.add_module(name, child)
         self.__dict__["original"] = original  # not a submodule: that would duplicate the state_dict keys
+        # Set for one ``CachedSeq2Seq.generate`` call by ``shared_beam_generation``: an object whose
+        # ``attend(module, query, states)`` attends with K/V held once per document.
+        self.shared_encoder_side = None
         self.train(original.training)
 
     def __getattr__(self, name):
@@ -344,6 +361,8 @@ class StreamingCrossAttention(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         states = kwargs.get("key_value_states")
+        if self.shared_encoder_side is not None:
+            return self._shared_forward(hidden_states, states, args)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.2x
         keep = key_padding_mask(kwargs.get(self.layout.mask_kwarg))
         # Positional arguments: a calling convention we do not know. A position bias: an earlier T5
@@ -359,17 +378,53 @@ class StreamingCrossAttention(nn.Module):
             self.original.train(self.training)
             return self.original(hidden_states, *args, **kwargs)
         self._check_no_attention_dropout()
-        q_name, k_name, v_name, o_name = self.layout.projections
+        _, k_name, v_name, _ = self.layout.projections
         k_proj, v_proj = getattr(self, k_name), getattr(self, v_name)
-        batch, target = hidden_states.shape[:2]
-        heads, head_dim = getattr(self.original, self.layout.heads), getattr(self.original, self.layout.head_dim)
-        query = getattr(self, q_name)(hidden_states).view(batch, target, heads, head_dim).transpose(1, 2)
-        scale = head_dim**-0.5 if self.layout.scaled else 1.0
-        sink = sink_of(states)
         out = streaming_cross_attention(
-            query, states, keep, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias, scale, self.block, sink
+            self._query(hidden_states), states, keep, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias,
+            self.scale, self.block, sink_of(states),
         )
-        out = getattr(self, o_name)(out.transpose(1, 2).reshape(batch, target, heads * head_dim))
+        return self._output(out)
+
+    def _shared_forward(self, hidden_states, states, args):
+        """Generation inside ``shared_beam_generation``: the encoder mask comes from the shared side
+        (HF is given none), so there is no fallback to HF's module here."""
+        if args or states is None:
+            raise TypeError(
+                f"{type(self.original).__name__} was called without key_value_states or with positional "
+                f"arguments during shared-beam generation; this transformers version calls cross-attention "
+                f"in a way shared_beam_generation does not know"
+            )
+        self._check_no_attention_dropout()
+        return self._output(self.shared_encoder_side.attend(self, self._query(hidden_states), states))
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5 if self.layout.scaled else 1.0
+
+    @property
+    def num_heads(self) -> int:
+        return getattr(self.original, self.layout.heads)
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.original, self.layout.head_dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n, heads * head_dim) -> (batch, heads, n, head_dim)."""
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._split_heads(getattr(self, self.layout.projections[0])(hidden_states))
+
+    def key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of all of ``states`` at once, (batch, heads, N, head_dim): for generation only."""
+        _, k_name, v_name, _ = self.layout.projections
+        return self._split_heads(getattr(self, k_name)(states)), self._split_heads(getattr(self, v_name)(states))
+
+    def _output(self, out: torch.Tensor):
+        """Attention output (batch, heads, target, head_dim) -> what HF's module returns."""
+        out = getattr(self, self.layout.projections[3])(_merge_heads(out))
         # T5 also returns the position bias it used; None lets the next layer build its own.
         return (out, None, None) if self.layout.returns_position_bias else (out, None)
 
@@ -388,23 +443,47 @@ class StreamingCrossAttention(nn.Module):
 def install_streaming_cross_attention(model: nn.Module, block: int = 1024) -> list[StreamingCrossAttention]:
     """Replace every decoder cross-attention module of the HF ``model`` with a streaming one of
     ``block`` key tokens per step (installing again only updates ``block``). Returns them."""
-    layout = layout_of(model)
-    installed = []
-    for parent, name in layout.slots(model.get_decoder()):
-        module = getattr(parent, name)
-        if isinstance(module, StreamingCrossAttention):
-            module.block = _checked_block(block)
-        else:
-            module = StreamingCrossAttention(module, layout, block)
-            setattr(parent, name, module)
-        installed.append(module)
-    return installed
+    modules, _ = _install(model, block)
+    for module in modules:
+        module.block = _checked_block(block)
+    return modules
 
 
 def remove_streaming_cross_attention(model: nn.Module) -> None:
     """Put HF's original cross-attention modules back (they hold the same parameters)."""
-    for parent, name in layout_of(model).slots(model.get_decoder()):
+    _restore(
+        (parent, name) for parent, name in layout_of(model).slots(model.get_decoder())
+        if isinstance(getattr(parent, name), StreamingCrossAttention)
+    )
+
+
+@contextmanager
+def streaming_cross_attention_installed(model: nn.Module, block: int = 1024) -> Iterator[list[StreamingCrossAttention]]:
+    """Every decoder cross-attention module streaming inside the block; on exit the model is as it
+    was: modules installed here are removed, ones installed before stay, with their ``block``."""
+    modules, added = _install(model, block)
+    try:
+        yield modules
+    finally:
+        _restore(added)
+
+
+def _install(model, block):
+    """(every slot's streaming module, the (parent, name) slots that were wrapped just now)."""
+    layout = layout_of(model)
+    modules, added = [], []
+    for parent, name in layout.slots(model.get_decoder()):
         module = getattr(parent, name)
-        if isinstance(module, StreamingCrossAttention):
-            module.original.train(module.training)
-            setattr(parent, name, module.original)
+        if not isinstance(module, StreamingCrossAttention):
+            module = StreamingCrossAttention(module, layout, block)
+            setattr(parent, name, module)
+            added.append((parent, name))
+        modules.append(module)
+    return modules, added
+
+
+def _restore(slots) -> None:
+    for parent, name in slots:
+        module = getattr(parent, name)
+        module.original.train(module.training)
+        setattr(parent, name, module.original)
