@@ -62,6 +62,9 @@ def documents(windows_per_rank: list[int], pad: int):
 
 
 def two_rank_config(stage_config: str, **cached) -> dict:
+    """``keep_encoder_gathered`` is off unless a case asks for it (the shipped ZeRO-3 config turns it on)."""
+    if stage_config.startswith("zero3"):
+        cached = {"keep_encoder_gathered": False, **cached}
     config = resolved_config(stage_config, world=2, cached={"window": WINDOW, "group_windows": 1, "group_tokens": None, **cached})
     if stage_config == "zero3":  # release parameters after every use, as at real model sizes
         config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0)
