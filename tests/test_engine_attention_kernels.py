@@ -48,6 +48,9 @@ def record_kernels(model):
 CASES = [
     ("zero3", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
     ("zero2", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
+    ("zero3", "bart", {"cross_attention_block": 8, "decoder_gradient_checkpointing": True}, "StreamingAttentionFunctionBackward"),
+    ("zero3", "t5", {"cross_attention_block": 8, "decoder_gradient_checkpointing": True, "keep_encoder_gathered": False},
+     "StreamingAttentionFunctionBackward"),
     ("zero3", "t5", {"cross_attention_block": 8, "fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
     ("zero3", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
     ("zero2", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
