@@ -8,15 +8,17 @@
 #   MODEL=long-t5-tglobal-large PLAN="--tokens 16384 --methods hf_ds_gc,cached" bash bench/gpu_checks/device_sweep.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/deepspeed-*.whl .whl/hjson-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
-    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || exit 1
+if [ -z "${NO_WHEELS:-}" ]; then  # NO_WHEELS=1: a dry run where deepspeed is installed (CPU)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/deepspeed-*.whl .whl/hjson-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
+        .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-bart-large}
 RESULTS=$OUT/${MODEL%%-*}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths, before any timing
     for check in streaming_cross_attention_check t5_attention_check; do
@@ -27,7 +29,7 @@ fi
 sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
     local left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -lt 30 ]; then echo "skipped (deadline): $*"; return; fi
-    timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" \
+    timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" ${SWEEP_ARGS:-} \
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments); the default puts the most informative points first.
