@@ -28,6 +28,7 @@ No DeepSpeed, logging or CLI in here: engines integrate by wrapping ``loss.backw
 from __future__ import annotations
 
 import contextlib
+import weakref
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,8 +175,11 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.weight = weight
         ctx.sink = GradientSink()
         ctx.set_materialize_grads(False)  # no N-sized zeros when every decoder layer used the sink
-        keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])
-        with scope():
+        # Kept graphs hold the parameters as the scope gave them, so under a budget the scope
+        # stays open until backward (decided by the budget alone, the same on every rank).
+        ctx.held = _HeldScope(scope()) if schedule.keep_bytes > 0 else None
+        with contextlib.nullcontext() if ctx.held else scope():
+            keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
             fused = encode_plan(model, weight, plan, ctx.rng_states, keeper)
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
@@ -185,7 +189,10 @@ class CachedEncoderFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_fused):
         with ctx.scope():
-            return CachedEncoderFunction._recompute_groups(ctx, grad_fused)
+            grads = CachedEncoderFunction._recompute_groups(ctx, grad_fused)
+        if ctx.held:
+            ctx.held.close()
+        return grads
 
     @staticmethod
     def _recompute_groups(ctx, grad_fused):
@@ -210,6 +217,18 @@ class CachedEncoderFunction(torch.autograd.Function):
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+class _HeldScope:
+    """A scope entered now and left by ``close()``, or when the graph holding it is freed without
+    a backward (a forward whose loss was never backpropagated)."""
+
+    def __init__(self, scope):
+        scope.__enter__()
+        self._finalizer = weakref.finalize(self, scope.__exit__, None, None, None)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:

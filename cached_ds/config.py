@@ -36,7 +36,7 @@ class CachedConfig:
         forward to the backward. Leading window groups keep theirs while they fit (measured: the
         tensors autograd saves plus the group's output) and are not recomputed; the rest are.
         Exact either way. ``None`` or 0: recompute every group. Needs the encoder's parameters
-        resident between forward and backward: ZeRO 0–2, not ZeRO-3.
+        resident between forward and backward: ZeRO 0–2, or ZeRO-3 with ``keep_encoder_gathered``.
     """
 
     window: int | None = None

@@ -106,12 +106,13 @@ def attach(engine, settings: EngineSettings) -> None:
     stage = engine.zero_optimization_stage()
     if settings.keep_encoder_gathered and stage != 3:
         raise ValueError(f'"cached.keep_encoder_gathered" needs ZeRO stage 3 (this config has stage {stage}); remove it')
-    if settings.cached.keep_graphs_bytes and stage == 3:
+    if settings.cached.keep_graphs_bytes and stage == 3 and not settings.keep_encoder_gathered:
         # Kept encoder graphs hold the parameters autograd saved in the forward; ZeRO-3 releases
-        # them (empty partitions) when the forward's encoder pass ends.
+        # them (empty partitions) when the forward's encoder pass ends, unless the encoder is
+        # kept gathered, which then stays gathered from the forward to the backward.
         raise ValueError(
-            '"cached.keep_graphs_bytes" needs the encoder parameters resident from forward to backward: '
-            "ZeRO stage 0-2 (this config has stage 3); remove it or use stage 2"
+            '"cached.keep_graphs_bytes" under ZeRO-3 needs "cached.keep_encoder_gathered": true '
+            "(the encoder's parameters resident from forward to backward); set it, or remove keep_graphs_bytes"
         )
     if stage == 3:
         _check_zero3_model(wrapped.model)
@@ -144,18 +145,25 @@ def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int] = frozens
     bench/results/2026-11-27-*). They are taken off for the pass and put back, in order, after.
     Gradient reduction is unaffected: it hangs on the parameters, not on the modules.
 
-    The shared embedding stays with ZeRO-3's own handling: the decoder uses it too."""
-    embedding_module = families.input_embedding(model)
+    The shared embedding stays with ZeRO-3's own handling: the decoder uses it too. Re-entrant:
+    under a ``keep_graphs_bytes`` budget the core holds the forward's scope open until backward,
+    whose own scope then finds the encoder gathered."""
     encoder = model.get_encoder()
+    if getattr(encoder, "_cached_ds_gathered", False):  # re-entered: the outer scope holds it
+        yield
+        return
+    embedding_module = families.input_embedding(model)
     params = [p for p in encoder.parameters() if p is not embedding_module.weight]
     for p in params:
         p.ds_persist = True
     params[0].all_gather(param_list=params)  # one bucketed gather; skips what is already there
     inner = [m for m in encoder.modules() if m is not encoder and m is not embedding_module]
+    encoder._cached_ds_gathered = True
     try:
         with _hooks_removed(inner, zero3_hook_ids):
             yield
     finally:
+        encoder._cached_ds_gathered = False
         for p in params:
             p.ds_persist = False
         idle = [p for p in params if not p.ds_active_sub_modules]  # modules mid-backward release their own

@@ -14,6 +14,7 @@ WINDOW = 16
 GROUP_WINDOWS = 2
 SEED = 1234
 EVERY_GROUP = 2**40  # bytes: more than any test needs
+CACHED_ONE_WINDOW = {"window": WINDOW, "group_windows": 1, "group_tokens": None}
 
 
 def two_documents(model):
@@ -148,10 +149,12 @@ def distributed():
     single_rank_distributed()
 
 
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
 @pytest.mark.parametrize("split", ["some", "all"])
-def test_zero2_engine_with_a_budget_matches_the_reference(distributed, split):
-    """ZeRO-2 reduces each gradient from the hook on its ``.grad``: kept groups, the last one
-    included, still leave exactly one accumulation per parameter per micro-batch."""
+def test_engine_with_a_budget_matches_the_reference(distributed, config, split):
+    """ZeRO-2/3 reduce each gradient from the hook on its ``.grad``: kept groups, the last one
+    included, still leave exactly one accumulation per parameter per micro-batch. ZeRO-3 (with
+    the shipped keep_encoder_gathered) holds the encoder gathered from forward to backward."""
     from ds_helpers import resolved_config
     from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
 
@@ -165,18 +168,39 @@ def test_zero2_engine_with_a_budget_matches_the_reference(distributed, split):
         for batch in batches
     )
     budget = {"some": every // 2, "all": EVERY_GROUP}[split]
-    engine, *_ = initialize(model, resolved_config("zero2", gas=2, cached={**CACHED, "keep_graphs_bytes": budget}))
+    engine, *_ = initialize(model, resolved_config(config, gas=2, cached={**CACHED, "keep_graphs_bytes": budget}))
     grads = train_step(engine, batches)
     kept, groups = engine.module.last_kept_groups, len(engine.module.plan(*batches[-1][:2]).groups)
     assert 0 < kept < groups if split == "some" else kept == groups
     assert_grads_match(grads, ref_grads)
 
 
-def test_zero3_engine_rejects_a_budget(distributed):
+def test_zero3_engine_rejects_a_budget_without_a_gathered_encoder(distributed):
     from ds_helpers import resolved_config
 
     from cached_ds.deepspeed_engine import initialize
 
-    config = resolved_config("zero3", cached={"window": WINDOW, "keep_graphs_bytes": 1 << 20})
-    with pytest.raises(ValueError, match="keep_graphs_bytes.*ZeRO stage 0-2"):
+    config = resolved_config("zero3", cached={"window": WINDOW, "keep_graphs_bytes": 1 << 20, "keep_encoder_gathered": False})
+    with pytest.raises(ValueError, match="keep_graphs_bytes\" under ZeRO-3 needs \"cached.keep_encoder_gathered\": true"):
         initialize(make_model("bart"), config)
+
+
+def test_a_forward_without_backward_releases_the_held_encoder(distributed):
+    """Under a budget the forward's gather stays open for the backward; a loss that is never
+    backpropagated must not leave the encoder gathered (and ZeRO-3's hooks off) for good."""
+    import gc
+
+    from ds_helpers import resolved_config
+
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart")
+    engine, *_ = initialize(model, resolved_config("zero3", cached={**CACHED_ONE_WINDOW, "keep_graphs_bytes": EVERY_GROUP}))
+    encoder = engine.module.model.get_encoder()
+    ids, mask, labels = random_batch([3 * WINDOW], [4], model.config.pad_token_id)
+    loss = engine(ids, mask, labels=labels).loss
+    assert encoder._cached_ds_gathered and engine.module.last_kept_groups == 3
+    del loss
+    gc.collect()
+    assert not encoder._cached_ds_gathered
+    assert all(p.ds_persist is False for p in encoder.layers.parameters())
