@@ -71,6 +71,19 @@ def two_rank_config(stage_config: str, **cached) -> dict:
     return config
 
 
+def one_group_graph_bytes() -> int:
+    """What keeping one one-window group's graph costs for this test's model (measured by a
+    CachedSeq2Seq outside any engine, with every group kept)."""
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    model = make_model("bart")
+    ids, mask, labels = documents([1, 1], model.config.pad_token_id)[0]
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1, keep_graphs_bytes=2**40))
+    wrapped(ids, mask, labels=labels).loss.backward()
+    assert wrapped.last_kept_groups == 1
+    return wrapped.last_kept_bytes
+
+
 def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **cached) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
@@ -92,8 +105,9 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
             ref[k] = ref.get(k, 0) + v / len(docs)
     num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
     den = sum(float(ref[k].pow(2).sum()) for k in ref)
-    suffix = "-keep_encoder_gathered" if cached.get("keep_encoder_gathered") else ""
-    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5}
+    suffix = "".join(f"-{key}" for key, value in cached.items() if value)
+    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5,
+            "kept_groups": engine.module.last_kept_groups}
 
 
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
@@ -147,6 +161,10 @@ def main(out: str) -> None:
         results.append(gradient_case(stage, [2, 4], rank))  # unequal window-group counts
     results.append(gradient_case("zero3", [3, 3], rank))
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True))
+    # A budget of about two one-window groups (as measured outside the engine): each rank keeps
+    # some of its 4 groups (ranks pad to the same count) and recomputes the rest.
+    budget = 2 * one_group_graph_bytes()
+    results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, keep_graphs_bytes=budget))
     for stage in ("zero2", "zero3"):
         for groups in (2, 8):
             results.append(communication_case(stage, groups, counter, rank))

@@ -27,10 +27,15 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "zero0-windows[2, 4]", "zero1-windows[2, 4]", "zero2-windows[2, 4]", "zero3-windows[2, 4]",
     "zero3-windows[3, 3]", "zero3-keep_encoder_gathered-windows[2, 4]",
+    "zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]",  # some groups kept, the rest recomputed
     "loss-split-gas1-2ranks",  # token-level mean over the global batch (see test_loss_normalisation.py)
 ])
 def test_two_rank_gradients_equal_the_mean_reference(results, case):
     assert results[case]["relative_error"] <= 1e-5
+
+
+def test_the_budget_case_kept_some_graphs_and_recomputed_the_rest(results):
+    assert 0 < results["zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]"]["kept_groups"] < 4  # rank 0's 4 groups
 
 
 @pytest.mark.parametrize("variant", ["zero2", "zero3", "zero3-keep_encoder_gathered"])
