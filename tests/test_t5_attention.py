@@ -238,3 +238,23 @@ def test_encoder_gradient_checkpointing_saves_less():
 def test_encoder_gradient_checkpointing_is_validated():
     with pytest.raises(ValueError, match="encoder_gradient_checkpointing"):
         CachedConfig(encoder_gradient_checkpointing="yes")
+
+
+@pytest.mark.parametrize("causal, radius", [(False, None), (True, None), (False, 5)], ids=["full", "causal", "band"])
+def test_flex_forward_equals_the_blocked_kernel_on_cpu(causal, radius):
+    """The CUDA path's score_mod (offset bias) and block mask (causal, band, key padding), run
+    forward on CPU (compiled flex_attention; its backward is CUDA-only, checked by
+    bench/gpu_checks/t5_attention_check.py) against the blocked kernel on padded keys."""
+    from cached_ds.flex_t5 import flex_bias_attention
+    from cached_ds.t5_attention import BlockedBiasAttention, Layout
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(3))
+    offsets = torch.randn(2 * 40 - 1, 2, generator=gen)
+    key_valid = torch.ones(2, 40, dtype=torch.bool)
+    key_valid[1, 30:] = False
+    layout = Layout(block=8, offsets=offsets, key_valid=key_valid, causal=causal, radius=radius)
+    with torch.no_grad():
+        blocked = BlockedBiasAttention.apply(q, k, v, offsets, None, None, None, layout)
+        flex = flex_bias_attention(q, k, v, layout)
+    torch.testing.assert_close(flex, blocked, rtol=1e-5, atol=1e-5)
