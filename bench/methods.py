@@ -51,6 +51,15 @@ class WholeInput(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
 
 
+def without_attention_dropout(model: nn.Module) -> None:
+    """Attention-probability dropout off in every attention module (BART-style ``k_proj``, T5-style
+    ``k``): the kernels have none, and the sweep applies it to every method alike. Hidden and
+    feed-forward dropout stay on."""
+    for module in model.modules():
+        if isinstance(getattr(module, "dropout", None), float) and (hasattr(module, "k_proj") or hasattr(module, "k")):
+            module.dropout = 0.0
+
+
 def enable_hf_checkpointing(model: nn.Module) -> None:
     # Non-reentrant: the reentrant variant needs inputs that require grad and misses parameter
     # gradients under ZeRO-3 otherwise; it is what HF recommends with DeepSpeed.

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 
 from flops import step_flops  # noqa: E402
-from methods import attn_implementation, build_engine, random_document, window_for  # noqa: E402
+from methods import attn_implementation, build_engine, random_document, window_for, without_attention_dropout  # noqa: E402
 
 GIB = 2**30
 
@@ -139,6 +139,8 @@ def measure(spec: dict) -> dict:
     with device:  # random init straight on the device: seconds, not minutes, for BART-large
         model = hf.AutoModelForSeq2SeqLM.from_config(config)
     model.train()
+    if spec.get("no_attention_dropout"):
+        without_attention_dropout(model)
     window = window_for(model, spec.get("window"))
     result = {"attn_implementation": attn_implementation(model), "window": window,
               "parameters": sum(p.numel() for p in model.parameters())}
