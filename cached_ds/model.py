@@ -25,7 +25,7 @@ from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .shared_beam_generation import generate_shared
-from .streaming_cross_attention import install_streaming_cross_attention
+from .streaming_cross_attention import compact_key_mask, install_streaming_cross_attention, streams_every_layer
 from .t5_attention import install_fast_t5_attention
 from .windows import WindowPlan
 
@@ -102,9 +102,10 @@ class CachedSeq2Seq(nn.Module):
         schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
+        mask = compact_key_mask(plan.fused_mask) if streams_every_layer(self.model) else plan.fused_mask
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),
-            attention_mask=plan.fused_mask,
+            attention_mask=mask,
             labels=labels,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,

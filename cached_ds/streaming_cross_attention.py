@@ -440,6 +440,24 @@ class StreamingCrossAttention(nn.Module):
             )
 
 
+def streams_every_layer(model: nn.Module) -> bool:
+    """Whether every decoder cross-attention module of the HF ``model`` is a streaming one."""
+    layout = LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return layout is not None and all(
+        isinstance(getattr(parent, name), StreamingCrossAttention) for parent, name in layout.slots(model.get_decoder())
+    )
+
+
+def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The (batch, N) encoder mask as a (batch, 1, 1, N) bool view for HF's decoder. Given the
+    2-D mask, HF's mask builder makes a (batch, 1, target, N) mask in every decoder forward
+    (1 byte per entry with sdpa, 4 with eager: a GiB per million tokens at 1024 targets);
+    a 4-D mask it passes on as is (``masking_utils._preprocess_mask_arguments``), and the
+    streaming modules only read its key-padding row. HF's own modules would misread a bool mask
+    under eager attention, so give it only to a decoder that streams every layer."""
+    return mask.bool()[:, None, None, :]
+
+
 def install_streaming_cross_attention(model: nn.Module, block: int = 1024) -> list[StreamingCrossAttention]:
     """Replace every decoder cross-attention module of the HF ``model`` with a streaming one of
     ``block`` key tokens per step (installing again only updates ``block``). Returns them."""

@@ -265,3 +265,37 @@ def test_gradient_sink_sums_in_fp32_for_bf16_states():
     total = sink.take()
     assert total.dtype == torch.float32 and sink.take() is None
     assert torch.equal(total[0, :, 0], torch.tensor([1, 1, 1 + 3 * 2.0**-9, 1 + 3 * 2.0**-9, 1 + 3 * 2.0**-9, 1]))
+
+
+class TargetByKeysTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output whose last two dimensions are (target, N): a score-shaped or
+    mask-shaped tensor over all N keys."""
+
+    def __init__(self, target: int, keys: int):
+        super().__init__()
+        self.shape, self.seen = (target, keys), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == self.shape:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_no_target_by_keys_tensor_in_a_streaming_step(family):
+    """CachedSeq2Seq hands a decoder that streams every layer a (batch, 1, 1, N) mask, so neither
+    HF's mask builder nor the attention forms anything (target × N)-sized; the control, the same
+    model given the 2-D mask, does (HF's expanded cross-attention mask)."""
+    model, _ = streaming_and_reference(family, block=7)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+    keys = int(mask.sum(1).max())
+    with TargetByKeysTensors(labels.shape[1], keys) as meter:
+        wrapped(ids, mask, labels=labels).loss.backward()
+    assert meter.seen == []
+    states, fused_mask = wrapped.encode_long(ids, mask)
+    with TargetByKeysTensors(labels.shape[1], keys) as control:
+        model(encoder_outputs=states, attention_mask=fused_mask, labels=labels, use_cache=False).loss.backward()
+    assert control.seen
