@@ -13,6 +13,7 @@ other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as us
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import partial
 from typing import Callable, ContextManager
 
@@ -26,7 +27,7 @@ from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .shared_beam_generation import generate_shared
 from .streaming_cross_attention import compact_key_mask, install_streaming_cross_attention, streams_every_layer
-from .t5_attention import install_fast_t5_attention
+from .t5_attention import attention_targets as fast_t5_targets, install_fast_t5_attention
 from .windows import WindowPlan
 
 IGNORE_INDEX = -100
@@ -55,12 +56,15 @@ class CachedSeq2Seq(nn.Module):
             enable_decoder_checkpointing(model)
         if self.config.encoder_gradient_checkpointing:
             enable_encoder_checkpointing(model)
+        replaced = []  # attention modules whose attention-probability dropout the kernels lack
         if self.config.cross_attention_block is not None:
-            install_streaming_cross_attention(model, self.config.cross_attention_block)
+            replaced += [m.original for m in install_streaming_cross_attention(model, self.config.cross_attention_block)]
         if self.config.fast_t5_attention:
             if model.config.model_type not in T5_FAMILIES:
                 raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")
             install_fast_t5_attention(model)
+            replaced += [module for module, _ in fast_t5_targets(model)]
+        _settle_attention_dropout(replaced, self.config.keep_attention_dropout)
         # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
         # count across ranks: it maps this rank's count to the count every rank will run.
         self.sync_group_count: Callable[[int], int] | None = None
@@ -126,6 +130,22 @@ class CachedSeq2Seq(nn.Module):
         (``shared_beam_generation``) instead of HF's one per beam."""
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.config.cross_attention_block, **generate_kwargs)
+
+
+def _settle_attention_dropout(modules: list[nn.Module], keep: bool) -> None:
+    """``keep_attention_dropout=False``: the kernels' modules lose their attention-probability
+    dropout. Kept and non-zero, streaming cross-attention refuses to train and the fast T5
+    attention runs HF's code (exact, not fast): say so now rather than at the first step."""
+    if not keep:
+        for module in modules:
+            module.dropout = 0.0
+    elif any(module.dropout > 0 for module in modules):
+        warnings.warn(
+            "attention-probability dropout is on in modules the long-document kernels replace: streaming "
+            "cross-attention will refuse to train and the fast T5 attention will run HF's code; set "
+            '"keep_attention_dropout": false in the "cached" section (CachedConfig) to switch it off there',
+            stacklevel=3,
+        )
 
 
 def enable_decoder_checkpointing(model: nn.Module) -> None:

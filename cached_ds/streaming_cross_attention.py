@@ -434,9 +434,9 @@ class StreamingCrossAttention(nn.Module):
             field = self.layout.dropout_field
             raise ValueError(
                 f"streaming cross-attention has no dropout on attention probabilities, but this decoder's "
-                f"cross-attention has {p} (config.{field}); build the model with {field}=0.0, or set "
-                f".original.dropout = 0.0 on every StreamingCrossAttention module to drop it from "
-                f"cross-attention only (hidden dropout stays on)"
+                f"cross-attention has {p} (config.{field}); set \"keep_attention_dropout\": false in the "
+                f"\"cached\" section (CachedConfig) to drop it from the replaced modules only (hidden dropout "
+                f"stays on), or build the model with {field}=0.0"
             )
 
 

@@ -328,7 +328,7 @@ def t5_self_attention_forward(
 # The switch
 
 
-def _targets(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
+def attention_targets(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
     """(attention module, fast forward) for every self-attention this module replaces."""
     from . import longt5_attention as longt5
 
@@ -345,7 +345,7 @@ def install_fast_t5_attention(model: nn.Module, block: int = DEFAULT_BLOCK, use_
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
     count = 0
-    for module, forward in _targets(model):
+    for module, forward in attention_targets(model):
         if "_cached_ds_hf_forward" not in module.__dict__:
             module._cached_ds_hf_forward = module.forward
             module.forward = types.MethodType(forward, module)

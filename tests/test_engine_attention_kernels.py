@@ -11,7 +11,7 @@ from test_engine_single_rank import CACHED, micro_batches, reference_gradients, 
 from tiny_models import make_model_without_cross_attention_dropout
 
 from cached_ds.streaming_cross_attention import StreamingCrossAttention
-from cached_ds.t5_attention import _targets
+from cached_ds.t5_attention import attention_targets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,7 +21,7 @@ def distributed():
 
 def without_self_attention_dropout(model):
     """The fast T5 path has no attention-probability dropout; hidden dropout stays on."""
-    for module, _ in _targets(model):
+    for module, _ in attention_targets(model):
         module.dropout = 0.0
     return model
 
@@ -82,3 +82,37 @@ def test_bad_kernel_settings_name_the_field():
         CachedConfig(cross_attention_block=0)
     with pytest.raises(ValueError, match="fast_t5_attention"):
         CachedSeq2Seq(make_model_without_cross_attention_dropout("bart"), CachedConfig(fast_t5_attention=True))
+
+
+def test_keep_attention_dropout_false_trains_t5_on_the_kernels_from_the_config():
+    """T5's dropout_rate sets hidden and attention-probability dropout alike, and a DeepSpeed
+    config cannot reach module attributes: "keep_attention_dropout": false switches the latter off
+    in the replaced modules only. Reference: the same model with exactly those modules' dropout 0."""
+    from tiny_models import cross_attention_modules, make_model
+
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("t5")  # dropout 0.1 everywhere
+    pristine = without_self_attention_dropout(copy.deepcopy(model))
+    for module in cross_attention_modules(pristine):
+        module.dropout = 0.0
+    batches = micro_batches(model, gas=1)
+    ref_grads = reference_gradients(pristine, batches)
+    kernels = {"cross_attention_block": 8, "fast_t5_attention": True, "keep_attention_dropout": False}
+    engine, *_ = initialize(model, resolved_config("zero3", cached={**CACHED, **kernels}))
+    ran = record_kernels(engine.module.model)
+    grads = train_step(engine, batches)
+    assert {"StreamingAttentionFunctionBackward", "BlockedBiasAttentionBackward"} <= ran
+    assert_grads_match({k: g.float() for k, g in grads.items() if k in ref_grads}, ref_grads)
+
+
+def test_kept_attention_dropout_is_flagged_when_the_kernels_are_installed():
+    from tiny_models import make_model
+
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    with pytest.warns(UserWarning, match="keep_attention_dropout"):
+        CachedSeq2Seq(make_model("t5"), CachedConfig(cross_attention_block=8))
+    model = make_model("t5")
+    CachedSeq2Seq(model, CachedConfig(cross_attention_block=8, fast_t5_attention=True, keep_attention_dropout=False))
+    assert all(module.dropout == 0.0 for module, _ in attention_targets(model))

@@ -16,7 +16,7 @@ from tiny_models import make_model, random_batch
 from cached_ds import CachedConfig, CachedSeq2Seq, SavedTensorMeter
 from cached_ds.t5_attention import (
     OffsetBias,
-    _targets,
+    attention_targets,
     fast_t5_attention,
     install_fast_t5_attention,
     remove_fast_t5_attention,
@@ -31,7 +31,7 @@ WINDOW = 16
 def without_attention_dropout(model):
     """Attention-probability dropout off on the modules the fast attention replaces (the fast
     path cannot replay HF's (batch, heads, L, L) mask); residual/FF/cross-attention dropout stays."""
-    for module, _ in _targets(model):
+    for module, _ in attention_targets(model):
         module.dropout = 0.0
     return model
 
@@ -52,7 +52,7 @@ def pair(family, dropout=0.1, fast_attn_impl=None):
 def first_self_attention_bias(model):
     """What the encoder's first self-attention returned as ``position_bias`` (a real forward hook)."""
     seen = []
-    module = next(m for m, _ in _targets(model.get_encoder()))
+    module = next(m for m, _ in attention_targets(model.get_encoder()))
     handle = module.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
     return seen, handle
 
