@@ -129,11 +129,14 @@ class GroupSchedule:
         order while their graphs (saved tensors and output) fit; a kept group is not recomputed,
         so when every group fits CachED costs what full backprop costs. 0: recompute every group.
     grad_dtype: dtype the per-group parameter gradients are summed in.
+    offload_cache: keep the gradient cache (the N-sized fp32 buffer streaming cross-attention
+        writes) in host memory; each group's slice goes to the device when its turn comes.
     kept_groups, kept_bytes: what the last forward kept (written by it).
     """
 
     grad_dtype: torch.dtype = torch.float32
     keep_bytes: int = 0
+    offload_cache: bool = False
     kept_groups: int = 0
     kept_bytes: int = 0
 
@@ -173,7 +176,7 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.autocast = AutocastState.capture(device)
         ctx.rng_states = []
         ctx.weight = weight
-        ctx.sink = GradientSink()
+        ctx.sink = GradientSink(offload=schedule.offload_cache)
         ctx.set_materialize_grads(False)  # no N-sized zeros when every decoder layer used the sink
         # Kept graphs hold the parameters as the scope gave them, so under a budget the scope
         # stays open until backward (decided by the budget alone, the same on every rank).
@@ -208,10 +211,10 @@ class CachedEncoderFunction(torch.autograd.Function):
             weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
             if index == last:
-                _backward_adding(output, grad.to(output.dtype), targets, param_sums)
+                _backward_adding(output, grad.to(output.device, output.dtype), targets, param_sums)
                 weight_sum = _accumulate(weight_sum, weight.grad, dtype)
                 break
-            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)):
+            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.device, output.dtype), allow_unused=True)):
                 if target is weight:
                     weight_sum = _accumulate(weight_sum, g, dtype)
                 elif g is not None:  # None: unused by this group (LayerDrop)
@@ -242,7 +245,7 @@ def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
     if total is None:
         return grad_fused
     if grad_fused is not None:
-        total += grad_fused
+        total += grad_fused.to(total.device)
     return total
 
 

@@ -32,6 +32,9 @@ class CachedConfig:
         ``None`` keeps HF's modules. Needs cross-attention dropout 0 in training.
     fast_t5_attention: T5/LongT5 only: blocked self-attention without (heads × L × L) tensors
         (``t5_attention``); modules with attention dropout in training still run HF's code.
+    offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
+        host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
+        off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on.
     keep_attention_dropout: ``False`` switches attention-probability dropout off in the modules
         the two kernels replace (they have none; hidden dropout stays on). T5/LongT5 need it for
         the kernels in training: their ``dropout_rate`` sets both dropouts.
@@ -52,6 +55,7 @@ class CachedConfig:
     cross_attention_block: int | None = None
     fast_t5_attention: bool = False
     keep_attention_dropout: bool = True
+    offload_gradient_cache: bool = False
     keep_graphs_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -66,7 +70,8 @@ class CachedConfig:
             raise ValueError(f"group_tokens must be a positive integer, got {self.group_tokens!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for flag in ("decoder_gradient_checkpointing", "encoder_gradient_checkpointing", "fast_t5_attention", "keep_attention_dropout"):
+        for flag in ("decoder_gradient_checkpointing", "encoder_gradient_checkpointing", "fast_t5_attention", "keep_attention_dropout",
+                     "offload_gradient_cache"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         block = self.cross_attention_block

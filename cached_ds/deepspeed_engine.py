@@ -121,8 +121,11 @@ def attach(engine, settings: EngineSettings) -> None:
         if settings.keep_encoder_gathered:
             wrapped.encoder_scope = partial(_encoder_gathered, wrapped.model, _zero3_module_hook_ids(engine))
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
-    if engine.config.get("activation_checkpointing"):
+    checkpointing = engine.config.get("activation_checkpointing")
+    if checkpointing:
         _use_deepspeed_checkpointing(engine, wrapped.model)
+        if checkpointing.get("cpu_checkpointing"):  # activations to the host: the gradient cache too
+            wrapped.config.offload_gradient_cache = True
 
 
 def _max_over_ranks(count: int) -> int:

@@ -29,15 +29,20 @@ class GradientSink:
     ``accumulation_dtype(states.dtype)``, allocated on the first ``add``; ``take`` empties it.
     ``blocks_added`` counts the ``add`` calls (never reset): whether, and how much, was delivered."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload: bool = False) -> None:
         self.total: torch.Tensor | None = None
         self.blocks_added = 0
+        self.offload = offload  # keep the buffer in host memory (pinned beside a GPU), not on the device
 
     def add(self, states: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         """Add ``grad``, the gradient of ``states[:, start : start + grad.shape[1]]``."""
         if self.total is None:
-            self.total = torch.zeros(states.shape, dtype=accumulation_dtype(states.dtype), device=states.device)
-        self.total[:, start : start + grad.shape[1]] += grad
+            device = "cpu" if self.offload else states.device
+            pinned = self.offload and states.device.type == "cuda"
+            self.total = torch.zeros(states.shape, dtype=accumulation_dtype(states.dtype), device=device, pin_memory=pinned)
+        # Offloaded: one block's device-to-host copy, then the add on the host. Synchronous for
+        # now; overlapping it with the next block's compute (a side stream) is the GPU follow-up.
+        self.total[:, start : start + grad.shape[1]] += grad.to(self.total.device)
         self.blocks_added += 1
 
     def take(self) -> torch.Tensor | None:

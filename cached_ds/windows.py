@@ -135,13 +135,15 @@ class WindowPlan:
         (zeros on padding), made when asked for, so at most one group's copy exists beside the
         gradient cache (which is N-sized, and fp32 when the decoder wrote it out of band)."""
         rows = grad_fused.reshape(-1, grad_fused.shape[-1])
+        on = rows.device  # the device's, or the host's when the gradient cache is offloaded
         start = 0
         for group in self.groups:
-            positions = self.fused_positions[start : start + group.num_tokens]
+            positions = self.fused_positions[start : start + group.num_tokens].to(on)
             start += group.num_tokens
             windows, group_len = group.input_ids.shape
             grad = rows.new_zeros((windows * group_len, rows.shape[-1]))
-            yield grad.index_copy_(0, group.real_positions, rows.index_select(0, positions)).view(windows, group_len, -1)
+            picked = rows.index_select(0, positions)
+            yield grad.index_copy_(0, group.real_positions.to(on), picked).view(windows, group_len, -1)
 
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:

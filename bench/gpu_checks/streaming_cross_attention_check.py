@@ -34,7 +34,7 @@ def tiny(family: str, **shape):
     if family == "bart":
         config = hf.BartConfig(vocab_size=96, d_model=shape.get("d", 32), encoder_layers=1, decoder_layers=shape.get("layers", 2),
                                encoder_attention_heads=2, decoder_attention_heads=shape.get("heads", 2), encoder_ffn_dim=64,
-                               decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+                               decoder_ffn_dim=64, max_position_embeddings=shape.get("positions", 64), dropout=0.0, attention_dropout=0.0)
         return hf.BartForConditionalGeneration(config)
     config = hf.T5Config(vocab_size=96, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=2, num_heads=2,
                          dropout_rate=0.0, decoder_start_token_id=0)
@@ -104,11 +104,40 @@ def long_memory(keys: int = 262144) -> dict:
     return result
 
 
+def cached_step_memory(tokens: int = 262144) -> dict:
+    """A whole CachED step (1-layer encoder, BART-large-shaped decoder, bf16 autocast) with HF's
+    cross-attention, streaming, and streaming with the gradient cache offloaded to the host."""
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    result = {}
+    for name, settings in {"hf": {}, "streaming": {"cross_attention_block": 8192},
+                           "streaming+offload": {"cross_attention_block": 8192, "offload_gradient_cache": True}}.items():
+        torch.manual_seed(0)
+        model = tiny("bart", d=1024, layers=12, heads=16, positions=1024).to(DEVICE).train()
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=1024, group_tokens=16384, decoder_gradient_checkpointing=True, **settings))
+        ids = torch.randint(4, 96, (1, tokens), device=DEVICE)
+        labels = torch.randint(4, 96, (1, 1024), device=DEVICE)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = wrapped(ids, torch.ones_like(ids), labels=labels).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            result[name] = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "s": time.perf_counter() - start}
+        except torch.OutOfMemoryError:
+            result[name] = {"oom": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del model, wrapped
+    return result
+
+
 def main() -> None:
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
     cases = {f"{family}-{dtype}": (exactness, (family, dtype)) for family in ("bart", "t5") for dtype in ("fp32", "bf16")}
     if DEVICE == "cuda":
         cases["bart-large-decoder-256K-keys"] = (long_memory, ())
+        cases["cached-step-256K-tokens"] = (cached_step_memory, ())
     for name, (fn, args) in cases.items():
         start = time.perf_counter()
         try:
