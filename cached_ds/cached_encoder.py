@@ -131,12 +131,15 @@ class GroupSchedule:
     grad_dtype: dtype the per-group parameter gradients are summed in.
     offload_cache: keep the gradient cache (the N-sized fp32 buffer streaming cross-attention
         writes) in host memory; each group's slice goes to the device when its turn comes.
+    offload_states: return the fused encoder states in host memory, each group's output copied
+        there as it is made (only streaming cross-attention can read them: block by block).
     kept_groups, kept_bytes: what the last forward kept (written by it).
     """
 
     grad_dtype: torch.dtype = torch.float32
     keep_bytes: int = 0
     offload_cache: bool = False
+    offload_states: bool = False
     kept_groups: int = 0
     kept_bytes: int = 0
 
@@ -183,7 +186,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.held = _HeldScope(scope()) if schedule.keep_bytes > 0 else None
         with contextlib.nullcontext() if ctx.held else scope():
             keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
-            fused = encode_plan(model, weight, plan, ctx.rng_states, keeper)
+            encode = (lambda group: _to_host(keeper(group))) if schedule.offload_states else keeper
+            fused = encode_plan(model, weight, plan, ctx.rng_states, encode)
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
@@ -220,6 +224,12 @@ class CachedEncoderFunction(torch.autograd.Function):
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, pinned beside a GPU (synchronous for now; overlap is the GPU follow-up)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+    return host.copy_(tensor)
 
 
 class _HeldScope:

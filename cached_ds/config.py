@@ -35,6 +35,8 @@ class CachedConfig:
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
         host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
         off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on.
+    offload_encoder_states: keep the fused encoder states in host memory too (2 bytes × hidden per
+        token in bf16); needs ``cross_attention_block``, whose blocks come to the device one by one.
     keep_attention_dropout: ``False`` switches attention-probability dropout off in the modules
         the two kernels replace (they have none; hidden dropout stays on). T5/LongT5 need it for
         the kernels in training: their ``dropout_rate`` sets both dropouts.
@@ -56,6 +58,7 @@ class CachedConfig:
     fast_t5_attention: bool = False
     keep_attention_dropout: bool = True
     offload_gradient_cache: bool = False
+    offload_encoder_states: bool = False
     keep_graphs_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,9 +74,14 @@ class CachedConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for flag in ("decoder_gradient_checkpointing", "encoder_gradient_checkpointing", "fast_t5_attention", "keep_attention_dropout",
-                     "offload_gradient_cache"):
+                     "offload_gradient_cache", "offload_encoder_states"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.offload_encoder_states and self.mode != "cached":
+            raise ValueError(f"offload_encoder_states is for mode 'cached' (got {self.mode!r}); remove it")
+        if self.offload_encoder_states and self.cross_attention_block is None:
+            raise ValueError("offload_encoder_states needs cross_attention_block (only streaming cross-attention reads "
+                             "host-resident states, block by block); set cross_attention_block, e.g. 8192")
         block = self.cross_attention_block
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {block!r}")

@@ -104,7 +104,7 @@ class CachedSeq2Seq(nn.Module):
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
             return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
         schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0,
-                                 self.config.offload_gradient_cache)
+                                 self.config.offload_gradient_cache, self.config.offload_encoder_states)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         mask = compact_key_mask(plan.fused_mask) if streams_every_layer(self.model) else plan.fused_mask

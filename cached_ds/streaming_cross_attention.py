@@ -145,15 +145,15 @@ class _Blocks:
     """Per-block K/V of ``states``, projected in the queries' dtype (autocast's, when it is on)."""
 
     def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block):
-        self.dtype, self.heads, self.block = query.dtype, query.shape[1], block
-        self.states = states
+        self.dtype, self.heads, self.block, self.device = query.dtype, query.shape[1], block, query.device
+        self.states = states  # on the device, or in host memory when offloaded: blocks come over one by one
         self.k_weight, self.k_bias, self.v_weight, self.v_bias = (
             None if t is None else t.to(self.dtype) for t in (k_weight, k_bias, v_weight, v_bias)
         )
 
     def __iter__(self):
         for start in range(0, self.states.shape[1], self.block):
-            x = self.states[:, start : start + self.block].to(self.dtype)
+            x = self.states[:, start : start + self.block].to(self.device, self.dtype, non_blocking=True)
             key = _heads(x, self.k_weight, self.k_bias, self.heads)
             yield start, x, key, _heads(x, self.v_weight, self.v_bias, self.heads)
 

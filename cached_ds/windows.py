@@ -127,8 +127,8 @@ class WindowPlan:
         output; differentiable, so ``full`` mode backpropagates through it."""
         packed = torch.cat([self._real_rows(out, g) for out, g in zip(group_outputs, self.groups)])
         batch, longest = self.fused_mask.shape
-        fused = packed.new_zeros((batch * longest, packed.shape[-1]))
-        return fused.index_copy(0, self.fused_positions, packed).view(batch, longest, -1)
+        fused = packed.new_zeros((batch * longest, packed.shape[-1]))  # where the outputs are (host, if offloaded)
+        return fused.index_copy(0, self.fused_positions.to(packed.device), packed).view(batch, longest, -1)
 
     def split_gradient(self, grad_fused: torch.Tensor) -> Iterator[torch.Tensor]:
         """The inverse of :meth:`fuse` for a gradient: each group's slice in its padded layout
@@ -147,7 +147,7 @@ class WindowPlan:
 
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
-        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions)
+        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions.to(output.device))
 
 
 def _group_spans(spans, group_windows, group_tokens):

@@ -232,6 +232,34 @@ def test_offloaded_gradient_cache_stays_exact(family, one_hf_layer):
     assert_grads_match(grads_of(model), ref)
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_offloaded_encoder_states_stay_exact(family):
+    """offload_encoder_states returns the fused states in host memory (each group's output copied
+    there as it is made) and streaming cross-attention brings them over block by block. As above,
+    host and device coincide here: the path and its exactness are checked, not the saving."""
+    model = make_model_without_cross_attention_dropout(family)
+    reference = copy.deepcopy(model)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
+    config = CachedConfig(window=WINDOW, group_windows=2, cross_attention_block=BLOCK, offload_encoder_states=True,
+                          offload_gradient_cache=True)
+    wrapped = CachedSeq2Seq(model, config)
+    seen = DecoderStates(model)
+    torch.manual_seed(SEED)
+    wrapped(ids, mask, labels=labels).loss.backward()
+    seen.remove()
+    [states] = seen.states
+    assert states.device.type == "cpu" and seen.sinks[0].blocks_added > 0
+    _, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
+    assert_grads_match(grads_of(model), ref)
+
+
+def test_offloaded_states_need_streaming_cross_attention():
+    with pytest.raises(ValueError, match="offload_encoder_states needs cross_attention_block"):
+        CachedConfig(offload_encoder_states=True)
+    with pytest.raises(ValueError, match="offload_encoder_states is for mode 'cached'"):
+        CachedConfig(offload_encoder_states=True, cross_attention_block=8, mode="full")
+
+
 def test_deepspeed_cpu_checkpointing_offloads_the_gradient_cache():
     from ds_helpers import resolved_config, single_rank_distributed
 

@@ -106,12 +106,15 @@ def long_memory(keys: int = 262144) -> dict:
 
 def cached_step_memory(tokens: int = 262144) -> dict:
     """A whole CachED step (1-layer encoder, BART-large-shaped decoder, bf16 autocast) with HF's
-    cross-attention, streaming, and streaming with the gradient cache offloaded to the host."""
+    cross-attention, streaming, streaming with the gradient cache in host memory, and with the
+    fused states there too."""
     from cached_ds import CachedConfig, CachedSeq2Seq
 
     result = {}
     for name, settings in {"hf": {}, "streaming": {"cross_attention_block": 8192},
-                           "streaming+offload": {"cross_attention_block": 8192, "offload_gradient_cache": True}}.items():
+                           "streaming+offload": {"cross_attention_block": 8192, "offload_gradient_cache": True},
+                           "streaming+offload-states": {"cross_attention_block": 8192, "offload_gradient_cache": True,
+                                                        "offload_encoder_states": True}}.items():
         torch.manual_seed(0)
         model = tiny("bart", d=1024, layers=12, heads=16, positions=1024).to(DEVICE).train()
         wrapped = CachedSeq2Seq(model, CachedConfig(window=1024, group_tokens=16384, decoder_gradient_checkpointing=True, **settings))
