@@ -78,6 +78,19 @@ def exactness(family: str, dtype: str) -> dict:
     return errors
 
 
+def peak_memory(run) -> dict:
+    """Peak allocated GiB and seconds of ``run()``; an out-of-memory error is a result."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        run()
+        torch.cuda.synchronize()
+        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "s": time.perf_counter() - start}
+    except torch.OutOfMemoryError:
+        return {"oom": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def long_memory(keys: int = 262144) -> dict:
     """BART-large's decoder shape (12 layers, d=1024, 16 heads), 1024 targets, bf16 autocast."""
     from cached_ds.streaming_cross_attention import install_streaming_cross_attention
@@ -91,16 +104,7 @@ def long_memory(keys: int = 262144) -> dict:
         states = torch.randn(1, keys, 1024, device=DEVICE, dtype=torch.bfloat16)
         mask = torch.ones(1, keys, dtype=torch.long, device=DEVICE)
         labels = torch.randint(4, 96, (1, 1024), device=DEVICE)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
-            step(model, states, mask, labels, "bf16")
-            torch.cuda.synchronize()
-            result[name] = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "s": time.perf_counter() - start}
-        except torch.OutOfMemoryError:
-            result[name] = {"oom": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        del model, states
+        result[name] = peak_memory(lambda: step(model, states, mask, labels, "bf16"))  # noqa: B023 - called at once
     return result
 
 
@@ -120,18 +124,12 @@ def cached_step_memory(tokens: int = 262144) -> dict:
         wrapped = CachedSeq2Seq(model, CachedConfig(window=1024, group_tokens=16384, decoder_gradient_checkpointing=True, **settings))
         ids = torch.randint(4, 96, (1, tokens), device=DEVICE)
         labels = torch.randint(4, 96, (1, 1024), device=DEVICE)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
+        def run():
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss = wrapped(ids, torch.ones_like(ids), labels=labels).loss
             loss.backward()
-            torch.cuda.synchronize()
-            result[name] = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "s": time.perf_counter() - start}
-        except torch.OutOfMemoryError:
-            result[name] = {"oom": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        del model, wrapped
+
+        result[name] = peak_memory(run)
     return result
 
 
