@@ -21,7 +21,12 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 calls = 0  # how many attentions ran here (the GPU check reads it to show this path was taken)
 
 
-def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                        side_k: torch.Tensor | None = None, side_v: torch.Tensor | None = None,
+                        side_table: torch.Tensor | None = None) -> torch.Tensor:
+    """LongT5 transient-global (``layout.side``): the global keys are appended after the local
+    ones; their bias is read from the global table by (global index - the query's block), through
+    a (2G + 1, heads) gather of it, so no (L × G) bias tensor is formed either."""
     global calls
     calls += 1
     batch, _, lq, _ = q.shape
@@ -29,12 +34,25 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     offsets, mask, key_valid, radius, causal = layout.offsets, layout.mask, layout.key_valid, layout.radius, layout.causal
     float_mask = mask if mask is not None and mask.dtype != torch.bool else None
     bool_mask = mask if mask is not None and mask.dtype == torch.bool else None
+    side = layout.side if side_k is not None and side_k.shape[2] > 0 else None
+    if side is not None:
+        count = side_k.shape[2]
+        k, v = torch.cat([k, side_k], 2), torch.cat([v, side_v], 2)
+        # relative (global - query block) runs over -(G-1)..G (padding queries sit in block -1)
+        relative = torch.arange(-count, count + 1, device=q.device)
+        global_bias = side_table[side.bucket(relative)]  # (2G + 1, heads), differentiable
+        block_ids, segments, query_mask = side.block_ids.long(), side.segments, side.query_mask
 
     def score_mod(score, b, h, q_idx, kv_idx):
+        local = kv_idx < lk
         if offsets is not None:
-            score = score + offsets[kv_idx - q_idx + lq - 1, h].to(score.dtype)
+            local_bias = offsets[(kv_idx - q_idx + lq - 1).clamp(0, lq + lk - 2), h].to(score.dtype)
+            score = score + (torch.where(local, local_bias, 0.0) if side is not None else local_bias)
+        if side is not None:
+            g = (kv_idx - lk).clamp(0, count - 1)
+            score = score + torch.where(local, 0.0, global_bias[g - block_ids[b, q_idx] + count, h].to(score.dtype))
         if float_mask is not None:
-            score = score + float_mask[b, 0, q_idx, kv_idx].to(score.dtype)
+            score = score + float_mask[b, 0, q_idx, kv_idx.clamp(max=lk - 1)].to(score.dtype)
         return score
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -44,11 +62,15 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         if radius is not None:
             keep = keep & ((kv_idx - q_idx).abs() <= radius)
         if key_valid is not None:
-            keep = keep & key_valid[b, kv_idx]
+            keep = keep & key_valid[b, kv_idx.clamp(max=lk - 1)]
         if bool_mask is not None:
-            keep = keep & bool_mask[b, 0, q_idx, kv_idx]
-        return keep
+            keep = keep & bool_mask[b, 0, q_idx, kv_idx.clamp(max=lk - 1)]
+        if side is None:
+            return keep
+        local = kv_idx < lk
+        on_global = query_mask[b, q_idx] == segments[b, (kv_idx - lk).clamp(0, count - 1)]
+        return torch.where(local, keep, on_global)
 
-    masked = causal or radius is not None or key_valid is not None or bool_mask is not None
-    block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=q.device) if masked else None
+    masked = causal or radius is not None or key_valid is not None or bool_mask is not None or side is not None
+    block_mask = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device) if masked else None
     return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

@@ -1,4 +1,5 @@
-"""Fast LongT5 encoder attention: local and transient-global, on ``t5_attention``'s blocked kernel.
+"""Fast LongT5 encoder attention: local and transient-global, on ``t5_attention``'s blocked kernel
+(``flex_attention`` on CUDA, global keys appended to the local ones).
 
 HF's local attention cuts the sequence into blocks of ``local_radius + 1`` tokens and lets each
 query see its own and both neighbouring blocks, masking keys further than ``local_radius``:

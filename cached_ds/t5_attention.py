@@ -6,8 +6,9 @@ layer. Here the bias is kept per *offset* instead: ``offsets[k - q + Lq - 1]`` (
 (Lq + Lk - 1, heads) gather from the bucketed ``relative_attention_bias`` table, so its gradient
 reaches the table through autograd) and attention runs over query blocks × key blocks with an
 online softmax. ``BlockedBiasAttention`` saves q, k, v, the output and the log-sum-exp and
-recomputes each block's scores in backward (flash-attention style). On CUDA, T5 and LongT5-local
-attention go through ``flex_attention`` with a ``score_mod`` reading the same offset bias.
+recomputes each block's scores in backward (flash-attention style). On CUDA, T5 and LongT5
+(local and transient-global) attention go through ``flex_attention`` with a ``score_mod`` reading
+the same offset bias (``flex_t5.py``).
 
     from cached_ds.t5_attention import install_fast_t5_attention, remove_fast_t5_attention
     model = AutoModelForSeq2SeqLM.from_pretrained("google/long-t5-tglobal-base")
@@ -225,12 +226,12 @@ class BlockedBiasAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None, use_flex: bool = True):
-    """Blocked attention; on CUDA without side keys, ``flex_attention`` when ``use_flex`` (its
-    Triton kernels need head dimensions of 16 or more)."""
-    if use_flex and q.is_cuda and layout.side is None and q.shape[-1] >= 16:
+    """Blocked attention; on CUDA, ``flex_attention`` when ``use_flex`` (its Triton kernels need
+    head dimensions of 16 or more), LongT5's global keys included."""
+    if use_flex and q.is_cuda and q.shape[-1] >= 16:
         from .flex_t5 import flex_bias_attention
 
-        return flex_bias_attention(q, k, v, layout)
+        return flex_bias_attention(q, k, v, layout, side_k, side_v, side_table)
     return BlockedBiasAttention.apply(q, k, v, layout.offsets, side_k, side_v, side_table, layout)
 
 

@@ -258,3 +258,31 @@ def test_flex_forward_equals_the_blocked_kernel_on_cpu(causal, radius):
         blocked = BlockedBiasAttention.apply(q, k, v, offsets, None, None, None, layout)
         flex = flex_bias_attention(q, k, v, layout)
     torch.testing.assert_close(flex, blocked, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_forward_with_transient_global_keys_equals_the_blocked_kernel_on_cpu():
+    """LongT5 transient-global on the CUDA path: global keys appended to the local ones, their
+    bias gathered by (global index - query block), HF's segment rule as the mask. Forward on
+    CPU against the blocked kernel, two padded documents (one shorter than a global block's worth
+    of padding), several global blocks."""
+    from cached_ds.flex_t5 import flex_bias_attention
+    from cached_ds.longt5_attention import _first_layer_bias
+    from cached_ds.t5_attention import BlockedBiasAttention, Layout
+
+    model = make_model("longt5-tglobal")  # local_radius 3, global_block_size 4
+    module = model.get_encoder().block[0].layer[0].TransientGlobalSelfAttention
+    length = 30
+    mask = torch.ones(2, length)
+    mask[1, 19:] = 0
+    bias = _first_layer_bias(module, mask, length)
+    side = bias.extra["side"]
+    count = side.segments.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, length, 16, generator=gen) for _ in range(3))
+    side_k, side_v = (torch.randn(2, 2, count, 16, generator=gen) for _ in range(2))
+    layout = Layout(block=8, offsets=bias.offsets, key_valid=mask > 0, radius=module.local_radius, side=side)
+    with torch.no_grad():
+        blocked = BlockedBiasAttention.apply(q, k, v, bias.offsets, side_k, side_v, bias.extra["table"], layout)
+        flex = flex_bias_attention(q, k, v, layout, side_k, side_v, bias.extra["table"])
+    real = (mask > 0)[:, None, :, None].expand_as(blocked)  # padding queries' outputs are don't-cares
+    torch.testing.assert_close(flex[real], blocked[real], rtol=1e-5, atol=1e-5)
