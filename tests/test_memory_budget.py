@@ -204,3 +204,29 @@ def test_a_forward_without_backward_releases_the_held_encoder(distributed):
     gc.collect()
     assert not encoder._cached_ds_gathered
     assert all(p.ds_persist is False for p in encoder.layers.parameters())
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "longt5-tglobal"])
+def test_every_piece_at_once_equals_the_reference(family):
+    """Kept graphs for some groups, streaming cross-attention with its fp32 gradient cache, the
+    cache and the fused states offloaded, checkpointed encoder and decoder layers, the fast T5
+    attention where it applies: still plain windowed HF backprop, dropout on (but on the attention
+    probabilities of the replaced modules, which ``keep_attention_dropout=False`` switches off)."""
+    from tiny_models import cross_attention_modules
+
+    from cached_ds.t5_attention import attention_targets
+
+    model = make_model(family)
+    reference = copy.deepcopy(model)
+    fast_t5 = family != "bart"
+    for module in cross_attention_modules(reference) + [m for m, _ in attention_targets(reference) if fast_t5]:
+        module.dropout = 0.0
+    batch = two_documents(model)
+    pieces = dict(cross_attention_block=7, keep_attention_dropout=False, fast_t5_attention=fast_t5,
+                  offload_gradient_cache=True, offload_encoder_states=True,
+                  decoder_gradient_checkpointing=True, encoder_gradient_checkpointing=True)
+    wrapped, loss, grads = cached_step(model, batch, budgets(model, batch, **pieces)["some"], **pieces)
+    assert_kept(wrapped, "some", groups_in(model, batch))
+    ref_loss, ref = windowed_hf_step(reference, *batch, WINDOW, GROUP_WINDOWS, SEED)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
