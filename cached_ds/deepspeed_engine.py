@@ -148,28 +148,49 @@ def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int] = frozens
     bench/results/2026-11-27-*). They are taken off for the pass and put back, in order, after.
     Gradient reduction is unaffected: it hangs on the parameters, not on the modules.
 
-    The shared embedding stays with ZeRO-3's own handling: the decoder uses it too. Re-entrant:
-    under a ``keep_graphs_bytes`` budget the core holds the forward's scope open until backward,
-    whose own scope then finds the encoder gathered."""
+    The shared embedding stays with ZeRO-3's own handling: the decoder uses it too. Holds are
+    counted, not nested: under a ``keep_graphs_bytes`` budget the core keeps a forward's scope
+    open until its backward (or until its graph is freed), so scopes of different steps can end
+    in any order; the encoder is released when the last one ends."""
     encoder = model.get_encoder()
-    if getattr(encoder, "_cached_ds_gathered", False):  # re-entered: the outer scope holds it
-        yield
-        return
-    embedding_module = families.input_embedding(model)
-    params = [p for p in encoder.parameters() if p is not embedding_module.weight]
-    for p in params:
-        p.ds_persist = True
-    params[0].all_gather(param_list=params)  # one bucketed gather; skips what is already there
-    inner = [m for m in encoder.modules() if m is not encoder and m is not embedding_module]
-    encoder._cached_ds_gathered = True
+    hold = encoder.__dict__.get("_cached_ds_gathered")
+    if hold is None:
+        hold = encoder.__dict__["_cached_ds_gathered"] = _GatheredEncoder(model, zero3_hook_ids)
+    hold.acquire()
     try:
-        with _hooks_removed(inner, zero3_hook_ids):
-            yield
+        yield
     finally:
-        encoder._cached_ds_gathered = False
-        for p in params:
+        hold.release()
+
+
+class _GatheredEncoder:
+    """The encoder's parameters gathered and pinned, and ZeRO-3's module hooks inside it lifted,
+    while ``holders`` > 0."""
+
+    def __init__(self, model: nn.Module, zero3_hook_ids: frozenset[int]):
+        encoder, embedding_module = model.get_encoder(), families.input_embedding(model)
+        self.params = [p for p in encoder.parameters() if p is not embedding_module.weight]
+        self.inner = [m for m in encoder.modules() if m is not encoder and m is not embedding_module]
+        self.hook_ids, self.holders, self._hooks = zero3_hook_ids, 0, None
+
+    def acquire(self) -> None:
+        self.holders += 1
+        if self.holders > 1:
+            return
+        for p in self.params:
+            p.ds_persist = True
+        self.params[0].all_gather(param_list=self.params)  # one bucketed gather; skips what is already there
+        self._hooks = _hooks_removed(self.inner, self.hook_ids)
+        self._hooks.__enter__()
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders:
+            return
+        self._hooks.__exit__(None, None, None)
+        for p in self.params:
             p.ds_persist = False
-        idle = [p for p in params if not p.ds_active_sub_modules]  # modules mid-backward release their own
+        idle = [p for p in self.params if not p.ds_active_sub_modules]  # modules mid-backward release their own
         if idle:
             idle[0].partition(param_list=idle)
 

@@ -187,7 +187,8 @@ def test_zero3_engine_rejects_a_budget_without_a_gathered_encoder(distributed):
 
 def test_a_forward_without_backward_releases_the_held_encoder(distributed):
     """Under a budget the forward's gather stays open for the backward; a loss that is never
-    backpropagated must not leave the encoder gathered (and ZeRO-3's hooks off) for good."""
+    backpropagated must not leave the encoder gathered (and ZeRO-3's hooks off) for good, nor
+    release it under a later step that still holds it."""
     import gc
 
     from ds_helpers import resolved_config
@@ -198,12 +199,21 @@ def test_a_forward_without_backward_releases_the_held_encoder(distributed):
     engine, *_ = initialize(model, resolved_config("zero3", cached={**CACHED_ONE_WINDOW, "keep_graphs_bytes": EVERY_GROUP}))
     encoder = engine.module.model.get_encoder()
     ids, mask, labels = random_batch([3 * WINDOW], [4], model.config.pad_token_id)
+    hold = lambda: encoder.__dict__["_cached_ds_gathered"].holders  # noqa: E731
     loss = engine(ids, mask, labels=labels).loss
-    assert encoder._cached_ds_gathered and engine.module.last_kept_groups == 3
+    assert hold() == 1 and engine.module.last_kept_groups == 3
+    # A second step while the first graph lives; the first is then freed unused. The second's
+    # kept graphs must still find the encoder gathered, and its backward must be exact.
+    second = engine(ids, mask, labels=labels).loss
+    assert hold() == 2
     del loss
     gc.collect()
-    assert not encoder._cached_ds_gathered
-    assert all(p.ds_persist is False for p in encoder.layers.parameters())
+    assert hold() == 1 and all(p.ds_persist for p in encoder.layers.parameters())
+    engine.backward(second)
+    assert hold() == 0 and all(p.ds_persist is False for p in encoder.layers.parameters())
+    del second
+    gc.collect()
+    assert hold() == 0
 
 
 @pytest.mark.parametrize("family", ["bart", "t5", "longt5-tglobal"])
