@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("full", "full_gc", "hf_ds_gc", "cached")
-RELATIVE_POSITION_FAMILIES = ("t5", "longt5", "mt5", "umt5")
 
 
 class WindowedFusionInDecoder(nn.Module):
@@ -74,9 +73,11 @@ def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, gr
     if method == "hf_ds_gc":
         import deepspeed
 
+        from cached_ds import families
+
         enable_hf_checkpointing(model)
-        family = model.config.model_type
-        module = WholeInput(model) if family in RELATIVE_POSITION_FAMILIES else WindowedFusionInDecoder(model, window)
+        # Relative positions (T5/LongT5) take the whole input; a position table (BART) needs windows.
+        module = WholeInput(model) if families.max_window(model) is None else WindowedFusionInDecoder(model, window)
         engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=[p for p in module.parameters() if p.requires_grad])
         return engine
 
@@ -105,13 +106,11 @@ def attn_implementation(model: nn.Module) -> str:
 
 
 def window_for(model: nn.Module, requested: int | None) -> int:
-    """The encoder window: the request, else the position table (BART: 1024), else LongT5's 4096."""
-    if requested:
-        return requested
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if model.config.model_type not in RELATIVE_POSITION_FAMILIES and limit:
-        return int(limit)
-    return 4096 if model.config.model_type == "longt5" else 512
+    """The encoder window: the request, else cached_ds's default for the family (BART: its 1024
+    positions, LongT5: 4096)."""
+    from cached_ds import families  # here, not at the top: sweep.py imports this module without cached_ds
+
+    return requested or families.default_window(model)
 
 
 def random_document(tokens: int, target_tokens: int, vocab: int, device, seed: int = 0) -> dict:

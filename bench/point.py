@@ -30,18 +30,16 @@ GIB = 2**30
 
 def ds_config(stage: int, dtype: str, hidden: int) -> dict:
     """``ds_configs/zero<stage>.json`` with its "auto" fields fixed for a one-document step."""
-    from cached_ds.ds_config import load_config, resolve_auto, reuse_distance
+    from cached_ds.ds_config import auto_values, load_config, resolve_auto
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "ds_configs" / f"zero{stage}.json")
     config.pop("cached", None)
-    config.pop("scheduler", None)
-    config = resolve_auto(config, {
-        "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "enabled": dtype == "bf16", "lr": 1e-5, "weight_decay": 0.0,
-        "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-        "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_reuse_distance": reuse_distance(hidden),
-    })
+    config.pop("scheduler", None)  # a constant rate: the warm-up and total-step values go unused
+    config = resolve_auto(config, auto_values(
+        micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-5, weight_decay=0.0,
+        warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=dtype == "bf16", hidden_size=hidden,
+    ))
     # torch's AdamW: DeepSpeed's FusedAdam would compile a CUDA extension first (minutes).
     config["optimizer"]["params"]["torch_adam"] = True
     config["zero_allow_untested_optimizer"] = True
