@@ -214,11 +214,12 @@ class CachedEncoderFunction(torch.autograd.Function):
             # A kept graph is used once (a second backward through the same step recomputes).
             weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
+            grad = grad.to(output.device, output.dtype)
             if index == last:
-                _backward_adding(output, grad.to(output.device, output.dtype), targets, param_sums)
+                _backward_adding(output, grad, targets, param_sums)
                 weight_sum = _accumulate(weight_sum, weight.grad, dtype)
                 break
-            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.device, output.dtype), allow_unused=True)):
+            for target, g in zip(targets, torch.autograd.grad(output, targets, grad, allow_unused=True)):
                 if target is weight:
                     weight_sum = _accumulate(weight_sum, g, dtype)
                 elif g is not None:  # None: unused by this group (LayerDrop)
@@ -289,7 +290,7 @@ class _GraphKeeper:
         self.calls = 0
         self.open = budget > 0
         self._cost_of_shape: dict[torch.Size, int] = {}
-        self._resident = {p.untyped_storage().data_ptr() for p in ctx.model.parameters()}
+        self._resident = {p.untyped_storage().data_ptr() for p in ctx.model.parameters()} if self.open else set()
 
     def __call__(self, group: WindowGroup) -> torch.Tensor:
         index, self.calls = self.calls, self.calls + 1

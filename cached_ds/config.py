@@ -82,15 +82,14 @@ class CachedConfig:
         if self.offload_encoder_states and self.cross_attention_block is None:
             raise ValueError("offload_encoder_states needs cross_attention_block (only streaming cross-attention reads "
                              "host-resident states, block by block); set cross_attention_block, e.g. 8192")
-        block = self.cross_attention_block
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-            raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {block!r}")
-        keep = self.keep_graphs_bytes
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        if not _is_count(self.cross_attention_block, 1):
+            raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {self.cross_attention_block!r}")
+        if not _is_count(self.keep_graphs_bytes, 0):
             raise ValueError(
-                f"keep_graphs_bytes must be a non-negative number of bytes (0 or null: recompute every group), got {keep!r}"
+                f"keep_graphs_bytes must be a non-negative number of bytes (0 or null: recompute every group), "
+                f"got {self.keep_graphs_bytes!r}"
             )
-        if keep and self.mode != "cached":
+        if self.keep_graphs_bytes and self.mode != "cached":
             raise ValueError(
                 f"keep_graphs_bytes is for mode 'cached' (mode {self.mode!r} keeps every group's graph); remove it"
             )
@@ -116,3 +115,8 @@ class CachedConfig:
         if self.group_windows is None and self.group_tokens is None:
             return {"group_windows": None, "group_tokens": DEFAULT_GROUP_TOKENS}
         return {"group_windows": self.group_windows, "group_tokens": self.group_tokens}
+
+
+def _is_count(value, minimum: int) -> bool:
+    """``None``, or an int of at least ``minimum`` (JSON's true/false are not counts)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum)

@@ -86,10 +86,9 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     config = load_config(config)
     settings = EngineSettings.from_section(config.pop("cached", None))
     zero = config.get("zero_optimization") or {}
-    if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
-        zero["stage3_max_reuse_distance"] = reuse_distance(model.config.d_model)  # not 1e9: see reuse_distance
     wrapped = CachedSeq2Seq(model, settings.cached)
     if zero.get("stage") == 3:
+        zero.setdefault("stage3_max_reuse_distance", reuse_distance(model.config.d_model))  # not 1e9: see reuse_distance
         _gather_streaming_modules_whole(wrapped.model)
     if model_parameters is None:
         model_parameters = [p for p in wrapped.parameters() if p.requires_grad]

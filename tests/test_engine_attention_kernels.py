@@ -8,6 +8,7 @@ import pytest
 from ds_helpers import resolved_config, single_rank_distributed
 from reference import assert_grads_match
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
+from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout
 
 from cached_ds.streaming_cross_attention import StreamingCrossAttention
@@ -17,13 +18,6 @@ from cached_ds.t5_attention import attention_targets
 @pytest.fixture(scope="module", autouse=True)
 def distributed():
     single_rank_distributed()
-
-
-def without_self_attention_dropout(model):
-    """The fast T5 path has no attention-probability dropout; hidden dropout stays on."""
-    for module, _ in attention_targets(model):
-        module.dropout = 0.0
-    return model
 
 
 def autograd_functions(tensor, depth: int = 8) -> set[str]:
@@ -61,7 +55,7 @@ CASES = [
 def test_engine_with_attention_kernels_matches_reference(config, family, kernels, node):
     from cached_ds.deepspeed_engine import initialize
 
-    model = without_self_attention_dropout(make_model_without_cross_attention_dropout(family))
+    model = without_attention_dropout(make_model_without_cross_attention_dropout(family))
     pristine = copy.deepcopy(model)
     batches = micro_batches(model, gas=2)
     ref_grads = reference_gradients(pristine, batches)
@@ -93,7 +87,7 @@ def test_keep_attention_dropout_false_trains_t5_on_the_kernels_from_the_config()
     from cached_ds.deepspeed_engine import initialize
 
     model = make_model("t5")  # dropout 0.1 everywhere
-    pristine = without_self_attention_dropout(copy.deepcopy(model))
+    pristine = without_attention_dropout(copy.deepcopy(model))
     for module in cross_attention_modules(pristine):
         module.dropout = 0.0
     batches = micro_batches(model, gas=1)
