@@ -30,6 +30,8 @@ from .t5_attention import (
     OffsetBias,
     SideKeys,
     attention,
+    project_heads,
+    project_qkv,
     t5_self_attention_forward,
 )
 
@@ -57,12 +59,6 @@ def _hf_or_none(self, position_bias, output_attentions):
     return True
 
 
-def _qkv(self, hidden_states):
-    shape = (hidden_states.shape[0], -1, self.n_heads, self.key_value_proj_dim)
-    project = lambda linear, x: linear(x).view(shape).transpose(1, 2)
-    return project(self.q, hidden_states), project(self.k, hidden_states), project(self.v, hidden_states), project
-
-
 def _key_padding_from_local_mask(mask: torch.Tensor | None, block_len: int, length: int) -> torch.Tensor | None:
     """HF's local mask (batch, 1, blocks, block, 3·block) holds each token's own padding bit on
     the diagonal of its block (query i against key block_len + i)."""
@@ -78,7 +74,7 @@ def local_attention_forward(self, hidden_states, mask=None, position_bias=None, 
     if _hf_or_none(self, position_bias, output_attentions):
         return self._cached_ds_hf_forward(hidden_states, mask=mask, position_bias=position_bias, output_attentions=output_attentions)
     length = hidden_states.shape[1]
-    q, k, v, _ = _qkv(self, hidden_states)
+    q, k, v = project_qkv(self, hidden_states)
     if position_bias is None:
         position_bias = OffsetBias.of(self, length, length)
     settings = self._cached_ds_settings
@@ -110,8 +106,8 @@ def transient_global_attention_forward(self, hidden_states, mask=None, position_
         position_bias = _first_layer_bias(self, mask, length)
     extra = position_bias.extra
     global_inputs = self.global_input_layer_norm(_global_inputs(hidden_states, extra["block_ids"], extra["side"].segments.shape[1]))
-    q, k, v, project = _qkv(self, hidden_states)
-    side_k, side_v = project(self.k, global_inputs), project(self.v, global_inputs)
+    q, k, v = project_qkv(self, hidden_states)
+    side_k, side_v = project_heads(self, self.k, global_inputs), project_heads(self, self.v, global_inputs)
     settings = self._cached_ds_settings
     layout = Layout(settings.block, position_bias.offsets, key_valid=mask > 0, radius=self.local_radius, side=extra["side"])
     out = attention(q, k, v, layout, side_k, side_v, extra["table"], use_flex=settings.use_flex)

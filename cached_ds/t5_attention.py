@@ -293,6 +293,15 @@ def _why_hf(module, key_value_states, position_bias, cache, mask, kwargs) -> str
     return None
 
 
+def project_heads(module: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(batch, n, d) through one of ``module``'s projections -> (batch, heads, n, head dim)."""
+    return linear(x).view(x.shape[0], -1, module.n_heads, module.key_value_proj_dim).transpose(1, 2)
+
+
+def project_qkv(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(project_heads(module, linear, hidden_states) for linear in (module.q, module.k, module.v))
+
+
 def t5_self_attention_forward(
     self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, past_key_values=None,
     **kwargs,
@@ -307,10 +316,7 @@ def t5_self_attention_forward(
             **{_CACHE_KW: cache}, **kwargs,
         )
     batch, length = hidden_states.shape[:2]
-    shape = (batch, length, self.n_heads, self.key_value_proj_dim)
-    q = self.q(hidden_states).view(shape).transpose(1, 2)
-    k = self.k(hidden_states).view(shape).transpose(1, 2)
-    v = self.v(hidden_states).view(shape).transpose(1, 2)
+    q, k, v = project_qkv(self, hidden_states)
     if cache is not None:  # empty: fill it as HF does (a decoder called with use_cache=True)
         own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         k, v = own.update(k, v, self.layer_idx)
