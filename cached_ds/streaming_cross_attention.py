@@ -57,7 +57,6 @@ import torch
 from torch import nn
 
 from .gradient_sink import (
-    SINK_ATTRIBUTE,
     GradientSink,
     accumulation_dtype,
     attach,
@@ -125,14 +124,9 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and gradient sums: fp32 at least (fp64 stays fp64)."""
-    return accumulation_dtype(dtype)
-
-
 def _scores(query, key, keep, start, scale) -> torch.Tensor:
     """Scores of one key block in the statistics dtype, -inf on masked keys."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(_stats_dtype(query.dtype))
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(accumulation_dtype(query.dtype))
     if scale != 1.0:
         scores = scores * scale
     if keep is not None:
@@ -190,7 +184,7 @@ class StreamingAttentionFunction(torch.autograd.Function):
 def _attend(query, blocks: Iterable, keep, scale):
     """Online softmax: a running row max, row sum and unnormalised output, rescaled per block."""
     batch, heads, target, head_dim = query.shape
-    row_max = query.new_full((batch, heads, target), -INF, dtype=_stats_dtype(query.dtype))
+    row_max = query.new_full((batch, heads, target), -INF, dtype=accumulation_dtype(query.dtype))
     row_sum = torch.zeros_like(row_max)
     acc = query.new_zeros((batch, heads, target, head_dim), dtype=row_max.dtype)
     for start, _, key, value in blocks:
@@ -211,7 +205,7 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     """Flash-attention backward per block: P = exp(S - lse), dS = P * (dP - rowsum(dO * O));
     then through the K/V projections to their weights, biases and ``states``."""
     needs_query, needs_states, _, *needs_weights = ctx.needs_input_grad[:7]
-    dtype, stats, scale = query.dtype, _stats_dtype(query.dtype), ctx.scale
+    dtype, stats, scale = query.dtype, accumulation_dtype(query.dtype), ctx.scale
     grad_out = grad_out.to(dtype)
     delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)
     grad_query = torch.zeros_like(query, dtype=stats) if needs_query else None
@@ -271,10 +265,6 @@ def attend_to_cached(query, key, value, keep, scale: float, block: int) -> torch
 
 
 # --------------------------------------------------------------------------- out-of-band states gradient
-
-# ``GradientSink`` lives in ``gradient_sink`` (the core's gradient cache uses it too); these names
-# stay importable from here.
-_SINK_ATTRIBUTE = SINK_ATTRIBUTE
 
 
 class _SinkOutlet(torch.autograd.Function):
