@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 from methods import METHODS  # noqa: E402
 from report import label, read_points, write_report  # noqa: E402
 
@@ -80,16 +79,12 @@ def device_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(device: str) -> dict:
     """One rank of its own: no rendezvous variables inherited from a launcher or SLURM."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from cached_ds.distributed import fresh_rendezvous_env
+
+    env = fresh_rendezvous_env()
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     return env

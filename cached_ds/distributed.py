@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,23 @@ def all_reduce_sum(value: float) -> float:
     total = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total.item())
+
+
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_rendezvous_env(env: dict | None = None) -> dict:
+    """``env`` (default ``os.environ``) for a child process that starts a process group of its
+    own: without the rendezvous variables inherited from a launcher, SLURM or a group this process
+    holds, and with a free ``MASTER_PORT``."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in RENDEZVOUS}
+    return {**env, "MASTER_PORT": str(free_port())}
 
 
 def init_process_group() -> None:

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from cached_ds.distributed import free_port, fresh_rendezvous_env
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env(**extra) -> dict:
     """The test process's environment without its own rendezvous (this pytest process may hold a
     single-rank group on MASTER_PORT), plus a free port for single-process runs."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    return {**env, "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    return {**fresh_rendezvous_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def train_command(*args, ranks: int = 1) -> list[str]:

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cached_ds.distributed import free_port  # fresh ports per cluster: a daemon left by a killed run can't answer
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -25,13 +27,6 @@ MUNGE_SOCKET_DIR = Path("/run/munge")  # the default socket, so slurm's auth/mun
 
 def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
-
-
-def _free_port():
-    # fresh ports per cluster, so a daemon left over from a killed test run can't answer for us
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install_packages():
@@ -132,8 +127,8 @@ class OneNodeSlurm:
         conf.write_text(f"""\
 ClusterName=cachedds
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
