@@ -46,13 +46,13 @@ import torch
 from torch import nn
 
 from .streaming_cross_attention import (
+    DEFAULT_BLOCK,
     LAYOUTS,
     attend_to_cached,
     streaming_cross_attention_installed,
 )
 
 EXPANSION_HOOK = "_expand_inputs_for_generation"
-DEFAULT_BLOCK = 1024
 
 
 class SharedEncoderSide:

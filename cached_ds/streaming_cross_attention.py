@@ -64,6 +64,7 @@ from .gradient_sink import (
 )
 
 INF = float("inf")
+DEFAULT_BLOCK = 1024  # key tokens per online-softmax step
 
 
 @dataclass(frozen=True)
@@ -448,7 +449,7 @@ def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()[:, None, None, :]
 
 
-def install_streaming_cross_attention(model: nn.Module, block: int = 1024) -> list[StreamingCrossAttention]:
+def install_streaming_cross_attention(model: nn.Module, block: int = DEFAULT_BLOCK) -> list[StreamingCrossAttention]:
     """Replace every decoder cross-attention module of the HF ``model`` with a streaming one of
     ``block`` key tokens per step (installing again only updates ``block``). Returns them."""
     modules, _ = _install(model, block)
@@ -466,7 +467,7 @@ def remove_streaming_cross_attention(model: nn.Module) -> None:
 
 
 @contextmanager
-def streaming_cross_attention_installed(model: nn.Module, block: int = 1024) -> Iterator[list[StreamingCrossAttention]]:
+def streaming_cross_attention_installed(model: nn.Module, block: int = DEFAULT_BLOCK) -> Iterator[list[StreamingCrossAttention]]:
     """Every decoder cross-attention module streaming inside the block; on exit the model is as it
     was: modules installed here are removed, ones installed before stay, with their ``block``."""
     modules, added = _install(model, block)
