@@ -65,9 +65,10 @@ def enable_hf_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int, kernels: dict | None = None):
+def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int, extra: dict | None = None):
     """A DeepSpeed engine whose ``engine(input_ids=, attention_mask=, labels=)`` returns HF's output.
-    ``kernels``: extra "cached" settings for ``cached`` (``cross_attention_block``, ``fast_t5_attention``)."""
+    ``extra``: more "cached" settings for ``cached`` (``cross_attention_block``, ``fast_t5_attention``,
+    ``keep_graphs_bytes``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hf_ds_gc":
@@ -94,7 +95,7 @@ def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, gr
         "decoder_gradient_checkpointing": method == "cached",
     }
     if method == "cached":
-        cached.update(kernels or {})
+        cached.update(extra or {})
         if ds_config["zero_optimization"]["stage"] == 3:
             cached["keep_encoder_gathered"] = True
     engine, *_ = initialize(model, {**ds_config, "cached": cached})

@@ -47,6 +47,14 @@ def ds_config(stage: int, dtype: str, hidden: int) -> dict:
     return config
 
 
+def cached_settings(spec: dict) -> dict:
+    """The spec's extra "cached" settings: its kernels, and its graph budget in bytes."""
+    settings = dict(spec.get("kernels") or {})
+    if spec.get("keep_graphs_gib"):
+        settings["keep_graphs_bytes"] = int(spec["keep_graphs_gib"] * GIB)
+    return settings
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -145,7 +153,7 @@ def measure(spec: dict) -> dict:
     flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
     encoder = model.get_encoder()
     engine = build_engine(spec["method"], model, ds_config(spec["zero_stage"], spec["dtype"], config.d_model),
-                          window, spec["group_tokens"], spec.get("kernels"))
+                          window, spec["group_tokens"], cached_settings(spec))
     batch = random_document(spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)
@@ -159,6 +167,8 @@ def measure(spec: dict) -> dict:
         synchronize()
         step_times.append(time.perf_counter() - start)
     step_s = statistics.median(step_times)
+    if spec["method"] == "cached":  # window groups whose graph the budget kept (not recomputed)
+        result["kept_groups"] = engine.module.last_kept_groups
     result.update(step_s=step_s, step_times=step_times, losses=losses, tokens_per_s=spec["tokens"] / step_s,
                   model_tflops=flops / 1e12, model_tflops_per_s=flops / step_s / 1e12)
     if device.type == "cuda":

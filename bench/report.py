@@ -31,8 +31,11 @@ def _tokens(n: int) -> str:
 
 
 def label(point: dict) -> str:
-    """The method, with the cached kernels it ran with (``cached+cross_attention_block=4096``)."""
+    """The method, with the cached kernels and graph budget it ran with
+    (``cached+cross_attention_block=4096+keep_graphs=40GiB``)."""
     extras = [f"{k}={v}" if v is not True else k for k, v in sorted((point.get("kernels") or {}).items())]
+    if point.get("keep_graphs_gib"):
+        extras.append(f"keep_graphs={point['keep_graphs_gib']:g}GiB")
     return "+".join([point["method"], *extras])
 
 
@@ -70,12 +73,13 @@ def table(points: list[dict]) -> str:
 
 def breakdown_table(points: list[dict]) -> str:
     keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "recompute_backward_s", "backward_s", "optimizer_s"]
-    rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys) + " |",
-            "|---|---|---:|" + "---:|" * len(keys)]
+    rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys) + " | kept groups |",
+            "|---|---|---:|" + "---:|" * (len(keys) + 1)]
     for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
         if "breakdown" in p:
+            kept = p.get("kept_groups")  # cached: groups whose graph was kept, not recomputed
             rows.append(f"| {p['model']} | {label(p)} | {_tokens(p['tokens'])} | "
-                        + " | ".join(_fmt(p["breakdown"].get(k), 3) for k in keys) + " |")
+                        + " | ".join(_fmt(p["breakdown"].get(k), 3) for k in keys) + f" | {'–' if kept is None else kept} |")
     return "\n".join(rows) + "\n"
 
 

@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
     parser.add_argument("--cross_attention_block", type=int, default=None, help="cached: streaming cross-attention key block (default: HF's module)")
     parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
+    parser.add_argument("--keep_graphs_gib", type=float, default=None,
+                        help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
@@ -132,7 +134,7 @@ def main(argv=None) -> Path:
         spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
                     steps=args.steps, warmup=args.warmup, saved_tensor_meter=args.saved_tensor_meter, kernels=kernels(args) if method == "cached" else {},
-                    no_attention_dropout=bool(kernels(args)))
+                    keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)))
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}

@@ -59,3 +59,16 @@ def test_cached_encoder_saved_tensor_peak_does_not_grow_with_length(smoke):
     assert peak[("cached", 4096)] == peak[("cached", 1024)]
     # The control: full backprop keeps every window's activations, 4x the tokens ~ 4x the bytes.
     assert peak[("full", 4096)] > 3 * peak[("full", 1024)]
+
+
+def test_a_graph_budget_keeps_groups_and_labels_its_row(smoke, tmp_path):
+    """``--keep_graphs_gib``: CachED's kept-graph budget reaches the engine (every window group of
+    the 4K document kept, none without a budget) and its row is told apart from plain ``cached``."""
+    _, points = smoke
+    assert {p["kept_groups"] for p in points if p["method"] == "cached"} == {0}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "4096",
+                           "--keep_graphs_gib", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    point, = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    assert point["keep_graphs_gib"] == 1 and point["kept_groups"] == 4096 // 512  # the smoke groups are 512 tokens
+    assert "| tiny-bart | cached+keep_graphs=1GiB | 4K |" in (tmp_path / "table.md").read_text()

@@ -34,7 +34,9 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 }
 # PLAN: one sweep per line (its arguments); the default puts the most informative points first.
 PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
+--tokens 262144 --methods cached --keep_graphs_gib 40
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc
+--tokens 1048576 --methods cached --keep_graphs_gib 40
 --tokens 2097152 --methods cached
 --tokens 262144 --methods cached --cross_attention_block 8192
 --tokens 4194304 --methods cached --cross_attention_block 8192
