@@ -19,6 +19,8 @@ The steps, as in GradCache's ``grad_cache.py``:
 
 Encoder activation memory is one window group, whatever the document length, plus the budget for
 kept graphs: a document whose groups all fit costs what full backprop costs, with no recompute.
+With ``offload_states``/``offload_cache`` the fused states and the gradient cache live in host
+memory and come and go group by group, overlapped with the compute (``host_offload.py``).
 The token embedding weight is an input too: its encoder share comes back from the recompute and
 autograd adds it to the decoder's and the LM head's shares (the tied embedding gets all three).
 
@@ -39,6 +41,7 @@ from torch import nn
 
 from . import families
 from .gradient_sink import GradientSink, attach
+from .host_offload import HostStates, group_gradients_on_device
 from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
 
@@ -104,21 +107,28 @@ def encode_plan(
     plan: WindowPlan,
     rng_states: list | None = None,
     encode: Callable[[WindowGroup], torch.Tensor] | None = None,
+    to_host: bool = False,
 ) -> torch.Tensor:
     """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
     Padding groups leave the dropout stream as they found it, so padding changes no mask.
     ``encode`` (default ``encode_group``) runs one group: whatever it keeps, it draws the same
-    dropout masks, so the stream later groups see does not depend on it."""
+    dropout masks, so the stream later groups see does not depend on it. ``to_host``: fused in
+    host memory, each group's output copied there while the next group is encoded."""
     encode = encode or partial(encode_group, model, weight)
+    host = HostStates(plan) if to_host else None
     outputs = []
     for group in plan.groups:
         rng = RngState.capture(weight.device)
         if rng_states is not None:
             rng_states.append(rng)
-        outputs.append(encode(group))
+        output = encode(group)
+        if host is not None:
+            host.add(output)  # the device copy is dropped: one group at a time on the device
+        else:
+            outputs.append(output)
         if group.padding:
             rng.restore(weight.device)
-    return plan.fuse(outputs)
+    return host.result() if host is not None else plan.fuse(outputs)
 
 
 @dataclass
@@ -186,8 +196,7 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.held = _HeldScope(scope()) if schedule.keep_bytes > 0 else None
         with contextlib.nullcontext() if ctx.held else scope():
             keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
-            encode = (lambda group: _to_host(keeper(group))) if schedule.offload_states else keeper
-            fused = encode_plan(model, weight, plan, ctx.rng_states, encode)
+            fused = encode_plan(model, weight, plan, ctx.rng_states, keeper, to_host=schedule.offload_states)
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
@@ -208,9 +217,10 @@ class CachedEncoderFunction(torch.autograd.Function):
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
         weight_sum = None
-        cache = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
+        cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
+        grads = group_gradients_on_device(ctx.plan, cache, ctx.device) if on_host else ctx.plan.split_gradient(cache)
         last = len(ctx.plan.groups) - 1
-        for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, ctx.plan.split_gradient(cache))):
+        for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, grads)):
             # A kept graph is used once (a second backward through the same step recomputes).
             weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
@@ -227,12 +237,6 @@ class CachedEncoderFunction(torch.autograd.Function):
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy in host memory, pinned beside a GPU (synchronous for now; overlap is the GPU follow-up)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
-    return host.copy_(tensor)
-
-
 class _HeldScope:
     """A scope entered now and left by ``close()``, or when the graph holding it is freed without
     a backward (a forward whose loss was never backpropagated)."""
@@ -245,19 +249,19 @@ class _HeldScope:
         self._finalizer()
 
 
-def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
+def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """d(loss)/d(fused states): the sink's total (at least fp32) plus autograd's share, added in
-    place into the total. No gradient at all (nothing downstream depended on the states): zeros,
-    as autograd would have materialised, so every encoder parameter still gets its ``.grad``
-    (and an engine's hooks their one call)."""
+    place into the total; and whether it is in host memory (an offloaded sink's). No gradient at
+    all (nothing downstream depended on the states): zeros, as autograd would have materialised,
+    so every encoder parameter still gets its ``.grad`` (and an engine's hooks their one call)."""
     total = ctx.sink.take()
     if total is None and grad_fused is None:
-        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device)
+        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device), False
     if total is None:
-        return grad_fused
+        return grad_fused, False
     if grad_fused is not None:
         total += grad_fused.to(total.device)
-    return total
+    return total, ctx.sink.offload
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:

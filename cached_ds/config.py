@@ -35,6 +35,7 @@ class CachedConfig:
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
         host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
         off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on.
+        Copies overlap the compute (``host_offload``): they cost host-link bandwidth and host adds.
     offload_encoder_states: keep the fused encoder states in host memory too (2 bytes × hidden per
         token in bf16); needs ``cross_attention_block``, whose blocks come to the device one by one.
     keep_attention_dropout: ``False`` switches attention-probability dropout off in the modules

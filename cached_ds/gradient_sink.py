@@ -9,12 +9,14 @@ gradient for the states, and whoever produced the states (``cached_encoder``'s g
 or ``streaming_cross_attention.with_gradient_sink``) takes the total in its backward, which
 autograd runs after every consumer's.
 
-No dependencies beyond torch, so the core and the decoder modules can both import it.
+No dependencies beyond torch (and ``host_offload``), so the core and the decoder modules can both import it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .host_offload import HostAccumulator, host_zeros
 
 SINK_ATTRIBUTE = "_streaming_gradient_sink"
 
@@ -33,21 +35,28 @@ class GradientSink:
         self.total: torch.Tensor | None = None
         self.blocks_added = 0
         self.offload = offload  # keep the buffer in host memory (pinned beside a GPU), not on the device
+        self._host_adds: HostAccumulator | None = None
 
     def add(self, states: torch.Tensor, start: int, grad: torch.Tensor) -> None:
-        """Add ``grad``, the gradient of ``states[:, start : start + grad.shape[1]]``."""
+        """Add ``grad`` (not to be changed afterwards), the gradient of ``states[:, start : start + grad.shape[1]]``."""
         if self.total is None:
-            device = "cpu" if self.offload else states.device
-            pinned = self.offload and states.device.type == "cuda"
-            self.total = torch.zeros(states.shape, dtype=accumulation_dtype(states.dtype), device=device, pin_memory=pinned)
-        # Offloaded: one block's device-to-host copy, then the add on the host. Synchronous for
-        # now; overlapping it with the next block's compute (a side stream) is the GPU follow-up.
-        self.total[:, start : start + grad.shape[1]] += grad.to(self.total.device)
+            dtype = accumulation_dtype(states.dtype)
+            if self.offload:  # pinned when the gradient comes from a GPU (states may be on the host)
+                self.total = host_zeros(states.shape, dtype, grad.device)
+                self._host_adds = HostAccumulator(self.total)
+            else:
+                self.total = torch.zeros(states.shape, dtype=dtype, device=grad.device)  # where the compute is
+        if self._host_adds is not None:  # copied and added beside the compute of the next block
+            self._host_adds.add(start, grad)
+        else:
+            self.total[:, start : start + grad.shape[1]] += grad
         self.blocks_added += 1
 
     def take(self) -> torch.Tensor | None:
         """The total so far (``None`` if nothing was added), leaving the sink empty."""
-        total, self.total = self.total, None
+        if self._host_adds is not None:
+            self._host_adds.finish()
+        total, self.total, self._host_adds = self.total, None, None
         return total
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .host_offload import is_offloaded, rows_to_device
 from .gradient_sink import (
     GradientSink,
     accumulation_dtype,
@@ -139,18 +140,40 @@ def _scores(query, key, keep, start, scale) -> torch.Tensor:
 class _Blocks:
     """Per-block K/V of ``states``, projected in the queries' dtype (autocast's, when it is on)."""
 
-    def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block):
+    def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded=False):
         self.dtype, self.heads, self.block, self.device = query.dtype, query.shape[1], block, query.device
         self.states = states  # on the device, or in host memory when offloaded: blocks come over one by one
+        self.offloaded = offloaded
         self.k_weight, self.k_bias, self.v_weight, self.v_bias = (
             None if t is None else t.to(self.dtype) for t in (k_weight, k_bias, v_weight, v_bias)
         )
 
     def __iter__(self):
-        for start in range(0, self.states.shape[1], self.block):
-            x = self.states[:, start : start + self.block].to(self.device, self.dtype, non_blocking=True)
+        starts = range(0, self.states.shape[1], self.block)
+        if self.offloaded:
+            blocks = self._from_host(starts)
+        else:
+            blocks = (self.states[:, start : start + self.block].to(self.device) for start in starts)
+        for start, x in zip(starts, blocks):
+            x = x.to(self.dtype)
             key = _heads(x, self.k_weight, self.k_bias, self.heads)
             yield start, x, key, _heads(x, self.v_weight, self.v_bias, self.heads)
+
+    def _from_host(self, starts: range) -> Iterator[torch.Tensor]:
+        """Blocks of host-memory states on the device, block i+1 already on its way while block i
+        is used (``host_offload``: a side stream on CUDA)."""
+        batch, length, hidden = self.states.shape
+        rows = self.states.view(-1, hidden)
+
+        def fetch(start):
+            n = min(self.block, length - start)
+            runs = [(b * length + start, b * n, n) for b in range(batch)]
+            return rows_to_device(rows, runs, batch * n, self.device), n
+
+        pending = fetch(starts[0]) if starts else None
+        for i in range(len(starts)):
+            (current, n), pending = pending, fetch(starts[i + 1]) if i + 1 < len(starts) else None
+            yield current.ready().view(batch, n, hidden)
 
 
 def _no_autocast(device: torch.device):
@@ -169,9 +192,10 @@ class StreamingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None):
         with _no_autocast(query.device):
-            out, lse = _attend(query, _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block), keep, scale)
+            offloaded = is_offloaded(states)
+            out, lse = _attend(query, _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded), keep, scale)
         ctx.save_for_backward(query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse)
-        ctx.scale, ctx.block, ctx.sink = scale, block, sink
+        ctx.scale, ctx.block, ctx.sink, ctx.offloaded = scale, block, sink, offloaded
         return out
 
     @staticmethod
@@ -214,7 +238,7 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     grad_states = torch.empty_like(states) if needs_states and sink is None else None
     # k_weight, k_bias, v_weight, v_bias gradients, summed over blocks (None: not needed / no bias)
     sums = [torch.zeros_like(w, dtype=stats) if need else None for w, need in zip(weights, needs_weights)]
-    blocks = _Blocks(query, states, *weights, ctx.block)
+    blocks = _Blocks(query, states, *weights, ctx.block, ctx.offloaded)
     for start, x, key, value in blocks:
         probs = torch.exp(_scores(query, key, keep, start, scale) - lse[..., None])  # 0 on masked keys
         grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).to(stats)

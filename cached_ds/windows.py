@@ -27,6 +27,10 @@ class WindowGroup:
     attention_mask: torch.Tensor
     real_positions: torch.Tensor  # flat indices into (windows * group_len) of real (unpadded) tokens
     padding: bool = False  # a one-token stand-in that contributes nothing (see WindowPlan.padded_to)
+    # The same map as row ranges, for copies that cannot index (host <-> device): (first row in
+    # the group's flat (windows * group_len) layout, first row in the fused flat (batch * longest)
+    # layout, row count), adjacent ranges merged: one per document a group touches, when full.
+    runs: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -92,13 +96,14 @@ class WindowPlan:
             group_len = max(length for _, _, length in members)
             ids = input_ids.new_full((len(members), group_len), pad_token_id)
             mask = torch.zeros((len(members), group_len), dtype=torch.long, device=device)
-            real = []
+            real, runs = [], []
             for row, (doc, start, length) in enumerate(members):
                 ids[row, :length] = input_ids[doc, start : start + length]
                 mask[row, :length] = 1
                 real.append(torch.arange(row * group_len, row * group_len + length, device=device))
                 fused_positions.append(torch.arange(doc * longest + start, doc * longest + start + length, device=device))
-            groups.append(WindowGroup(ids, mask, torch.cat(real)))
+                runs.append((row * group_len, doc * longest + start, length))
+            groups.append(WindowGroup(ids, mask, torch.cat(real), runs=_merged(runs)))
 
         fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
         return cls(groups, fused_mask, torch.cat(fused_positions))
@@ -148,6 +153,17 @@ class WindowPlan:
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
         return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions.to(output.device))
+
+
+def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    """(group row, fused row, count) ranges, each joined to the previous one where both continue it."""
+    merged: list[tuple[int, int, int]] = []
+    for group_row, fused_row, count in runs:
+        if merged and merged[-1][0] + merged[-1][2] == group_row and merged[-1][1] + merged[-1][2] == fused_row:
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + count)
+        else:
+            merged.append((group_row, fused_row, count))
+    return tuple(merged)
 
 
 def _group_spans(spans, group_windows, group_tokens):

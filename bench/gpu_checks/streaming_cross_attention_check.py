@@ -4,7 +4,9 @@ For tiny BART and T5 decoders on CUDA, one forward + backward of a padded two-do
 whose encoder states need a gradient, once with streaming cross-attention installed (several key
 blocks, the last one partial) and once on an untouched copy: fp32 must agree to 1e-4 relative
 (different summation orders), bf16 autocast to 3e-2. Then a long one: BART-large's decoder shape
-over 256K keys in bf16, reporting the peak memory of the streamed backward against HF's. Prints
+over 256K keys in bf16, reporting the peak memory of the streamed backward against HF's. And a
+CachED step with the gradient cache and fused states in host memory (side-stream copies, the
+worker thread's adds) against the same step without offload: fp32, to 1e-6. Prints
 ONE JSON line; every case catches its own exception. About 20 s on an H100.
 
     python bench/gpu_checks/streaming_cross_attention_check.py
@@ -133,9 +135,36 @@ def cached_step_memory(tokens: int = 262144) -> dict:
     return result
 
 
+def offload_exactness(tokens: int = 32768) -> dict:
+    """A CachED step (fp32, streaming cross-attention) with the gradient cache and the fused
+    states in host memory against the same step with both on the device: the side-stream copies
+    and the worker thread's host adds must change nothing (the same fp32 adds in the same order;
+    a block read before its copy landed would). Big enough that copies and compute overlap."""
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    grads = {}
+    for name, offload in (("device", False), ("host", True)):
+        torch.manual_seed(0)
+        model = tiny("bart", d=512, layers=2, heads=8, positions=1024).to(DEVICE).train()
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=1024, group_tokens=4096, cross_attention_block=2048,
+                                                    offload_gradient_cache=offload, offload_encoder_states=offload))
+        ids = torch.randint(4, 96, (2, tokens), device=DEVICE)
+        mask = torch.ones_like(ids)
+        mask[1, tokens - 1000 :] = 0
+        labels = torch.randint(4, 96, (2, 256), device=DEVICE)
+        wrapped(ids, mask, labels=labels).loss.backward()
+        grads[name] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    num = sum(float((grads["host"][k] - grads["device"][k]).pow(2).sum()) for k in grads["device"])
+    den = sum(float(grads["device"][k].pow(2).sum()) for k in grads["device"])
+    error = (num / den) ** 0.5
+    return {"param_grads": error, "same_params": sorted(grads["host"]) == sorted(grads["device"]),
+            "ok": error <= 1e-6 and sorted(grads["host"]) == sorted(grads["device"])}
+
+
 def main() -> None:
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
     cases = {f"{family}-{dtype}": (exactness, (family, dtype)) for family in ("bart", "t5") for dtype in ("fp32", "bf16")}
+    cases["offload-vs-device-fp32"] = (offload_exactness, (32768 if DEVICE == "cuda" else 2048,))
     if DEVICE == "cuda":
         cases["bart-large-decoder-256K-keys"] = (long_memory, ())
         cases["cached-step-256K-tokens"] = (cached_step_memory, ())

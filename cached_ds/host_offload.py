@@ -1,0 +1,196 @@
+"""Host memory for the N-sized tensors, with copies that run beside the compute.
+
+With ``offload_gradient_cache`` and ``offload_encoder_states`` the fp32 gradient cache and the
+fused encoder states live in host memory (pinned beside a GPU), and the device only ever holds
+one block or one window group of them. Every copy between the two goes on a side CUDA stream,
+one per direction, so it runs while the compute stream works on the neighbouring block or group:
+
+- encoder forward: each group's output goes to its place in the host states while the next
+  group is encoded (``HostStates``);
+- streaming cross-attention, forward and backward: key block i+1 comes over while block i is
+  attended (``rows_to_device``, prefetched one ahead by its caller);
+- its backward: block i's gradient for the states goes to pinned memory, and a worker thread
+  adds it into the fp32 cache once it has arrived, while block i+1 is computed
+  (``HostAccumulator``);
+- the recompute: group i+1's slice of the cache comes over while group i is recomputed
+  (``group_gradients_on_device``).
+
+The copies move row ranges (``WindowGroup.runs``), not index lists: an indexed copy would run on
+the host. Off CUDA the copies are plain copies in the same order, and the worker thread still
+adds (what CI runs: on a CPU-only machine host and device coincide, so only order and
+exactness can be checked there; ``bench/gpu_checks`` checks the streams).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+
+OFFLOADED_ATTRIBUTE = "_cached_ds_offloaded"
+MAX_ADDS_IN_FLIGHT = 4  # pinned blocks waiting for the worker: bounds the host memory they hold
+
+_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
+_adder: ThreadPoolExecutor | None = None
+
+
+def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream | None:
+    """The side stream for ``direction`` ("to_host", "to_device") on a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
+    if key not in _streams:
+        _streams[key] = torch.cuda.Stream(device=key[0])
+    return _streams[key]
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+def host_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros in host memory, pinned when ``device`` is a GPU (asynchronous copies need it)."""
+    return torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+
+
+def mark_offloaded(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, marked as living in host memory for a device's compute (CPU-only
+    machines cannot tell that from its device)."""
+    setattr(tensor, OFFLOADED_ATTRIBUTE, True)
+    return tensor
+
+
+def is_offloaded(tensor: torch.Tensor) -> bool:
+    return getattr(tensor, OFFLOADED_ATTRIBUTE, False)
+
+
+class InFlight:
+    """A device tensor being filled on a side stream; ``ready()`` hands it to the current stream."""
+
+    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None):
+        self.tensor, self.event = tensor, None
+        if stream is not None:
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def ready(self) -> torch.Tensor:
+        if self.event is not None:
+            current = torch.cuda.current_stream(self.tensor.device)
+            current.wait_event(self.event)
+            self.tensor.record_stream(current)  # allocated on the side stream, used (and freed) here
+        return self.tensor
+
+
+def rows_to_device(host_rows: torch.Tensor, runs: Sequence[tuple[int, int, int]], rows: int, device: torch.device,
+                   zeros: bool = False) -> InFlight:
+    """A (rows, hidden) device tensor of ``host_rows``' dtype, ``out[to : to + n] = host_rows[src : src + n]``
+    for each ``(src, to, n)`` in ``runs``; the other rows zero (``zeros``) or unset."""
+    stream = _side_stream(device, "to_device")
+    with _on(stream):
+        out = (torch.zeros if zeros else torch.empty)((rows, host_rows.shape[-1]), dtype=host_rows.dtype, device=device)
+        for src, to, n in runs:
+            out[to : to + n].copy_(host_rows[src : src + n], non_blocking=True)
+    return InFlight(out, stream)
+
+
+def rows_to_host(device_rows: torch.Tensor, runs: Sequence[tuple[int, int, int]], host_rows: torch.Tensor) -> None:
+    """``host_rows[to : to + n] = device_rows[src : src + n]`` for each ``(src, to, n)``, queued
+    after what the current stream has queued; ``wait_for_host`` before the host reads them."""
+    stream = _side_stream(device_rows.device, "to_host")
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device_rows.device))  # device_rows is computed
+        device_rows.record_stream(stream)  # its memory is not reused before the copy has read it
+    with _on(stream):
+        for src, to, n in runs:
+            host_rows[to : to + n].copy_(device_rows[src : src + n], non_blocking=True)
+
+
+def wait_for_host(device: torch.device) -> None:
+    """Every copy to the host queued so far on ``device`` has landed."""
+    stream = _side_stream(device, "to_host")
+    if stream is not None:
+        stream.synchronize()
+
+
+class HostStates:
+    """The fused (batch, longest, hidden) encoder states in host memory, filled group by group:
+    ``add`` each group's output in plan order, then ``result()``. Positions past a document's
+    end stay zero, as in ``WindowPlan.fuse``."""
+
+    def __init__(self, plan):
+        self.plan, self.next_group, self.rows, self.device = plan, 0, None, None
+
+    def add(self, output: torch.Tensor) -> None:
+        group = self.plan.groups[self.next_group]
+        self.next_group += 1
+        hidden = output.shape[-1]
+        if self.rows is None:
+            self.device = output.device
+            self.rows = host_zeros((self.plan.fused_mask.numel(), hidden), output.dtype, output.device)
+        rows_to_host(output.reshape(-1, hidden), group.runs, self.rows)
+
+    def result(self) -> torch.Tensor:
+        wait_for_host(self.device)  # only the last group's copy is still running
+        return mark_offloaded(self.rows.view(*self.plan.fused_mask.shape, -1))
+
+
+def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """``plan.split_gradient`` for a gradient cache in host memory: each group's slice in its
+    padded (windows, group_len, hidden) layout (zeros on padding) made on ``device``, the next
+    group's slice already on its way while this one is used."""
+    cache_rows = cache.reshape(-1, cache.shape[-1])
+
+    def fetch(group):
+        windows, group_len = group.input_ids.shape
+        swapped = [(fused, group_row, n) for group_row, fused, n in group.runs]
+        return rows_to_device(cache_rows, swapped, windows * group_len, device, zeros=True)
+
+    pending = fetch(plan.groups[0]) if plan.groups else None
+    for index, group in enumerate(plan.groups):
+        current = pending
+        pending = fetch(plan.groups[index + 1]) if index + 1 < len(plan.groups) else None
+        yield current.ready().view(*group.input_ids.shape, -1)
+
+
+def _worker() -> ThreadPoolExecutor:
+    # One thread: adds into a total run in the order they were asked for, never two at once.
+    global _adder
+    if _adder is None:
+        _adder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cached_ds-host-add")
+    return _adder
+
+
+class HostAccumulator:
+    """``total[:, start : start + n] += block`` for device blocks, into a host ``total``: the
+    block goes to pinned memory on the side stream, and a worker thread adds it once it has
+    landed, so neither the copy nor the add holds up the compute stream. ``finish()`` waits for
+    every add. Adds run one at a time in call order, so the sum is the synchronous one, bit for bit."""
+
+    def __init__(self, total: torch.Tensor):
+        self.total = total
+        self._adds: deque[Future] = deque()
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        staged, landed = block, None
+        stream = _side_stream(block.device, "to_host")
+        if stream is not None:
+            staged = torch.empty(block.shape, dtype=block.dtype, device="cpu", pin_memory=True)
+            rows_to_host(block.reshape(-1, block.shape[-1]), [(0, 0, block[..., 0].numel())], staged.view(-1, block.shape[-1]))
+            landed = torch.cuda.Event()
+            landed.record(stream)
+        self._adds.append(_worker().submit(self._add, start, staged, landed))
+        while len(self._adds) > MAX_ADDS_IN_FLIGHT:
+            self._adds.popleft().result()
+
+    def _add(self, start: int, staged: torch.Tensor, landed) -> None:
+        if landed is not None:
+            landed.synchronize()
+        self.total[:, start : start + staged.shape[1]] += staged
+
+    def finish(self) -> torch.Tensor:
+        while self._adds:
+            self._adds.popleft().result()  # re-raises a failed add here, in the caller's thread
+        return self.total
