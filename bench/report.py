@@ -83,6 +83,22 @@ def breakdown_table(points: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def growth_table(points: list[dict]) -> str:
+    """Peak allocated memory added per 2**20 document tokens, between each method's two longest
+    points that fit: what grows with the document ([decoder-memory]'s target figure). Empty
+    without GPU memory figures."""
+    rows = []
+    for model, method in sorted({(p["model"], label(p)) for p in points}):
+        fits = sorted((p["tokens"], p["peak_allocated_gib"]) for p in points if (p["model"], label(p)) == (model, method)
+                      and not p.get("oom") and p.get("peak_allocated_gib") is not None)
+        if len(fits) >= 2 and fits[-1][0] > fits[-2][0]:
+            (t1, m1), (t2, m2) = fits[-2:]
+            rows.append(f"| {model} | {method} | {_tokens(t1)} → {_tokens(t2)} | {(m2 - m1) / (t2 - t1) * 2**20:.2f} |")
+    if not rows:
+        return ""
+    return "\n".join(["| model | method | between | GiB per M tokens |", "|---|---|---|---:|", *rows]) + "\n"
+
+
 def plot(points: list[dict], folder: Path) -> list[Path]:
     gpu = any(p.get("peak_allocated_gib") is not None for p in points)
     memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
@@ -120,8 +136,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def write_report(folder: Path) -> None:
     points = read_points(folder)
+    growth = growth_table(points)
     text = (f"# Sweep results: {folder.name}\n\n{table(points)}\n## Time per step\n\n{breakdown_table(points)}\n"
-            "![memory](memory.png)\n![throughput](throughput.png)\n")
+            + (f"## Memory growth\n\n{growth}\n" if growth else "")
+            + "![memory](memory.png)\n![throughput](throughput.png)\n")
     _write_atomic(folder / "table.md", text.encode())
     plot(points, folder)
 

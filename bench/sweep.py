@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
     parser.add_argument("--cross_attention_block", type=int, default=None, help="cached: streaming cross-attention key block (default: HF's module)")
     parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
+    parser.add_argument("--offload", action="store_true",
+                        help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
                         help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
@@ -65,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     args.methods = methods
+    if args.offload and args.cross_attention_block is None:
+        parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:
         args.tokens = sorted({int(t) for t in args.tokens.split(",")}) if args.tokens else DEFAULT_TOKENS
     except ValueError:
@@ -116,9 +120,11 @@ def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
 
 
 def kernels(args) -> dict:
-    """The cached method's kernels. With any, every method runs without attention-probability
-    dropout (the kernels have none), so the comparison stays like for like."""
-    chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None}
+    """The cached method's kernels (and the host offload, which needs streaming cross-attention).
+    With any, every method runs without attention-probability dropout (the kernels have none), so
+    the comparison stays like for like."""
+    chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None,
+              "offload_gradient_cache": args.offload or None, "offload_encoder_states": args.offload or None}
     return {k: v for k, v in chosen.items() if v is not None}
 
 

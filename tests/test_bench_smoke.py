@@ -72,3 +72,21 @@ def test_a_graph_budget_keeps_groups_and_labels_its_row(smoke, tmp_path):
     point, = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
     assert point["keep_graphs_gib"] == 1 and point["kept_groups"] == 4096 // 512  # the smoke groups are 512 tokens
     assert "| tiny-bart | cached+keep_graphs=1GiB | 4K |" in (tmp_path / "table.md").read_text()
+
+
+def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import growth_table
+
+    def point(method, tokens, gib, oom=False, **extra):
+        return {"model": "bart-large", "method": method, "tokens": tokens, "peak_allocated_gib": gib, "oom": oom, **extra}
+
+    points = [point("cached", 2**20, 20.0), point("cached", 2**21, 26.0), point("cached", 2**22, 38.0),
+              point("cached", 2**23, 79.0, oom=True),  # out of memory: not a fit
+              point("cached", 2**22, 15.0, kernels={"cross_attention_block": 8192}),
+              point("cached", 2**24, 16.5, kernels={"cross_attention_block": 8192}),
+              point("hf_ds_gc", 2**18, 23.4)]  # one fit: no slope
+    rows = growth_table(points).splitlines()[2:]
+    assert rows == ["| bart-large | cached | 2M → 4M | 6.00 |",
+                    "| bart-large | cached+cross_attention_block=8192 | 4M → 16M | 0.12 |"]
+    assert growth_table([point("cached", 2**20, None)]) == ""  # CPU runs have no GPU memory

@@ -41,6 +41,8 @@ PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
 --tokens 262144 --methods cached --cross_attention_block 8192
 --tokens 4194304 --methods cached --cross_attention_block 8192
 --tokens 8388608 --methods cached --cross_attention_block 8192
+--tokens 4194304 --methods cached --cross_attention_block 8192 --offload
+--tokens 16777216 --methods cached --cross_attention_block 8192 --offload
 --tokens 524288 --methods hf_ds_gc,cached
 --tokens 65536 --methods full,full_gc,hf_ds_gc,cached
 --tokens 262144 --methods full,full_gc
