@@ -86,13 +86,16 @@ def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, gr
 
     if method == "full_gc":
         enable_hf_checkpointing(model)
+    streaming = bool((extra or {}).get("cross_attention_block"))
     cached = {
         "window": window,
         "group_tokens": group_tokens,
         "mode": "cached" if method == "cached" else "full",
-        # CachED's decoder side grows with the document (cross-attention K/V of every layer):
-        # checkpointing the decoder keeps one layer's worth, as full_gc and hf_ds_gc do.
-        "decoder_gradient_checkpointing": method == "cached",
+        # CachED's decoder side grows with the document (HF's cross-attention keeps every layer's
+        # N-sized K/V): checkpointing the decoder keeps one layer's worth, as full_gc and hf_ds_gc
+        # do. Streaming cross-attention keeps nothing N-sized, so there checkpointing would only
+        # re-run the decoder, N-sized K/V projections included, for target-sized savings.
+        "decoder_gradient_checkpointing": method == "cached" and not streaming,
     }
     if method == "cached":
         cached.update(extra or {})
