@@ -42,8 +42,13 @@ Decisions:
   returning an N-sized gradient for autograd to sum in the states' dtype. ``CachedSeq2Seq``'s
   cached encoder output carries one (its gradient cache); ``with_gradient_sink`` adds one to
   any other states tensor.
-- Not covered: DeepSpeed ZeRO-3 (the K/V weights are read outside their ``nn.Linear``'s forward,
-  where ZeRO-3 has them partitioned); no fused kernel (plain PyTorch ops, any device).
+- **Kernels**: with right-padded keys (CachED's fused states) each block runs on the device's
+  fused SDPA kernel (``block_attention``: ATen's flash attention on CPU and CUDA, memory-efficient
+  attention for fp32 on CUDA), so no (target × block) score tensor is formed either; the blocks'
+  outputs are merged by log-sum-exp, and each block's backward is handed the merged output and
+  log-sum-exp. Other masks, devices and dtypes run the same algorithm in plain PyTorch ops.
+- Not covered here: DeepSpeed ZeRO-3 (the K/V weights are read outside their ``nn.Linear``'s
+  forward, where ZeRO-3 has them partitioned): ``deepspeed_engine`` makes these modules leaves.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from .block_attention import BlockKernel, block_kernel
 from .host_offload import is_offloaded, rows_to_device
 from .gradient_sink import (
     GradientSink,
@@ -65,6 +72,7 @@ from .gradient_sink import (
 )
 
 INF = float("inf")
+LENGTHS_ATTRIBUTE = "_cached_ds_key_lengths"  # on a right-padded key mask: visible keys per document
 DEFAULT_BLOCK = 1024  # key tokens per online-softmax step
 
 
@@ -187,15 +195,23 @@ class StreamingAttentionFunction(torch.autograd.Function):
     Inputs: ``query`` (batch, heads, target, head_dim), already projected; ``states`` (batch, N, d);
     ``keep`` (batch, N) bool or ``None``; the key and value projections' weights and biases
     (biases may be ``None``); ``scale``; ``block``; ``sink``, a ``GradientSink`` that takes
-    d(loss)/d(states) instead of autograd, or ``None``. Every row needs at least one visible key."""
+    d(loss)/d(states) instead of autograd, or ``None``; ``fused``: run each block on the device's
+    fused SDPA kernel (``block_attention``) where there is one and ``keep`` is right padding (what
+    CachED's fused states have), else on plain PyTorch ops. Every row needs one visible key."""
 
     @staticmethod
-    def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None):
+    def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None, fused=True):
         with _no_autocast(query.device):
             offloaded = is_offloaded(states)
-            out, lse = _attend(query, _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded), keep, scale)
+            blocks = _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded)
+            lengths = _visible_lengths(keep, states.shape[0], states.shape[1]) if fused else None
+            kernel = block_kernel(query) if lengths is not None else None
+            if kernel is not None:
+                out, lse = _attend_fused(query, blocks, lengths, scale, kernel)
+            else:
+                out, lse = _attend(query, blocks, keep, scale)
         ctx.save_for_backward(query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse)
-        ctx.scale, ctx.block, ctx.sink, ctx.offloaded = scale, block, sink, offloaded
+        ctx.scale, ctx.block, ctx.sink, ctx.offloaded, ctx.kernel, ctx.lengths = scale, block, sink, offloaded, kernel, lengths
         return out
 
     @staticmethod
@@ -203,7 +219,7 @@ class StreamingAttentionFunction(torch.autograd.Function):
         query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse = ctx.saved_tensors
         with _no_autocast(query.device):
             grads = _attend_backward(ctx, grad_out, query, states, keep, (k_weight, k_bias, v_weight, v_bias), out, lse)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _attend(query, blocks: Iterable, keep, scale):
@@ -226,30 +242,70 @@ def _attend(query, blocks: Iterable, keep, scale):
     return (acc / row_sum[..., None]).to(query.dtype), row_max + row_sum.log()
 
 
+def _visible_lengths(keep, batch: int, keys: int) -> list[int] | None:
+    """Each document's visible key count when ``keep`` is right padding; ``None`` otherwise.
+    Read from the device (a sync) unless ``compact_key_mask`` counted them already."""
+    if keep is None:
+        return [keys] * batch
+    if getattr(keep, LENGTHS_ATTRIBUTE, None) is not None:
+        return getattr(keep, LENGTHS_ATTRIBUTE)
+    lengths = keep.sum(1)
+    right_padding = torch.arange(keys, device=keep.device)[None, :] < lengths[:, None]
+    return lengths.tolist() if torch.equal(keep, right_padding) else None
+
+
+def _visible_parts(lengths: list[int], start: int, size: int) -> list[tuple[slice, int]]:
+    """(batch rows, visible keys) to give a kernel for the key block [start, start + size): the
+    whole batch in one call when every document sees the whole block, else one call per document
+    that sees part of it (right padding: its first keys)."""
+    visible = [min(max(length - start, 0), size) for length in lengths]
+    if all(v == size for v in visible):
+        return [(slice(None), size)]
+    return [(slice(b, b + 1), v) for b, v in enumerate(visible) if v > 0]
+
+
+def _attend_fused(query, blocks: Iterable, lengths: list[int], scale, kernel: BlockKernel):
+    """The same softmax with each block on a fused kernel, blocks merged by their log-sum-exps
+    (out = Σ exp(lse_i - lse) out_i). ``lse`` stays in the kernel's layout, which its backward reads."""
+    target, stats = query.shape[2], accumulation_dtype(query.dtype)
+    out = lse = None
+    for start, _, key, value in blocks:
+        for rows, visible in _visible_parts(lengths, start, key.shape[2]):
+            block_out, block_lse = kernel.forward(query[rows], key[rows, :, :visible], value[rows, :, :visible], scale)
+            block_lse = block_lse.to(stats)
+            if out is None:  # the first block: every document sees its first key, so every row is set
+                out = torch.zeros(query.shape, dtype=stats, device=query.device)
+                lse = torch.full((*query.shape[:2], block_lse.shape[-1]), -INF, dtype=stats, device=query.device)
+            merged = torch.logaddexp(lse[rows], block_lse)
+            old = torch.exp(kernel.rows(lse[rows] - merged, target))[..., None]  # 0 where nothing was seen yet
+            new = torch.exp(kernel.rows(block_lse - merged, target))[..., None]
+            out[rows] = out[rows] * old + block_out.to(stats) * new
+            lse[rows] = merged
+    return out.to(query.dtype), lse
+
+
 def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
-    """Flash-attention backward per block: P = exp(S - lse), dS = P * (dP - rowsum(dO * O));
-    then through the K/V projections to their weights, biases and ``states``."""
+    """Per block: its share of d(query) and its d(key), d(value) (``_fused_block_grads`` or
+    ``_plain_block_grads``); then through the K/V projections to their weights, biases and ``states``."""
     needs_query, needs_states, _, *needs_weights = ctx.needs_input_grad[:7]
     dtype, stats, scale = query.dtype, accumulation_dtype(query.dtype), ctx.scale
-    grad_out = grad_out.to(dtype)
-    delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)
+    grad_out = grad_out.to(dtype).contiguous()
     grad_query = torch.zeros_like(query, dtype=stats) if needs_query else None
     sink = ctx.sink if needs_states else None
     grad_states = torch.empty_like(states) if needs_states and sink is None else None
     # k_weight, k_bias, v_weight, v_bias gradients, summed over blocks (None: not needed / no bias)
     sums = [torch.zeros_like(w, dtype=stats) if need else None for w, need in zip(weights, needs_weights)]
+    if ctx.kernel is not None:
+        block_grads = partial(_fused_block_grads, ctx.kernel, grad_out, query, out, lse, ctx.lengths, scale)
+    else:
+        delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)
+        block_grads = partial(_plain_block_grads, grad_out, query, keep, lse, delta, scale, needs_query)
     blocks = _Blocks(query, states, *weights, ctx.block, ctx.offloaded)
     for start, x, key, value in blocks:
-        probs = torch.exp(_scores(query, key, keep, start, scale) - lse[..., None])  # 0 on masked keys
-        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).to(stats)
-        grad_scores = probs * (grad_probs - delta)
-        if scale != 1.0:
-            grad_scores = grad_scores * scale
-        grad_scores = grad_scores.to(dtype)
+        block_grad_query, block_grad_key, block_grad_value = block_grads(start, key, value)
         if grad_query is not None:
-            grad_query += torch.matmul(grad_scores, key)
-        grad_key = _merge_heads(torch.matmul(grad_scores.transpose(-1, -2), query))  # (batch, block, inner)
-        grad_value = _merge_heads(torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out))
+            grad_query += block_grad_query
+        grad_key, grad_value = _merge_heads(block_grad_key), _merge_heads(block_grad_value)  # (batch, block, inner)
         _add_projection_grads(sums[0], sums[1], grad_key, x)
         _add_projection_grads(sums[2], sums[3], grad_value, x)
         if needs_states:
@@ -262,6 +318,32 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     return (grad_query, grad_states, None, *(None if s is None else s.to(w.dtype) for s, w in zip(sums, weights)))
 
 
+def _plain_block_grads(grad_out, query, keep, lse, delta, scale, needs_query, start, key, value):
+    """Flash attention's backward in PyTorch ops: P = exp(S - lse), dS = P * (dP - rowsum(dO * O))."""
+    dtype, stats = query.dtype, lse.dtype
+    probs = torch.exp(_scores(query, key, keep, start, scale) - lse[..., None])  # 0 on masked keys
+    grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).to(stats)
+    grad_scores = probs * (grad_probs - delta)
+    if scale != 1.0:
+        grad_scores = grad_scores * scale
+    grad_scores = grad_scores.to(dtype)
+    grad_query = torch.matmul(grad_scores, key) if needs_query else None
+    return grad_query, torch.matmul(grad_scores.transpose(-1, -2), query), torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
+
+
+def _fused_block_grads(kernel: BlockKernel, grad_out, query, out, lse, lengths, scale, start, key, value):
+    """The kernel's backward of one block against the merged (out, lse): that block's share of
+    d(query) and its exact d(key), d(value); zero on keys past a document's end."""
+    parts = _visible_parts(lengths, start, key.shape[2])
+    if parts[0][0] == slice(None):
+        return kernel.backward(grad_out, query, key, value, out, lse, scale)
+    grad_query, grad_key, grad_value = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    for rows, visible in parts:
+        grads = kernel.backward(grad_out[rows], query[rows], key[rows, :, :visible], value[rows, :, :visible], out[rows], lse[rows], scale)
+        grad_query[rows], grad_key[rows, :, :visible], grad_value[rows, :, :visible] = grads
+    return grad_query, grad_key, grad_value
+
+
 def _add_projection_grads(weight_sum, bias_sum, grad, x) -> None:
     """For y = x Wᵀ + b with output gradient ``grad``: dW += gradᵀ x, db += grad, summed over
     batch and tokens (in place; ``None`` sums are skipped)."""
@@ -272,10 +354,10 @@ def _add_projection_grads(weight_sum, bias_sum, grad, x) -> None:
 
 
 def streaming_cross_attention(
-    query, states, keep, k_weight, k_bias, v_weight, v_bias, scale: float, block: int, sink=None
+    query, states, keep, k_weight, k_bias, v_weight, v_bias, scale: float, block: int, sink=None, fused: bool = True
 ):
     """Attention output (batch, heads, target, head_dim); see ``StreamingAttentionFunction``."""
-    return StreamingAttentionFunction.apply(query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink)
+    return StreamingAttentionFunction.apply(query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink, fused)
 
 
 def attend_to_cached(query, key, value, keep, scale: float, block: int) -> torch.Tensor:
@@ -337,10 +419,15 @@ def key_padding_mask(mask: torch.Tensor | None):
     if mask is None:
         return None
     row = mask[:, :1, :1, :]
-    if not torch.equal(mask, row.expand_as(mask)):
+    # (batch, 1, 1, N) is one row by shape; anything else is compared (a device sync per layer)
+    if mask.shape[1:3] != (1, 1) and not torch.equal(mask, row.expand_as(mask)):
         return _NOT_KEY_PADDING
     row = row[:, 0, 0, :]
-    return row.clone() if row.dtype == torch.bool else row == 0
+    keep = row.clone() if row.dtype == torch.bool else row == 0
+    lengths = getattr(mask, LENGTHS_ATTRIBUTE, None)
+    if lengths is not None:  # compact_key_mask's: right padding, counted once per step
+        setattr(keep, LENGTHS_ATTRIBUTE, lengths)
+    return keep
 
 
 def _checked_block(block: int) -> int:
@@ -469,8 +556,15 @@ def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
     (1 byte per entry with sdpa, 4 with eager: a GiB per million tokens at 1024 targets);
     a 4-D mask it passes on as is (``masking_utils._preprocess_mask_arguments``), and the
     streaming modules only read its key-padding row. HF's own modules would misread a bool mask
-    under eager attention, so give it only to a decoder that streams every layer."""
-    return mask.bool()[:, None, None, :]
+    under eager attention, so give it only to a decoder that streams every layer.
+
+    A right-padded mask also carries its documents' lengths (``LENGTHS_ATTRIBUTE``), counted here
+    once, so no layer has to read them back from the device to pick its kernel calls."""
+    compact = mask.bool()[:, None, None, :]
+    lengths = _visible_lengths(compact[:, 0, 0, :], mask.shape[0], mask.shape[1])
+    if lengths is not None:
+        setattr(compact, LENGTHS_ATTRIBUTE, lengths)
+    return compact
 
 
 def install_streaming_cross_attention(model: nn.Module, block: int = DEFAULT_BLOCK) -> list[StreamingCrossAttention]:

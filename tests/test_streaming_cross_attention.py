@@ -4,10 +4,12 @@ Every comparison is against an untouched deep copy of the same HF model, same in
 seed, with hidden/activation dropout on (only cross-attention probabilities have no dropout)."""
 
 import copy
+from collections import Counter
 from contextlib import ExitStack
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from reference import assert_grads_match, grads_of, windowed_hf_step
 from tiny_models import (
     FAMILIES,
@@ -299,3 +301,126 @@ def test_no_target_by_keys_tensor_in_a_streaming_step(family):
     with TargetByKeysTensors(labels.shape[1], keys) as control:
         model(encoder_outputs=states, attention_mask=fused_mask, labels=labels, use_cache=False).loss.backward()
     assert control.seen
+
+
+class OpsSeen(TorchDispatchMode):
+    """The names of the aten ops that ran, and how often (observed, not replaced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.counts)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+FUSED_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def attention_inputs(lengths, keys, dtype=torch.float32, heads=2, head_dim=4, hidden=6, target=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+    inputs = (leaf(len(lengths), heads, target, head_dim), leaf(len(lengths), keys, hidden),
+              leaf(heads * head_dim, hidden), leaf(heads * head_dim), leaf(heads * head_dim, hidden), leaf(heads * head_dim))
+    keep = torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None]
+    return inputs, keep
+
+
+INPUT_NAMES = ("query", "states", "k_weight", "k_bias", "v_weight", "v_bias")
+
+
+def relative_error(got, want) -> float:
+    return float((got - want).detach().norm() / want.detach().norm())
+
+
+def plain_attention(query, states, k_weight, k_bias, v_weight, v_bias, keep, scale):
+    """The reference: HF-style attention in plain torch ops, every key projected at once."""
+    batch, heads, _, head_dim = query.shape
+    key = torch.nn.functional.linear(states, k_weight, k_bias).view(batch, -1, heads, head_dim).transpose(1, 2)
+    value = torch.nn.functional.linear(states, v_weight, v_bias).view(batch, -1, heads, head_dim).transpose(1, 2)
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, -1) @ value
+
+
+@pytest.mark.parametrize("lengths", [[23, 23], [23, 9], [23, 3]], ids=["no-padding", "padding-mid-block", "padding-in-first-block"])
+def test_fused_block_kernels_equal_plain_attention_and_run(lengths):
+    """Right-padded keys (what CachED's fused states have) go to the device's fused SDPA kernel
+    block by block (on CPU, ATen's flash attention), merged by log-sum-exp, and the backward hands
+    each block the merged output: outputs and every gradient equal plain attention (fp32), and
+    the kernel's forward and backward are the ops that ran."""
+    inputs, keep = attention_inputs(lengths, keys=23)
+    scale = 0.5
+    grad = torch.randn(2, 2, 3, 4, generator=torch.Generator().manual_seed(9))
+    expected = plain_attention(*inputs, keep, scale)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    for fused in (True, False):
+        with OpsSeen() as ops:
+            out = streaming_cross_attention(*inputs[:2], keep, *inputs[2:], scale=scale, block=7, fused=fused)
+            grads = torch.autograd.grad(out, inputs, grad)
+        assert (FUSED_OPS <= ops.names) if fused else not (FUSED_OPS & ops.names)
+        assert relative_error(out, expected) <= 1e-5
+        for name, got, want in zip(INPUT_NAMES, grads, expected_grads):
+            if name == "k_bias":  # mathematically zero (softmax ignores a shift shared by all keys): rounding only
+                assert got.norm() <= 1e-5 * grads[INPUT_NAMES.index("k_weight")].norm()
+            else:
+                assert relative_error(got, want) <= 1e-5, name
+        assert torch.equal(grads[1][1, lengths[1]:], torch.zeros_like(grads[1][1, lengths[1]:]))  # padding: no gradient
+
+
+def test_fused_block_kernels_gradcheck():
+    """float64 gradcheck of every input through the fused kernels, one document ending inside the
+    first key block (so later blocks are one call per document that still sees keys)."""
+    inputs, keep = attention_inputs([11, 2], keys=11, dtype=torch.float64, heads=2, head_dim=3, hidden=5)
+
+    def attend(*inputs):
+        return streaming_cross_attention(*inputs[:2], keep, *inputs[2:], scale=3**-0.5, block=4)
+
+    with OpsSeen() as ops:
+        attend(*inputs).sum().backward()
+    assert FUSED_OPS <= ops.names
+    assert torch.autograd.gradcheck(attend, inputs)
+
+
+def test_a_mask_that_is_not_right_padding_runs_the_plain_blocks():
+    inputs, keep = attention_inputs([23, 23], keys=23)
+    keep[0, :5] = False  # leading keys masked: not a prefix
+    with OpsSeen() as ops:
+        out = streaming_cross_attention(*inputs[:2], keep, *inputs[2:], scale=0.5, block=7)
+    assert not FUSED_OPS & ops.names
+    assert relative_error(out, plain_attention(*inputs, keep, 0.5)) <= 1e-5
+
+
+def test_switching_the_sdpa_kernels_off_runs_the_plain_blocks():
+    """``sdpa_kernel(SDPBackend.MATH)``, PyTorch's own switch, is the way back to the plain blocks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inputs, keep = attention_inputs([23, 9], keys=23)
+    with sdpa_kernel(SDPBackend.MATH), OpsSeen() as ops:
+        out = streaming_cross_attention(*inputs[:2], keep, *inputs[2:], scale=0.5, block=7)
+    assert not FUSED_OPS & ops.names
+    assert relative_error(out, plain_attention(*inputs, keep, 0.5)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_document_lengths_are_read_from_the_device_once_per_step_not_per_layer(family):
+    """Picking a block's kernel calls needs the documents' lengths as numbers: ``compact_key_mask``
+    counts them once for the step and every layer reuses them, so the comparisons (device syncs)
+    in a CachED training step do not grow with the decoder's depth."""
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], 0)
+    comparisons = {}
+    for layers in (2, 6):
+        model, _ = streaming_and_reference(family, block=7, decoder_layers=layers, num_decoder_layers=layers)
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+        with OpsSeen() as ops:
+            wrapped(ids, mask, labels=labels).loss.backward()
+        assert FUSED_OPS <= ops.names
+        comparisons[layers] = ops.counts["equal"]
+    assert comparisons[6] == comparisons[2], comparisons

@@ -3,7 +3,8 @@
 For tiny BART and T5 decoders on CUDA, one forward + backward of a padded two-document batch
 whose encoder states need a gradient, once with streaming cross-attention installed (several key
 blocks, the last one partial) and once on an untouched copy: fp32 must agree to 1e-4 relative
-(different summation orders), bf16 autocast to 3e-2. Then a long one: BART-large's decoder shape
+(different summation orders), bf16 autocast to 3e-2; on the fused block kernels (flash for bf16,
+memory-efficient for fp32: each case names the one it ran) and, for BART, on the plain blocks. Then a long one: BART-large's decoder shape
 over 256K keys in bf16, reporting the peak memory of the streamed backward against HF's. And a
 CachED step with the gradient cache and fused states in host memory (side-stream copies, the
 worker thread's adds) against the same step without offload: fp32, to 1e-6. Prints
@@ -59,7 +60,21 @@ def relative(a, b) -> float:
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-def exactness(family: str, dtype: str) -> dict:
+def exactness(family: str, dtype: str, plain_blocks: bool = False) -> dict:
+    """``plain_blocks``: with the SDPA kernels switched off (the math backend only), streaming runs
+    its plain PyTorch blocks instead of ``block_attention``'s fused kernels (which it reports)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cached_ds.block_attention import block_kernel
+
+    with sdpa_kernel(SDPBackend.MATH) if plain_blocks else contextlib.nullcontext():
+        kernel = block_kernel(torch.empty(1, 2, 1, 16, device=DEVICE, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32))
+        return {**_exactness(family, dtype), "block_kernel": kernel.name if kernel else "plain"}
+
+
+def _exactness(family: str, dtype: str) -> dict:
     from cached_ds.streaming_cross_attention import install_streaming_cross_attention
 
     torch.manual_seed(0)
@@ -164,6 +179,7 @@ def offload_exactness(tokens: int = 32768) -> dict:
 def main() -> None:
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
     cases = {f"{family}-{dtype}": (exactness, (family, dtype)) for family in ("bart", "t5") for dtype in ("fp32", "bf16")}
+    cases.update({f"bart-{dtype}-plain-blocks": (exactness, ("bart", dtype, True)) for dtype in ("fp32", "bf16")})
     cases["offload-vs-device-fp32"] = (offload_exactness, (32768 if DEVICE == "cuda" else 2048,))
     if DEVICE == "cuda":
         cases["bart-large-decoder-256K-keys"] = (long_memory, ())
