@@ -33,11 +33,12 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults);
-# the default puts the most informative points first: the 256K speed target, CachED's reach
+# the default puts the most informative points first: the 256K speed target (plain, and with
+# streaming cross-attention and a kept-graph budget together; each alone comes later), CachED's reach
 # without (2M) and with (8M) streaming, then the lengths the growth figures need. hf_ds_gc's
 # 1M OOM is already measured (results/2026-11-27-*), so it comes late.
 PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
---tokens 262144 --methods cached --keep_graphs_gib 40
+--tokens 262144 --methods cached --cross_attention_block 8192 --keep_graphs_gib 40
 --tokens 2097152 --methods cached
 --tokens 8388608 --methods cached --cross_attention_block 8192 --warmup 1 --steps 1
 --tokens 524288 --methods hf_ds_gc,cached
@@ -47,6 +48,8 @@ PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
 --tokens 4194304 --methods cached --cross_attention_block 8192 --offload --warmup 1 --steps 1
 --tokens 65536 --methods full,full_gc,hf_ds_gc,cached
 --tokens 262144 --methods full,full_gc
+--tokens 262144 --methods cached --keep_graphs_gib 40
+--tokens 262144 --methods cached --cross_attention_block 8192
 --tokens 1048576 --methods hf_ds_gc,cached --keep_graphs_gib 40
 --tokens 4194304 --methods cached"}
 while IFS= read -r line; do
