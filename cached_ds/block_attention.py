@@ -9,9 +9,9 @@ rowsum(dO * O) from what it is given). PyTorch's context-parallel ring attention
 with these ops (``torch/distributed/tensor/experimental/_context_parallel/_attention.py``).
 
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (fp32/fp64/bf16).
-- CUDA, bf16/fp16, head_dim a multiple of 8 up to 256: ``aten._scaled_dot_product_flash_attention``.
-- CUDA otherwise (fp32): ``aten._scaled_dot_product_efficient_attention``, whose lse is padded
-  to a multiple of 32 query rows; it is kept in that layout (``rows`` slices it).
+- CUDA, bf16/fp16, head_dim a multiple of 8 up to 256, sm80+: ``aten._scaled_dot_product_flash_attention``.
+- CUDA otherwise (fp32, or flash switched off): ``aten._scaled_dot_product_efficient_attention``,
+  whose lse is padded to a multiple of 32 query rows; it is kept in that layout (``rows`` slices it).
 - Anything else: ``block_kernel`` returns ``None`` and the caller keeps its plain PyTorch blocks.
 The SDPA switches are honoured: ``with torch.nn.attention.sdpa_kernel(SDPBackend.MATH):`` runs
 the plain blocks everywhere (and ``enable_flash_sdp(False)`` etc. choose between the two). No masks:
@@ -39,6 +39,10 @@ class BlockKernel:
 
     def backward(self, grad_out, query, key, value, out, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def backward_layout(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` as this kernel's backward reads it (once per backward, for every block)."""
+        return out
 
     @staticmethod
     def rows(lse: torch.Tensor, target: int) -> torch.Tensor:
@@ -80,6 +84,10 @@ class CudaFlash(BlockKernel):
 
 
 class CudaEfficient(BlockKernel):
+    """In fp16/bf16 its backward reads ``out`` with the row stride of the (batch, target, heads,
+    head_dim) layout its own forward writes, whatever the tensor's strides say
+    (``kernel_backward.h``, ``o_strideM``); the merged output is handed over in that layout."""
+
     name = "cuda-efficient"
 
     def __init__(self):
@@ -90,6 +98,9 @@ class CudaEfficient(BlockKernel):
         if self.extras is None:
             self.extras = (seed, offset)
         return out, lse
+
+    def backward_layout(self, out):
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     def backward(self, grad_out, query, key, value, out, lse, scale):
         seed, offset = self.extras
@@ -109,9 +120,12 @@ def block_kernel(query: torch.Tensor) -> BlockKernel | None:
         return CpuFlash() if usable else None
     if query.device.type != "cuda":
         return None
-    if dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256 and backends.flash_sdp_enabled() \
-            and backends.is_flash_attention_available():
+    # Called directly, the ops skip SDPA's hardware checks: flash and bf16 need Ampere (sm80) or newer.
+    ampere = torch.cuda.get_device_capability(query.device) >= (8, 0)
+    if dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256 and ampere \
+            and backends.flash_sdp_enabled() and backends.is_flash_attention_available():
         return CudaFlash()
-    if dtype in (torch.float32, torch.float16, torch.bfloat16) and head_dim % 8 == 0 and backends.mem_efficient_sdp_enabled():
+    if (dtype in (torch.float32, torch.float16) or (dtype == torch.bfloat16 and ampere)) and head_dim % 8 == 0 \
+            and backends.mem_efficient_sdp_enabled():
         return CudaEfficient()
     return None

@@ -16,13 +16,16 @@ one per direction, so it runs while the compute stream works on the neighbouring
   (``group_gradients_on_device``).
 
 The copies move row ranges (``WindowGroup.runs``), not index lists: an indexed copy would run on
-the host. Off CUDA the copies are plain copies in the same order, and the worker thread still
+the host. Pinned buffers come from PyTorch's caching host allocator, which rounds each request up
+to a power of two and keeps freed blocks for the next step (no re-pinning per step, but up to 2×
+the N-sized buffers' size in page-locked RAM when N × hidden is not a power of two). Off CUDA the copies are plain copies in the same order, and the worker thread still
 adds (what CI runs: on a CPU-only machine host and device coincide, so only order and
 exactness can be checked there; ``bench/gpu_checks`` checks the streams).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,17 +37,23 @@ OFFLOADED_ATTRIBUTE = "_cached_ds_offloaded"
 MAX_ADDS_IN_FLIGHT = 4  # pinned blocks waiting for the worker: bounds the host memory they hold
 
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
-_adder: ThreadPoolExecutor | None = None
+_adders: dict[int | None, ThreadPoolExecutor] = {}
+_created = threading.Lock()  # autograd runs backward on threads of its own
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream | None:
     """The side stream for ``direction`` ("to_host", "to_device") on a CUDA device; None elsewhere."""
     if device.type != "cuda":
         return None
-    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
-    if key not in _streams:
-        _streams[key] = torch.cuda.Stream(device=key[0])
-    return _streams[key]
+    key = (_index(device), direction)
+    with _created:
+        if key not in _streams:
+            _streams[key] = torch.cuda.Stream(device=key[0])
+        return _streams[key]
 
 
 def _on(stream):
@@ -155,12 +164,16 @@ def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -
         yield current.ready().view(*group.input_ids.shape, -1)
 
 
-def _worker() -> ThreadPoolExecutor:
-    # One thread: adds into a total run in the order they were asked for, never two at once.
-    global _adder
-    if _adder is None:
-        _adder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cached_ds-host-add")
-    return _adder
+def _worker(device: torch.device) -> ThreadPoolExecutor:
+    """One thread per device: adds into a total run in the order they were asked for, never two
+    at once. On CUDA it starts on that device, or waiting on an event would open a second CUDA
+    context on GPU 0 (about 0.5 GiB there per rank; pytorch/pytorch#135273)."""
+    index = _index(device) if device.type == "cuda" else None
+    with _created:
+        if index not in _adders:
+            setup = (dict(initializer=torch.cuda.set_device, initargs=(index,)) if index is not None else {})
+            _adders[index] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cached_ds-host-add", **setup)
+        return _adders[index]
 
 
 class HostAccumulator:
@@ -179,9 +192,9 @@ class HostAccumulator:
         if stream is not None:
             staged = torch.empty(block.shape, dtype=block.dtype, device="cpu", pin_memory=True)
             rows_to_host(block.reshape(-1, block.shape[-1]), [(0, 0, block[..., 0].numel())], staged.view(-1, block.shape[-1]))
-            landed = torch.cuda.Event()
+            landed = torch.cuda.Event(blocking=True)  # the worker sleeps on it rather than spinning a core
             landed.record(stream)
-        self._adds.append(_worker().submit(self._add, start, staged, landed))
+        self._adds.append(_worker(block.device).submit(self._add, start, staged, landed))
         while len(self._adds) > MAX_ADDS_IN_FLIGHT:
             self._adds.popleft().result()
 

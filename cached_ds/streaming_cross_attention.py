@@ -296,6 +296,7 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     # k_weight, k_bias, v_weight, v_bias gradients, summed over blocks (None: not needed / no bias)
     sums = [torch.zeros_like(w, dtype=stats) if need else None for w, need in zip(weights, needs_weights)]
     if ctx.kernel is not None:
+        out = ctx.kernel.backward_layout(out)
         block_grads = partial(_fused_block_grads, ctx.kernel, grad_out, query, out, lse, ctx.lengths, scale)
     else:
         delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)

@@ -60,16 +60,17 @@ def relative(a, b) -> float:
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-def exactness(family: str, dtype: str, plain_blocks: bool = False) -> dict:
-    """``plain_blocks``: with the SDPA kernels switched off (the math backend only), streaming runs
-    its plain PyTorch blocks instead of ``block_attention``'s fused kernels (which it reports)."""
+def exactness(family: str, dtype: str, backend: str | None = None) -> dict:
+    """``backend``: the only SDPA backend switched on ("MATH": streaming runs its plain PyTorch
+    blocks; "EFFICIENT_ATTENTION": the memory-efficient kernel in bf16 too), else all of them.
+    Each case reports the block kernel it ran (``block_attention``)."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from cached_ds.block_attention import block_kernel
 
-    with sdpa_kernel(SDPBackend.MATH) if plain_blocks else contextlib.nullcontext():
+    with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
         kernel = block_kernel(torch.empty(1, 2, 1, 16, device=DEVICE, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32))
         return {**_exactness(family, dtype), "block_kernel": kernel.name if kernel else "plain"}
 
@@ -179,9 +180,10 @@ def offload_exactness(tokens: int = 32768) -> dict:
 def main() -> None:
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
     cases = {f"{family}-{dtype}": (exactness, (family, dtype)) for family in ("bart", "t5") for dtype in ("fp32", "bf16")}
-    cases.update({f"bart-{dtype}-plain-blocks": (exactness, ("bart", dtype, True)) for dtype in ("fp32", "bf16")})
+    cases.update({f"bart-{dtype}-plain-blocks": (exactness, ("bart", dtype, "MATH")) for dtype in ("fp32", "bf16")})
     cases["offload-vs-device-fp32"] = (offload_exactness, (32768 if DEVICE == "cuda" else 2048,))
-    if DEVICE == "cuda":
+    if DEVICE == "cuda":  # CPU SDPA has no memory-efficient backend
+        cases["bart-bf16-efficient-kernel"] = (exactness, ("bart", "bf16", "EFFICIENT_ATTENTION"))
         cases["bart-large-decoder-256K-keys"] = (long_memory, ())
         cases["cached-step-256K-tokens"] = (cached_step_memory, ())
     for name, (fn, args) in cases.items():
