@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .host_offload import HostAccumulator, host_zeros
+from .host_offload import HostAccumulator, host_empty
 
 SINK_ATTRIBUTE = "_streaming_gradient_sink"
 
@@ -42,7 +42,7 @@ class GradientSink:
         if self.total is None:
             dtype = accumulation_dtype(states.dtype)
             if self.offload:  # pinned when the gradient comes from a GPU (states may be on the host)
-                self.total = host_zeros(states.shape, dtype, grad.device)
+                self.total = host_empty(states.shape, dtype, grad.device)  # rows set as blocks arrive
                 self._host_adds = HostAccumulator(self.total)
             else:
                 self.total = torch.zeros(states.shape, dtype=dtype, device=grad.device)  # where the compute is
@@ -55,7 +55,7 @@ class GradientSink:
     def take(self) -> torch.Tensor | None:
         """The total so far (``None`` if nothing was added), leaving the sink empty."""
         if self._host_adds is not None:
-            self._host_adds.finish()
+            self._host_adds.finish()  # every add landed; rows no block reached are zero
         total, self.total, self._host_adds = self.total, None, None
         return total
 

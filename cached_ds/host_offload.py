@@ -60,9 +60,11 @@ def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
-def host_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros in host memory, pinned when ``device`` is a GPU (asynchronous copies need it)."""
-    return torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+def host_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised host memory, pinned when ``device`` is a GPU (asynchronous copies need it).
+    Not zero-filled: at 16M tokens the two N-sized buffers are 96 GiB, seconds of memset per
+    step; their users write every row before reading it."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
 
 
 def mark_offloaded(tensor: torch.Tensor) -> torch.Tensor:
@@ -127,21 +129,25 @@ def wait_for_host(device: torch.device) -> None:
 class HostStates:
     """The fused (batch, longest, hidden) encoder states in host memory, filled group by group:
     ``add`` each group's output in plan order, then ``result()``. Positions past a document's
-    end stay zero, as in ``WindowPlan.fuse``."""
+    end are zero, as in ``WindowPlan.fuse``; the groups write every other row. ``buffer``: host
+    rows (batch * longest, hidden) to fill instead of new ones; their contents do not matter."""
 
-    def __init__(self, plan):
-        self.plan, self.next_group, self.rows, self.device = plan, 0, None, None
+    def __init__(self, plan, buffer: torch.Tensor | None = None):
+        self.plan, self.next_group, self.rows, self.device = plan, 0, buffer, None
 
     def add(self, output: torch.Tensor) -> None:
         group = self.plan.groups[self.next_group]
         self.next_group += 1
         hidden = output.shape[-1]
+        self.device = output.device
         if self.rows is None:
-            self.device = output.device
-            self.rows = host_zeros((self.plan.fused_mask.numel(), hidden), output.dtype, output.device)
+            self.rows = host_empty((self.plan.fused_mask.numel(), hidden), output.dtype, output.device)
         rows_to_host(output.reshape(-1, hidden), group.runs, self.rows)
 
     def result(self) -> torch.Tensor:
+        padding = self.plan.fused_mask.reshape(-1).cpu() == 0
+        if padding.any():  # no group writes these rows
+            self.rows[padding] = 0
         wait_for_host(self.device)  # only the last group's copy is still running
         return mark_offloaded(self.rows.view(*self.plan.fused_mask.shape, -1))
 
@@ -177,13 +183,18 @@ def _worker(device: torch.device) -> ThreadPoolExecutor:
 
 
 class HostAccumulator:
-    """``total[:, start : start + n] += block`` for device blocks, into a host ``total``: the
-    block goes to pinned memory on the side stream, and a worker thread adds it once it has
-    landed, so neither the copy nor the add holds up the compute stream. ``finish()`` waits for
-    every add. Adds run one at a time in call order, so the sum is the synchronous one, bit for bit."""
+    """``total[:, start : start + n] += block`` for device blocks, into a host ``total`` that
+    starts as zeros: the block goes to pinned memory on the side stream, and a worker thread adds
+    it once it has landed, so neither the copy nor the add holds up the compute stream.
+    ``finish()`` waits for every add and returns ``total``. Adds run one at a time in call order,
+    so the sum is the synchronous one, bit for bit.
+
+    ``total``'s memory need not be zeroed (``host_empty``): a row's first block is copied in, not
+    added, and rows no block reached are zeroed by ``finish()``."""
 
     def __init__(self, total: torch.Tensor):
         self.total = total
+        self._written = torch.zeros(total.shape[1], dtype=torch.bool)  # rows (dim 1) holding a sum
         self._adds: deque[Future] = deque()
 
     def add(self, start: int, block: torch.Tensor) -> None:
@@ -201,9 +212,22 @@ class HostAccumulator:
     def _add(self, start: int, staged: torch.Tensor, landed) -> None:
         if landed is not None:
             landed.synchronize()
-        self.total[:, start : start + staged.shape[1]] += staged
+        region = self.total[:, start : start + staged.shape[1]]
+        written = self._written[start : start + staged.shape[1]]
+        if len(written) != staged.shape[1] or region.shape != staged.shape:
+            raise ValueError(f"block of shape {tuple(staged.shape)} at {start} does not fit a total of {tuple(self.total.shape)}")
+        if not written.any():
+            region.copy_(staged)
+        else:
+            if not written.all():
+                region[:, ~written] = 0
+            region += staged
+        written.fill_(True)
 
     def finish(self) -> torch.Tensor:
         while self._adds:
             self._adds.popleft().result()  # re-raises a failed add here, in the caller's thread
+        if not self._written.all():
+            self.total[:, ~self._written] = 0
+            self._written.fill_(True)
         return self.total

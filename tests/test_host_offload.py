@@ -59,7 +59,8 @@ def test_host_states_put_every_token_where_the_document_has_it(name, padded_grou
     plan, ids, mask = plan_for(name, padded_groups)
     if name == "one-document-whole-windows":  # one copy per group, not one per window
         assert [len(group.runs) for group in plan.groups if not group.padding] == [1] * 2
-    host = HostStates(plan)
+    # A reused buffer's old contents (NaN here) must not leak into any row, padding included.
+    host = HostStates(plan, buffer=torch.full((ids.numel(), HIDDEN), float("nan"), dtype=torch.float64))
     for group in plan.groups:
         # What an encoder would return for the group: each (padded) position's own token value.
         host.add(token_values(group.input_ids * group.attention_mask))
@@ -80,12 +81,22 @@ def test_each_group_gets_its_slice_of_a_host_gradient_cache(name, padded_groups)
         assert torch.equal(got, token_values(group.input_ids * group.attention_mask))  # zeros on the group's padding
 
 
-def test_host_adds_are_the_synchronous_sum_bit_for_bit():
+BLOCKS = {
+    "aligned-layers": [(0, 7), (7, 7), (14, 7), (21, 7), (28, 7), (35, 7), (42, 8)] * 3,  # three decoder layers
+    "overlapping-and-partial": [(0, 7), (7, 7), (14, 7), (3, 20), (40, 10), (0, 50), (21, 7), (28, 7), (35, 7), (42, 8)],
+    "rows-never-reached": [(5, 7), (12, 7), (30, 5)],
+}
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_host_adds_are_the_synchronous_sum_bit_for_bit(blocks):
+    """The total starts as uninitialised memory (NaN here: any read before a write would show):
+    a row's first block is copied in, later ones added, untouched rows come out zero."""
     gen = torch.Generator().manual_seed(0)
-    total = torch.zeros(2, 50, 4, dtype=torch.float32)
-    expected = total.clone()
+    total = torch.full((2, 50, 4), float("nan"))
+    expected = torch.zeros(2, 50, 4)
     adds = HostAccumulator(total)
-    for start, n in [(0, 7), (7, 7), (14, 7), (3, 20), (40, 10), (0, 50), (21, 7), (28, 7), (35, 7), (42, 8)]:
+    for start, n in BLOCKS[blocks]:
         block = torch.randn(2, n, 4, generator=gen, dtype=torch.bfloat16)  # the bf16 blocks a decoder layer gives
         expected[:, start : start + n] += block
         adds.add(start, block)
@@ -96,7 +107,7 @@ def test_host_adds_are_the_synchronous_sum_bit_for_bit():
 def test_a_failed_host_add_is_raised_in_the_caller():
     adds = HostAccumulator(torch.zeros(1, 10, 4))
     adds.add(0, torch.ones(1, 5, 3))  # wrong hidden size: fails on the worker thread
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"block of shape \(1, 5, 3\) at 0 does not fit a total of \(1, 10, 4\)"):
         adds.finish()
 
 
