@@ -41,9 +41,9 @@ from torch import nn
 
 from . import families
 from .gradient_sink import GradientSink, attach
-from .host_offload import HostStates, group_gradients_on_device
+from .host_offload import group_gradients_on_device
 from .memory import SavedBytesCounter
-from .windows import WindowGroup, WindowPlan
+from .windows import FusedStates, WindowGroup, WindowPlan
 
 
 @dataclass(frozen=True)
@@ -107,28 +107,28 @@ def encode_plan(
     plan: WindowPlan,
     rng_states: list | None = None,
     encode: Callable[[WindowGroup], torch.Tensor] | None = None,
-    to_host: bool = False,
+    into: FusedStates | None = None,
 ) -> torch.Tensor:
     """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
     Padding groups leave the dropout stream as they found it, so padding changes no mask.
     ``encode`` (default ``encode_group``) runs one group: whatever it keeps, it draws the same
-    dropout masks, so the stream later groups see does not depend on it. ``to_host``: fused in
-    host memory, each group's output copied there while the next group is encoded."""
+    dropout masks, so the stream later groups see does not depend on it. ``into``: outputs that
+    need no autograd are written there group by group and dropped (``FusedStates``), instead of
+    all being held for ``plan.fuse``, which autograd can differentiate."""
     encode = encode or partial(encode_group, model, weight)
-    host = HostStates(plan) if to_host else None
     outputs = []
     for group in plan.groups:
         rng = RngState.capture(weight.device)
         if rng_states is not None:
             rng_states.append(rng)
         output = encode(group)
-        if host is not None:
-            host.add(output)  # the device copy is dropped: one group at a time on the device
+        if into is not None:
+            into.add(output)
         else:
             outputs.append(output)
         if group.padding:
             rng.restore(weight.device)
-    return host.result() if host is not None else plan.fuse(outputs)
+    return into.result() if into is not None else plan.fuse(outputs)
 
 
 @dataclass
@@ -196,7 +196,7 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.held = _HeldScope(scope()) if schedule.keep_bytes > 0 else None
         with contextlib.nullcontext() if ctx.held else scope():
             keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
-            fused = encode_plan(model, weight, plan, ctx.rng_states, keeper, to_host=schedule.offload_states)
+            fused = encode_plan(model, weight, plan, ctx.rng_states, keeper, FusedStates(plan, on_host=schedule.offload_states))
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
@@ -365,7 +365,7 @@ def encode_windows(
     params = trainable_encoder_params(model)
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
         with torch.no_grad(), scope():
-            return encode_plan(model, weight, plan)
+            return encode_plan(model, weight, plan, into=FusedStates(plan))
     if mode == "full":
         with scope():
             return encode_plan(model, weight, plan)

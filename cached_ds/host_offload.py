@@ -6,7 +6,7 @@ one block or one window group of them. Every copy between the two goes on a side
 one per direction, so it runs while the compute stream works on the neighbouring block or group:
 
 - encoder forward: each group's output goes to its place in the host states while the next
-  group is encoded (``HostStates``);
+  group is encoded (``windows.FusedStates`` with ``on_host``, through ``rows_to_host``);
 - streaming cross-attention, forward and backward: key block i+1 comes over while block i is
   attended (``rows_to_device``, prefetched one ahead by its caller);
 - its backward: block i's gradient for the states goes to pinned memory, and a worker thread
@@ -124,32 +124,6 @@ def wait_for_host(device: torch.device) -> None:
     stream = _side_stream(device, "to_host")
     if stream is not None:
         stream.synchronize()
-
-
-class HostStates:
-    """The fused (batch, longest, hidden) encoder states in host memory, filled group by group:
-    ``add`` each group's output in plan order, then ``result()``. Positions past a document's
-    end are zero, as in ``WindowPlan.fuse``; the groups write every other row. ``buffer``: host
-    rows (batch * longest, hidden) to fill instead of new ones; their contents do not matter."""
-
-    def __init__(self, plan, buffer: torch.Tensor | None = None):
-        self.plan, self.next_group, self.rows, self.device = plan, 0, buffer, None
-
-    def add(self, output: torch.Tensor) -> None:
-        group = self.plan.groups[self.next_group]
-        self.next_group += 1
-        hidden = output.shape[-1]
-        self.device = output.device
-        if self.rows is None:
-            self.rows = host_empty((self.plan.fused_mask.numel(), hidden), output.dtype, output.device)
-        rows_to_host(output.reshape(-1, hidden), group.runs, self.rows)
-
-    def result(self) -> torch.Tensor:
-        padding = self.plan.fused_mask.reshape(-1).cpu() == 0
-        if padding.any():  # no group writes these rows
-            self.rows[padding] = 0
-        wait_for_host(self.device)  # only the last group's copy is still running
-        return mark_offloaded(self.rows.view(*self.plan.fused_mask.shape, -1))
 
 
 def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:

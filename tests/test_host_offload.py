@@ -11,9 +11,9 @@ synchronous sum bit for bit. The end-to-end exactness of the offloaded step agai
 import pytest
 import torch
 
-from cached_ds.host_offload import HostAccumulator, HostStates, group_gradients_on_device, is_offloaded, mark_offloaded
+from cached_ds.host_offload import HostAccumulator, group_gradients_on_device, is_offloaded, mark_offloaded
 from cached_ds.streaming_cross_attention import streaming_cross_attention
-from cached_ds.windows import WindowPlan
+from cached_ds.windows import FusedStates, WindowPlan
 
 PAD = 0
 HIDDEN = 3
@@ -53,20 +53,22 @@ def plan_for(name: str, padded_groups: int = 0) -> tuple[WindowPlan, torch.Tenso
     return plan, ids, mask
 
 
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
 @pytest.mark.parametrize("padded_groups", [0, 2], ids=["no-padding-groups", "padding-groups"])
 @pytest.mark.parametrize("name", PLANS)
-def test_host_states_put_every_token_where_the_document_has_it(name, padded_groups):
+def test_fused_states_put_every_token_where_the_document_has_it(name, padded_groups, on_host):
     plan, ids, mask = plan_for(name, padded_groups)
     if name == "one-document-whole-windows":  # one copy per group, not one per window
         assert [len(group.runs) for group in plan.groups if not group.padding] == [1] * 2
     # A reused buffer's old contents (NaN here) must not leak into any row, padding included.
-    host = HostStates(plan, buffer=torch.full((ids.numel(), HIDDEN), float("nan"), dtype=torch.float64))
+    states = FusedStates(plan, on_host, buffer=torch.full((ids.numel(), HIDDEN), float("nan"), dtype=torch.float64))
     for group in plan.groups:
         # What an encoder would return for the group: each (padded) position's own token value.
-        host.add(token_values(group.input_ids * group.attention_mask))
-    fused = host.result()
-    assert is_offloaded(fused) and fused.device.type == "cpu"
+        states.add(token_values(group.input_ids * group.attention_mask))
+    fused = states.result()
+    assert is_offloaded(fused) == on_host
     assert torch.equal(fused, token_values(ids * mask))  # zeros past each document's end
+    assert torch.equal(fused, plan.fuse([token_values(g.input_ids * g.attention_mask) for g in plan.groups]))
 
 
 @pytest.mark.parametrize("padded_groups", [0, 2], ids=["no-padding-groups", "padding-groups"])
