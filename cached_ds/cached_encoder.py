@@ -41,7 +41,7 @@ from torch import nn
 
 from . import families
 from .gradient_sink import GradientSink, attach
-from .host_offload import group_gradients_on_device
+from .host_offload import group_gradients_on_device, mark_offloaded
 from .memory import SavedBytesCounter
 from .windows import FusedStates, WindowGroup, WindowPlan
 
@@ -200,6 +200,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
+        if schedule.offload_states:  # for as long as the sink, which lives until this backward
+            mark_offloaded(fused, owner=ctx.sink)
         return attach(fused, ctx.sink)
 
     @staticmethod

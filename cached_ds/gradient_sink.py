@@ -3,7 +3,8 @@
 Every decoder layer's cross-attention reads the same (batch, N, hidden) encoder states, so
 autograd would hand each layer's N-sized gradient back in the states' dtype and sum them there
 (bf16: one rounding per layer, on partial sums that grow with the layer count). Instead a
-``GradientSink`` rides on the states tensor (attribute ``SINK_ATTRIBUTE``); layers that know it
+``GradientSink`` rides on the states tensor (a ``tensor_tags`` tag, which survives the aliases
+DeepSpeed ZeRO-3 hands modules); layers that know it
 (``streaming_cross_attention``) add their share block by block into its fp32 total and return no
 gradient for the states, and whoever produced the states (``cached_encoder``'s gradient cache,
 or ``streaming_cross_attention.with_gradient_sink``) takes the total in its backward, which
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from .host_offload import HostAccumulator, host_empty
+from .tensor_tags import drop_tag, get_tag, set_tag
 
-SINK_ATTRIBUTE = "_streaming_gradient_sink"
+SINK_TAG = "gradient_sink"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,10 +63,15 @@ class GradientSink:
 
 
 def attach(states: torch.Tensor, sink: GradientSink) -> torch.Tensor:
-    """``states`` itself, now carrying ``sink`` (layers find it with ``sink_of``)."""
-    setattr(states, SINK_ATTRIBUTE, sink)
-    return states
+    """``states`` itself, now carrying ``sink`` (layers find it with ``sink_of``, on any alias,
+    for as long as the sink lives: its producer keeps it until its backward)."""
+    return set_tag(states, SINK_TAG, sink, owner=sink)
 
 
 def sink_of(states: torch.Tensor) -> GradientSink | None:
-    return getattr(states, SINK_ATTRIBUTE, None)
+    return get_tag(states, SINK_TAG)
+
+
+def detach_sink(states: torch.Tensor) -> None:
+    """``states`` (and its aliases) no longer carry a sink: layers return their gradient through autograd."""
+    drop_tag(states, SINK_TAG)

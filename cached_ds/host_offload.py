@@ -33,7 +33,9 @@ from contextlib import nullcontext
 
 import torch
 
-OFFLOADED_ATTRIBUTE = "_cached_ds_offloaded"
+from .tensor_tags import get_tag, set_tag
+
+OFFLOADED_TAG = "in_host_memory"
 MAX_ADDS_IN_FLIGHT = 4  # pinned blocks waiting for the worker: bounds the host memory they hold
 
 _streams: dict[tuple[int, str], torch.cuda.Stream] = {}
@@ -67,15 +69,15 @@ def host_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
 
 
-def mark_offloaded(tensor: torch.Tensor) -> torch.Tensor:
+def mark_offloaded(tensor: torch.Tensor, owner=None) -> torch.Tensor:
     """``tensor`` itself, marked as living in host memory for a device's compute (CPU-only
-    machines cannot tell that from its device)."""
-    setattr(tensor, OFFLOADED_ATTRIBUTE, True)
-    return tensor
+    machines cannot tell that from its device); the mark is a ``tensor_tags`` tag, so the
+    aliases DeepSpeed ZeRO-3 hands modules carry it too, while ``owner`` (default: ``tensor``) lives."""
+    return set_tag(tensor, OFFLOADED_TAG, True, owner=owner)
 
 
 def is_offloaded(tensor: torch.Tensor) -> bool:
-    return getattr(tensor, OFFLOADED_ATTRIBUTE, False)
+    return get_tag(tensor, OFFLOADED_TAG, False)
 
 
 class InFlight:

@@ -64,6 +64,7 @@ from torch import nn
 
 from .block_attention import BlockKernel, block_kernel
 from .host_offload import is_offloaded, rows_to_device
+from .tensor_tags import get_tag, set_tag
 from .gradient_sink import (
     GradientSink,
     accumulation_dtype,
@@ -72,7 +73,7 @@ from .gradient_sink import (
 )
 
 INF = float("inf")
-LENGTHS_ATTRIBUTE = "_cached_ds_key_lengths"  # on a right-padded key mask: visible keys per document
+LENGTHS_TAG = "key_lengths"  # on a right-padded key mask (a tensor_tags tag): visible keys per document
 DEFAULT_BLOCK = 1024  # key tokens per online-softmax step
 
 
@@ -247,8 +248,9 @@ def _visible_lengths(keep, batch: int, keys: int) -> list[int] | None:
     Read from the device (a sync) unless ``compact_key_mask`` counted them already."""
     if keep is None:
         return [keys] * batch
-    if getattr(keep, LENGTHS_ATTRIBUTE, None) is not None:
-        return getattr(keep, LENGTHS_ATTRIBUTE)
+    known = get_tag(keep, LENGTHS_TAG)
+    if known is not None:
+        return known
     lengths = keep.sum(1)
     right_padding = torch.arange(keys, device=keep.device)[None, :] < lengths[:, None]
     return lengths.tolist() if torch.equal(keep, right_padding) else None
@@ -425,9 +427,9 @@ def key_padding_mask(mask: torch.Tensor | None):
         return _NOT_KEY_PADDING
     row = row[:, 0, 0, :]
     keep = row.clone() if row.dtype == torch.bool else row == 0
-    lengths = getattr(mask, LENGTHS_ATTRIBUTE, None)
+    lengths = get_tag(mask, LENGTHS_TAG)
     if lengths is not None:  # compact_key_mask's: right padding, counted once per step
-        setattr(keep, LENGTHS_ATTRIBUTE, lengths)
+        set_tag(keep, LENGTHS_TAG, lengths)
     return keep
 
 
@@ -559,12 +561,12 @@ def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
     streaming modules only read its key-padding row. HF's own modules would misread a bool mask
     under eager attention, so give it only to a decoder that streams every layer.
 
-    A right-padded mask also carries its documents' lengths (``LENGTHS_ATTRIBUTE``), counted here
+    A right-padded mask also carries its documents' lengths (``LENGTHS_TAG``), counted here
     once, so no layer has to read them back from the device to pick its kernel calls."""
     compact = mask.bool()[:, None, None, :]
     lengths = _visible_lengths(compact[:, 0, 0, :], mask.shape[0], mask.shape[1])
     if lengths is not None:
-        setattr(compact, LENGTHS_ATTRIBUTE, lengths)
+        set_tag(compact, LENGTHS_TAG, lengths)
     return compact
 
 

@@ -11,6 +11,8 @@ from test_engine_single_rank import CACHED, micro_batches, reference_gradients, 
 from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout
 
+from cached_ds.gradient_sink import sink_of
+from cached_ds.host_offload import is_offloaded
 from cached_ds.streaming_cross_attention import StreamingCrossAttention
 from cached_ds.t5_attention import attention_targets
 
@@ -39,6 +41,22 @@ def record_kernels(model):
     return names
 
 
+def record_states_seen(model) -> list[tuple[bool, bool]]:
+    """For each streaming cross-attention call: whether the states it read carried the CachED
+    encoder's gradient sink (the fp32 out-of-band cache), and whether they were in host memory.
+    ZeRO-3 hands every module an alias of its inputs, so both have to survive that."""
+    seen: list[tuple[bool, bool]] = []
+
+    def hook(module, args, kwargs):
+        states = kwargs["key_value_states"]
+        seen.append((sink_of(states) is not None, is_offloaded(states)))
+
+    for module in model.modules():
+        if isinstance(module, StreamingCrossAttention):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
 CASES = [
     ("zero3", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
     ("zero2", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
@@ -46,6 +64,10 @@ CASES = [
     ("zero3", "t5", {"cross_attention_block": 8, "decoder_gradient_checkpointing": True, "keep_encoder_gathered": False},
      "StreamingAttentionFunctionBackward"),
     ("zero3", "t5", {"cross_attention_block": 8, "fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
+    ("zero3", "bart", {"cross_attention_block": 8, "offload_gradient_cache": True, "offload_encoder_states": True},
+     "StreamingAttentionFunctionBackward"),
+    ("zero2", "t5", {"cross_attention_block": 8, "offload_gradient_cache": True, "offload_encoder_states": True},
+     "StreamingAttentionFunctionBackward"),
     ("zero3", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
     ("zero2", "longt5-tglobal", {"fast_t5_attention": True}, "BlockedBiasAttentionBackward"),
 ]
@@ -62,8 +84,12 @@ def test_engine_with_attention_kernels_matches_reference(config, family, kernels
 
     engine, *_ = initialize(model, resolved_config(config, gas=2, cached={**CACHED, **kernels}))
     ran = record_kernels(engine.module.model)
+    states_seen = record_states_seen(engine.module.model)
     grads = train_step(engine, batches)
     assert node in ran, sorted(ran)
+    if "cross_attention_block" in kernels:
+        offloaded = bool(kernels.get("offload_encoder_states"))
+        assert states_seen and set(states_seen) == {(True, offloaded)}, states_seen
     if "cross_attention_block" in kernels:
         assert "StreamingAttentionFunctionBackward" in ran
     assert_grads_match({k: g.float() for k, g in grads.items() if k in ref_grads}, ref_grads)

@@ -26,7 +26,7 @@ from tiny_models import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from cached_ds import CachedConfig, CachedSeq2Seq, encode_windows
-from cached_ds.gradient_sink import SINK_ATTRIBUTE, GradientSink
+from cached_ds.gradient_sink import GradientSink, detach_sink, sink_of
 from cached_ds.streaming_cross_attention import install_streaming_cross_attention
 
 WINDOW = 16
@@ -48,9 +48,9 @@ class DecoderStates:
     def _see(self, module, args, kwargs):
         states = kwargs["encoder_hidden_states"]
         self.states.append(states)
-        self.sinks.append(getattr(states, SINK_ATTRIBUTE, None))
+        self.sinks.append(sink_of(states))
         if self.drop_sink:
-            delattr(states, SINK_ATTRIBUTE)
+            detach_sink(states)
         if states.requires_grad:
             states.register_hook(self.through_autograd.append)
 
@@ -111,10 +111,10 @@ def test_sink_only_on_the_cached_encoder_output():
     install_streaming_cross_attention(model)
     ids, mask, _ = random_batch([2 * WINDOW + 3], [5], model.config.pad_token_id)
     plan = CachedSeq2Seq(model, CachedConfig(window=WINDOW)).plan(ids, mask)
-    assert isinstance(getattr(encode_windows(model, plan, "cached"), SINK_ATTRIBUTE, None), GradientSink)
-    assert not hasattr(encode_windows(model, plan, "full"), SINK_ATTRIBUTE)
+    assert isinstance(sink_of(encode_windows(model, plan, "cached")), GradientSink)
+    assert sink_of(encode_windows(model, plan, "full")) is None
     with torch.no_grad():
-        assert not hasattr(encode_windows(model, plan, "cached"), SINK_ATTRIBUTE)
+        assert sink_of(encode_windows(model, plan, "cached")) is None
 
 
 class _NoStatesGradient(torch.autograd.Function):
