@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from ds_helpers import resolved_config  # noqa: E402
 from reference import windowed_hf_step  # noqa: E402
-from tiny_models import make_model, random_batch  # noqa: E402
+from tiny_models import make_model, make_model_without_cross_attention_dropout, random_batch  # noqa: E402
 
 WINDOW = 16
 COLLECTIVES = (
@@ -89,10 +89,12 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
 
     from cached_ds.deepspeed_engine import initialize
 
-    model = make_model("bart")
+    # Streaming cross-attention has no attention-probability dropout: the reference gets none there either.
+    model = make_model_without_cross_attention_dropout("bart") if cached.get("cross_attention_block") else make_model("bart")
     pristine = copy.deepcopy(model)
     docs = documents(windows_per_rank, model.config.pad_token_id)
     engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
+    streaming_calls = watch_streaming_states(engine.module.model)
     ids, mask, labels = docs[rank]
     torch.manual_seed(100 + rank)
     engine.backward(engine(ids, mask, labels=labels).loss)
@@ -107,7 +109,25 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
     den = sum(float(ref[k].pow(2).sum()) for k in ref)
     suffix = "".join(f"-{key}" for key, value in cached.items() if value)
     return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5,
-            "kept_groups": engine.module.last_kept_groups}
+            "kept_groups": engine.module.last_kept_groups, "streaming_calls": streaming_calls}
+
+
+def watch_streaming_states(model) -> list[list[bool]]:
+    """Per streaming cross-attention call: [its states carried the gradient sink, were in host memory]."""
+    from cached_ds.gradient_sink import sink_of
+    from cached_ds.host_offload import is_offloaded
+    from cached_ds.streaming_cross_attention import StreamingCrossAttention
+
+    calls: list[list[bool]] = []
+
+    def hook(module, args, kwargs):
+        states = kwargs["key_value_states"]
+        calls.append([sink_of(states) is not None, is_offloaded(states)])
+
+    for module in model.modules():
+        if isinstance(module, StreamingCrossAttention):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
 
 
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
@@ -165,6 +185,8 @@ def main(out: str) -> None:
     # some of its 4 groups (ranks pad to the same count) and recomputes the rest.
     budget = 2 * one_group_graph_bytes()
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, keep_graphs_bytes=budget))
+    results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, cross_attention_block=5,
+                                 offload_gradient_cache=True, offload_encoder_states=True))
     for stage in ("zero2", "zero3"):
         for groups in (2, 8):
             results.append(communication_case(stage, groups, counter, rank))

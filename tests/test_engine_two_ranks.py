@@ -28,10 +28,17 @@ def results(tmp_path_factory):
     "zero0-windows[2, 4]", "zero1-windows[2, 4]", "zero2-windows[2, 4]", "zero3-windows[2, 4]",
     "zero3-windows[3, 3]", "zero3-keep_encoder_gathered-windows[2, 4]",
     "zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]",  # some groups kept, the rest recomputed
+    # streaming cross-attention (ZeRO-3 leaf modules) with the gradient cache and states in host memory
+    "zero3-keep_encoder_gathered-cross_attention_block-offload_gradient_cache-offload_encoder_states-windows[2, 4]",
     "loss-split-gas1-2ranks",  # token-level mean over the global batch (see test_loss_normalisation.py)
 ])
 def test_two_rank_gradients_equal_the_mean_reference(results, case):
     assert results[case]["relative_error"] <= 1e-5
+
+
+def test_streaming_layers_saw_the_gradient_sink_and_host_states_on_both_ranks(results):
+    calls = results["zero3-keep_encoder_gathered-cross_attention_block-offload_gradient_cache-offload_encoder_states-windows[2, 4]"]["streaming_calls"]
+    assert calls and all(sink and in_host for sink, in_host in calls), calls  # rank 0's calls
 
 
 def test_the_budget_case_kept_some_graphs_and_recomputed_the_rest(results):
