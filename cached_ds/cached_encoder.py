@@ -43,7 +43,8 @@ from . import families
 from .gradient_sink import GradientSink, attach
 from .host_offload import group_gradients_on_device, mark_offloaded
 from .memory import SavedBytesCounter
-from .windows import FusedStates, WindowGroup, WindowPlan
+from .fused_states import FusedStates
+from .windows import WindowGroup, WindowPlan
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ gradient for the states, and whoever produced the states (``cached_encoder``'s g
 or ``streaming_cross_attention.with_gradient_sink``) takes the total in its backward, which
 autograd runs after every consumer's.
 
-No dependencies beyond torch (and ``host_offload``), so the core and the decoder modules can both import it.
+No dependencies beyond torch (and ``host_offload``, ``tensor_tags``), so the core and the
+decoder modules can both import it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ one block or one window group of them. Every copy between the two goes on a side
 one per direction, so it runs while the compute stream works on the neighbouring block or group:
 
 - encoder forward: each group's output goes to its place in the host states while the next
-  group is encoded (``windows.FusedStates`` with ``on_host``, through ``rows_to_host``);
+  group is encoded (``fused_states.FusedStates`` with ``on_host``, through ``rows_to_host``);
 - streaming cross-attention, forward and backward: key block i+1 comes over while block i is
   attended (``rows_to_device``, prefetched one ahead by its caller);
 - its backward: block i's gradient for the states goes to pinned memory, and a worker thread
@@ -159,8 +159,8 @@ def _worker(device: torch.device) -> ThreadPoolExecutor:
 
 
 class HostAccumulator:
-    """``total[:, start : start + n] += block`` for device blocks, into a host ``total`` that
-    starts as zeros: the block goes to pinned memory on the side stream, and a worker thread adds
+    """``total[:, start : start + n] += block`` for device blocks, into a host ``total`` treated
+    as zeros: the block goes to pinned memory on the side stream, and a worker thread adds
     it once it has landed, so neither the copy nor the add holds up the compute stream.
     ``finish()`` waits for every add and returns ``total``. Adds run one at a time in call order,
     so the sum is the synchronous one, bit for bit.

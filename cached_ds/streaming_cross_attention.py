@@ -205,8 +205,9 @@ class StreamingAttentionFunction(torch.autograd.Function):
         with _no_autocast(query.device):
             offloaded = is_offloaded(states)
             blocks = _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded)
-            lengths = _visible_lengths(keep, states.shape[0], states.shape[1]) if fused else None
-            kernel = block_kernel(query) if lengths is not None else None
+            kernel = block_kernel(query) if fused else None
+            lengths = _visible_lengths(keep, states.shape[0], states.shape[1]) if kernel is not None else None
+            kernel = kernel if lengths is not None else None
             if kernel is not None:
                 out, lse = _attend_fused(query, blocks, lengths, scale, kernel)
             else:
@@ -338,8 +339,9 @@ def _fused_block_grads(kernel: BlockKernel, grad_out, query, out, lse, lengths, 
     """The kernel's backward of one block against the merged (out, lse): that block's share of
     d(query) and its exact d(key), d(value); zero on keys past a document's end."""
     parts = _visible_parts(lengths, start, key.shape[2])
-    if parts[0][0] == slice(None):
+    if parts and parts[0][0] == slice(None):
         return kernel.backward(grad_out, query, key, value, out, lse, scale)
+    # Some documents, or none (a block past every document's end), see the block: zeros elsewhere.
     grad_query, grad_key, grad_value = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
     for rows, visible in parts:
         grads = kernel.backward(grad_out[rows], query[rows], key[rows, :, :visible], value[rows, :, :visible], out[rows], lse[rows], scale)
@@ -400,7 +402,10 @@ class _SinkOutlet(torch.autograd.Function):
 
 def with_gradient_sink(states: torch.Tensor) -> torch.Tensor:
     """``states`` whose gradient the streaming layers deliver out of band through one fp32
-    ``GradientSink`` (at ``._streaming_gradient_sink``); give the result to the decoder.
+    ``GradientSink`` (``sink_of`` finds it); give the result to the decoder. The sink is a
+    ``tensor_tags`` tag, found on any tensor viewing the same memory the same way, so the input
+    carries it too: the decoder must read only the returned tensor, whose backward collects the
+    sink after every reader's.
 
         states = with_gradient_sink(encoder_states)
         model(encoder_outputs=BaseModelOutput(last_hidden_state=states), ...).loss.backward()

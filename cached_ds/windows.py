@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_offload import host_empty, mark_offloaded, rows_to_host, wait_for_host
-
 
 @dataclass(frozen=True)
 class WindowGroup:
@@ -155,46 +153,6 @@ class WindowPlan:
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
         return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions.to(output.device))
-
-
-class FusedStates:
-    """``WindowPlan.fuse`` written group by group, for outputs that need no autograd: ``add``
-    each group's output in plan order (it can be freed at once), then ``result()``. Only the
-    fused tensor and one group's output exist at a time, where ``fuse`` holds every output, its
-    real rows and their concatenation beside the result: three copies of the states at the peak.
-
-    ``on_host``: the fused states in host memory (pinned beside a GPU), each group's rows copied
-    there on a side stream while the next group is encoded (``host_offload``). ``buffer``: rows
-    (batch * longest, hidden) to fill instead of new ones; their contents do not matter (every
-    row is written: the groups' by their outputs, the padding ones with zeros)."""
-
-    def __init__(self, plan: WindowPlan, on_host: bool = False, buffer: torch.Tensor | None = None):
-        self.plan, self.on_host, self.rows, self.device, self.next_group = plan, on_host, buffer, None, 0
-
-    def add(self, output: torch.Tensor) -> None:
-        group = self.plan.groups[self.next_group]
-        self.next_group += 1
-        hidden = output.shape[-1]
-        self.device = output.device
-        if self.rows is None:
-            shape = (self.plan.fused_mask.numel(), hidden)
-            self.rows = (host_empty(shape, output.dtype, output.device) if self.on_host
-                         else torch.empty(shape, dtype=output.dtype, device=output.device))
-        group_rows = output.reshape(-1, hidden)
-        if self.on_host:
-            rows_to_host(group_rows, group.runs, self.rows)
-        else:
-            for group_row, fused_row, count in group.runs:
-                self.rows[fused_row : fused_row + count] = group_rows[group_row : group_row + count]
-
-    def result(self) -> torch.Tensor:
-        padding = self.plan.fused_mask.reshape(-1) == 0  # rows no group writes
-        if self.on_host:
-            padding = padding.cpu()
-            wait_for_host(self.device)  # only the last group's copy is still running
-        self.rows[padding.to(self.rows.device)] = 0
-        fused = self.rows.view(*self.plan.fused_mask.shape, -1)
-        return mark_offloaded(fused) if self.on_host else fused
 
 
 def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:

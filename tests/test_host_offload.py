@@ -13,7 +13,8 @@ import torch
 
 from cached_ds.host_offload import HostAccumulator, group_gradients_on_device, is_offloaded, mark_offloaded
 from cached_ds.streaming_cross_attention import streaming_cross_attention
-from cached_ds.windows import FusedStates, WindowPlan
+from cached_ds.fused_states import FusedStates
+from cached_ds.windows import WindowPlan
 
 PAD = 0
 HIDDEN = 3

@@ -350,7 +350,8 @@ def plain_attention(query, states, k_weight, k_bias, v_weight, v_bias, keep, sca
     return torch.softmax(scores, -1) @ value
 
 
-@pytest.mark.parametrize("lengths", [[23, 23], [23, 9], [23, 3]], ids=["no-padding", "padding-mid-block", "padding-in-first-block"])
+@pytest.mark.parametrize("lengths", [[23, 23], [23, 9], [23, 3], [9, 5]],
+                         ids=["no-padding", "padding-mid-block", "padding-in-first-block", "blocks-past-every-document"])
 def test_fused_block_kernels_equal_plain_attention_and_run(lengths):
     """Right-padded keys (what CachED's fused states have) go to the device's fused SDPA kernel
     block by block (on CPU, ATen's flash attention), merged by log-sum-exp, and the backward hands
@@ -372,7 +373,8 @@ def test_fused_block_kernels_equal_plain_attention_and_run(lengths):
                 assert got.norm() <= 1e-5 * grads[INPUT_NAMES.index("k_weight")].norm()
             else:
                 assert relative_error(got, want) <= 1e-5, name
-        assert torch.equal(grads[1][1, lengths[1]:], torch.zeros_like(grads[1][1, lengths[1]:]))  # padding: no gradient
+        for doc, length in enumerate(lengths):  # padding: no gradient
+            assert torch.equal(grads[1][doc, length:], torch.zeros_like(grads[1][doc, length:]))
 
 
 def test_fused_block_kernels_gradcheck():

@@ -1,0 +1,55 @@
+"""The fused (batch, tokens, hidden) encoder states written window group by window group.
+
+``WindowPlan.fuse`` builds them from every group's output at once, which autograd can
+differentiate (``full`` mode) but which holds every output, their real rows and their
+concatenation beside the result. CachED's no-grad pass needs no autograd there, so each group's
+rows go straight to their place (``WindowGroup.runs``) and the group's output can be freed: on
+the device, or in host memory through ``host_offload``'s side stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .host_offload import host_empty, mark_offloaded, rows_to_host, wait_for_host
+from .windows import WindowPlan
+
+
+class FusedStates:
+    """``WindowPlan.fuse`` written group by group, for outputs that need no autograd: ``add``
+    each group's output in plan order (it can be freed at once), then ``result()``. Only the
+    fused tensor and one group's output exist at a time, where ``fuse`` holds every output, its
+    real rows and their concatenation beside the result: three copies of the states at the peak.
+
+    ``on_host``: the fused states in host memory (pinned beside a GPU), each group's rows copied
+    there on a side stream while the next group is encoded (``host_offload``). ``buffer``: rows
+    (batch * longest, hidden) to fill instead of new ones; their contents do not matter (every
+    row is written: the groups' by their outputs, the padding ones with zeros)."""
+
+    def __init__(self, plan: WindowPlan, on_host: bool = False, buffer: torch.Tensor | None = None):
+        self.plan, self.on_host, self.rows, self.device, self.next_group = plan, on_host, buffer, None, 0
+
+    def add(self, output: torch.Tensor) -> None:
+        group = self.plan.groups[self.next_group]
+        self.next_group += 1
+        hidden = output.shape[-1]
+        self.device = output.device
+        if self.rows is None:
+            shape = (self.plan.fused_mask.numel(), hidden)
+            self.rows = (host_empty(shape, output.dtype, output.device) if self.on_host
+                         else torch.empty(shape, dtype=output.dtype, device=output.device))
+        group_rows = output.reshape(-1, hidden)
+        if self.on_host:
+            rows_to_host(group_rows, group.runs, self.rows)
+        else:
+            for group_row, fused_row, count in group.runs:
+                self.rows[fused_row : fused_row + count] = group_rows[group_row : group_row + count]
+
+    def result(self) -> torch.Tensor:
+        fused = self.rows.view(*self.plan.fused_mask.shape, -1)
+        padding = (self.plan.fused_mask == 0)[..., None]  # rows no group writes
+        if self.on_host:
+            padding = padding.cpu()
+            wait_for_host(self.device)  # only the last group's copy is still running
+        fused.masked_fill_(padding, 0)  # no boolean indexing: that would sync on a GPU
+        return mark_offloaded(fused) if self.on_host else fused
