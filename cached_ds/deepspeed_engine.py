@@ -115,6 +115,7 @@ def attach(engine, settings: EngineSettings) -> None:
         )
     if stage == 3:
         _check_zero3_model(wrapped.model)
+        _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
             wrapped.sync_group_count = _max_over_ranks
         if settings.keep_encoder_gathered:
@@ -218,6 +219,32 @@ def _hooks_removed(modules: list[nn.Module], hook_ids: frozenset[int]):
             hooks.clear()
             hooks.update(original)
             hooks.update(added)
+
+
+def _no_zero_gradients_through_decoder_hooks(model: nn.Module) -> None:
+    """ZeRO-3 passes every positional input of every module through an autograd Function of its
+    own (``module.post_bwd_fn``, ``deepspeed/runtime/zero/parameter_offload.py``), and HF hands
+    each decoder layer the encoder states positionally. Streaming cross-attention gives the
+    states no autograd gradient (its gradient sink takes it), but autograd fills a missing
+    gradient with zeros before calling a Python Function's backward: an N-sized zero tensor per
+    layer, summed into another, where the design keeps nothing N-sized but the states and the
+    sink. Each decoder module's Function is swapped for a subclass that passes ``None`` on."""
+    for module in model.get_decoder().modules():
+        function = module.__dict__.get("post_bwd_fn")
+        if function is not None and not getattr(function, "passes_missing_gradients", False):
+            module.post_bwd_fn = _passing_missing_gradients(function)
+
+
+def _passing_missing_gradients(function: type) -> type:
+    class PassingMissingGradients(function):
+        passes_missing_gradients = True
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.set_materialize_grads(False)  # DeepSpeed's backward returns what it is given: None stays None
+            function.setup_context(ctx, inputs, output)
+
+    return PassingMissingGradients
 
 
 def _gather_streaming_modules_whole(model: nn.Module) -> None:

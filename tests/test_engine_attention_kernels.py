@@ -57,6 +57,19 @@ def record_states_seen(model) -> list[tuple[bool, bool]]:
     return seen
 
 
+def record_states_gradients(model) -> list:
+    """Every gradient autograd delivers to the encoder states the HF decoder is given."""
+    delivered: list = []
+
+    def hook(module, args, kwargs):
+        states = kwargs["encoder_hidden_states"]
+        if states.requires_grad:
+            states.register_hook(delivered.append)
+
+    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    return delivered
+
+
 CASES = [
     ("zero3", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
     ("zero2", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
@@ -85,11 +98,15 @@ def test_engine_with_attention_kernels_matches_reference(config, family, kernels
     engine, *_ = initialize(model, resolved_config(config, gas=2, cached={**CACHED, **kernels}))
     ran = record_kernels(engine.module.model)
     states_seen = record_states_seen(engine.module.model)
+    delivered = record_states_gradients(engine.module.model)
     grads = train_step(engine, batches)
     assert node in ran, sorted(ran)
     if "cross_attention_block" in kernels:
         offloaded = bool(kernels.get("offload_encoder_states"))
         assert states_seen and set(states_seen) == {(True, offloaded)}, states_seen
+        # The sink took the states gradient: autograd delivers none, not even zeros (ZeRO-3's
+        # per-module Functions would materialise N-sized ones).
+        assert all(g is None for g in delivered), [None if g is None else tuple(g.shape) for g in delivered]
     if "cross_attention_block" in kernels:
         assert "StreamingAttentionFunctionBackward" in ran
     assert_grads_match({k: g.float() for k, g in grads.items() if k in ref_grads}, ref_grads)
