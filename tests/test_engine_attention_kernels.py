@@ -5,11 +5,13 @@ reference, and the replacement kernels are what actually ran."""
 import copy
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from ds_helpers import resolved_config, single_rank_distributed
 from reference import assert_grads_match
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
 from test_t5_attention import without_attention_dropout
-from tiny_models import make_model_without_cross_attention_dropout
+from tiny_models import make_model_without_cross_attention_dropout, random_batch
 
 from cached_ds.gradient_sink import sink_of
 from cached_ds.host_offload import is_offloaded
@@ -153,3 +155,52 @@ def test_kept_attention_dropout_is_flagged_when_the_kernels_are_installed():
     model = make_model("t5")
     CachedSeq2Seq(model, CachedConfig(cross_attention_block=8, fast_t5_attention=True, keep_attention_dropout=False))
     assert all(module.dropout == 0.0 for module, _ in attention_targets(model))
+
+
+class NSizedAllocations(TorchDispatchMode):
+    """Tensors of ``size`` rows or more made by an op (not views or in-place results of its
+    inputs) whose shape has a dimension of exactly ``keys``: what grows with the document."""
+
+    def __init__(self, keys: int, size: int):
+        super().__init__()
+        self.keys, self.size, self.made = keys, size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if self.keys in t.shape and t.numel() >= self.size and t.untyped_storage().data_ptr() not in inputs:
+                self.made.append((func.overloadpacket.__name__, tuple(t.shape), t.dtype))
+        return out
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("config, extra", [("zero2", {}), ("zero3", {}), ("zero3", {"decoder_gradient_checkpointing": True})],
+                         ids=["zero2", "zero3", "zero3-decoder-checkpointing"])
+def test_only_the_states_and_the_gradient_cache_grow_with_the_document(config, extra):
+    """[decoder-memory]'s budget: in a whole engine step (forward and backward, streaming
+    cross-attention), the only tensors as long as the document are the fused encoder states and
+    the fp32 gradient cache: no per-layer K/V, scores or states gradients, and no zero gradients
+    from ZeRO-3's per-module Functions."""
+    from cached_ds.deepspeed_engine import initialize
+
+    keys = 211  # a length no other dimension has
+    model = make_model_without_cross_attention_dropout("bart")
+    ids, mask, labels = random_batch([keys], [6], model.config.pad_token_id)
+    cached = {"window": 16, "group_windows": 2, "group_tokens": None, "cross_attention_block": 32, **extra}
+    engine, *_ = initialize(model, resolved_config(config, cached=cached))
+    engine.backward(engine(ids, mask, labels=labels).loss)  # warm-up: ZeRO-3 records its trace
+    engine.step()
+    with NSizedAllocations(keys, size=keys * model.config.d_model) as seen:
+        engine.backward(engine(ids, mask, labels=labels).loss)
+    assert sorted(seen.made, key=str) == sorted([("empty", (keys, 16), torch.float32), ("zeros", (1, keys, 16), torch.float32)], key=str)
