@@ -185,9 +185,10 @@ def _tensors(value):
             yield from _tensors(v)
 
 
-@pytest.mark.parametrize("config, extra", [("zero2", {}), ("zero3", {}), ("zero3", {"decoder_gradient_checkpointing": True})],
-                         ids=["zero2", "zero3", "zero3-decoder-checkpointing"])
-def test_only_the_states_and_the_gradient_cache_grow_with_the_document(config, extra):
+@pytest.mark.parametrize("family, config, extra", [("bart", "zero2", {}), ("bart", "zero3", {}),
+                                                   ("bart", "zero3", {"decoder_gradient_checkpointing": True}), ("t5", "zero3", {})],
+                         ids=["bart-zero2", "bart-zero3", "bart-zero3-decoder-checkpointing", "t5-zero3"])
+def test_only_the_states_and_the_gradient_cache_grow_with_the_document(family, config, extra):
     """[decoder-memory]'s budget: in a whole engine step (forward and backward, streaming
     cross-attention), the only tensors as long as the document are the fused encoder states and
     the fp32 gradient cache: no per-layer K/V, scores or states gradients, and no zero gradients
@@ -195,7 +196,7 @@ def test_only_the_states_and_the_gradient_cache_grow_with_the_document(config, e
     from cached_ds.deepspeed_engine import initialize
 
     keys = 211  # a length no other dimension has
-    model = make_model_without_cross_attention_dropout("bart")
+    model = make_model_without_cross_attention_dropout(family)
     ids, mask, labels = random_batch([keys], [6], model.config.pad_token_id)
     cached = {"window": 16, "group_windows": 2, "group_tokens": None, "cross_attention_block": 32, **extra}
     engine, *_ = initialize(model, resolved_config(config, cached=cached))
