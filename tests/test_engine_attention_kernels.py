@@ -205,3 +205,36 @@ def test_only_the_states_and_the_gradient_cache_grow_with_the_document(family, c
     with NSizedAllocations(keys, size=keys * model.config.d_model) as seen:
         engine.backward(engine(ids, mask, labels=labels).loss)
     assert sorted(seen.made, key=str) == sorted([("empty", (keys, 16), torch.float32), ("zeros", (1, keys, 16), torch.float32)], key=str)
+
+
+class Comparisons(TorchDispatchMode):
+    """How many ``aten.equal`` ran: each one reads a result back from the device (a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "equal"
+        return func(*args, **(kwargs or {}))
+
+
+def test_zero3_checkpointed_decoder_reads_document_lengths_once_per_step():
+    """Under ZeRO-3 the layers get aliases of the key mask, and decoder checkpointing re-runs them
+    in backward after the forward's Python objects are gone: the lengths counted once per step
+    (a tag the gradient sink owns) still reach every layer, so the syncs do not grow with depth."""
+    from cached_ds.deepspeed_engine import initialize
+
+    counts = {}
+    for layers in (2, 6):
+        model = make_model_without_cross_attention_dropout("bart", decoder_layers=layers)
+        ids, mask, labels = random_batch([53, 20], [6, 4], model.config.pad_token_id)
+        cached = {"window": 16, "group_windows": 2, "group_tokens": None, "cross_attention_block": 7,
+                  "decoder_gradient_checkpointing": True}
+        engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
+        engine.backward(engine(ids, mask, labels=labels).loss)  # warm-up: ZeRO-3 records its trace
+        engine.step()
+        with Comparisons() as seen:
+            engine.backward(engine(ids, mask, labels=labels).loss)
+        counts[layers] = seen.count
+    assert counts[6] == counts[2], counts

@@ -411,16 +411,18 @@ def test_switching_the_sdpa_kernels_off_runs_the_plain_blocks():
     assert relative_error(out, plain_attention(*inputs, keep, 0.5)) <= 1e-5
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "decoder-checkpointing"])
 @pytest.mark.parametrize("family", ["bart", "t5"])
-def test_document_lengths_are_read_from_the_device_once_per_step_not_per_layer(family):
+def test_document_lengths_are_read_from_the_device_once_per_step_not_per_layer(family, checkpointing):
     """Picking a block's kernel calls needs the documents' lengths as numbers: ``compact_key_mask``
-    counts them once for the step and every layer reuses them, so the comparisons (device syncs)
-    in a CachED training step do not grow with the decoder's depth."""
+    counts them once for the step and every layer reuses them, also when decoder checkpointing
+    re-runs the layers in backward, so the comparisons (device syncs) in a CachED training step
+    do not grow with the decoder's depth."""
     ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], 0)
     comparisons = {}
     for layers in (2, 6):
         model, _ = streaming_and_reference(family, block=7, decoder_layers=layers, num_decoder_layers=layers)
-        wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2, decoder_gradient_checkpointing=checkpointing))
         with OpsSeen() as ops:
             wrapped(ids, mask, labels=labels).loss.backward()
         assert FUSED_OPS <= ops.names
