@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=None, help="encoder window (default: the model's position limit; LongT5 4096)")
     parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
     parser.add_argument("--cross_attention_block", type=int, default=None, help="cached: streaming cross-attention key block (default: HF's module)")
+    parser.add_argument("--plain_cross_attention", action="store_true",
+                        help="cached: streaming cross-attention on plain PyTorch ops, not fused SDPA kernels (cross_attention_kernel)")
     parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
     parser.add_argument("--offload", action="store_true",
                         help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
@@ -67,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     args.methods = methods
+    if args.plain_cross_attention and args.cross_attention_block is None:
+        parser.error("--plain_cross_attention needs --cross_attention_block (it picks how streaming cross-attention runs)")
     if args.offload and args.cross_attention_block is None:
         parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:
@@ -124,7 +128,8 @@ def kernels(args) -> dict:
     With any, every method runs without attention-probability dropout (the kernels have none), so
     the comparison stays like for like."""
     chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None,
-              "offload_gradient_cache": args.offload or None, "offload_encoder_states": args.offload or None}
+              "offload_gradient_cache": args.offload or None, "offload_encoder_states": args.offload or None,
+              "cross_attention_kernel": "plain" if args.plain_cross_attention else None}
     return {k: v for k, v in chosen.items() if v is not None}
 
 

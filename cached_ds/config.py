@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 MODES = ("cached", "full")
+CROSS_ATTENTION_KERNELS = ("fused", "plain")
 GRAD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GROUP_TOKENS = 16384
 
@@ -30,6 +31,9 @@ class CachedConfig:
     cross_attention_block: stream the decoder's cross-attention over key blocks of this many
         tokens (``streaming_cross_attention``: no N-sized K/V or scores kept for backward);
         ``None`` keeps HF's modules. Needs cross-attention dropout 0 in training.
+    cross_attention_kernel: how streaming cross-attention runs a key block: ``"fused"`` on the
+        device's fused SDPA kernel where one applies (``block_attention``), else plain PyTorch
+        ops; ``"plain"`` always plain ops (slower; a way around a kernel problem on some GPU).
     fast_t5_attention: T5/LongT5 only: blocked self-attention without (heads × L × L) tensors
         (``t5_attention``); modules with attention dropout in training still run HF's code.
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
@@ -56,6 +60,7 @@ class CachedConfig:
     encoder_gradient_checkpointing: bool = False
     grad_dtype: str = "float32"
     cross_attention_block: int | None = None
+    cross_attention_kernel: str = "fused"
     fast_t5_attention: bool = False
     keep_attention_dropout: bool = True
     offload_gradient_cache: bool = False
@@ -83,6 +88,8 @@ class CachedConfig:
         if self.offload_encoder_states and self.cross_attention_block is None:
             raise ValueError("offload_encoder_states needs cross_attention_block (only streaming cross-attention reads "
                              "host-resident states, block by block); set cross_attention_block, e.g. 8192")
+        if self.cross_attention_kernel not in CROSS_ATTENTION_KERNELS:
+            raise ValueError(f"cross_attention_kernel must be one of {CROSS_ATTENTION_KERNELS}, got {self.cross_attention_kernel!r}")
         if not _is_count(self.cross_attention_block, 1):
             raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {self.cross_attention_block!r}")
         if not _is_count(self.keep_graphs_bytes, 0):

@@ -58,7 +58,8 @@ class CachedSeq2Seq(nn.Module):
             enable_encoder_checkpointing(model)
         replaced = []  # attention modules whose attention-probability dropout the kernels lack
         if self.config.cross_attention_block is not None:
-            replaced += [m.original for m in install_streaming_cross_attention(model, self.config.cross_attention_block)]
+            fused = self.config.cross_attention_kernel == "fused"
+            replaced += [m.original for m in install_streaming_cross_attention(model, self.config.cross_attention_block, fused)]
         if self.config.fast_t5_attention:
             if model.config.model_type not in T5_FAMILIES:
                 raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")

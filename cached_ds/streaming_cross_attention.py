@@ -452,6 +452,7 @@ class StreamingCrossAttention(nn.Module):
     def __init__(self, original: nn.Module, layout: CrossAttentionLayout, block: int):
         super().__init__()
         self.layout, self.block = layout, _checked_block(block)
+        self.fused = True  # each key block on a fused SDPA kernel where one applies (block_attention)
         for name, child in original.named_children():
             self.add_module(name, child)
         self.__dict__["original"] = original  # not a submodule: that would duplicate the state_dict keys
@@ -492,7 +493,7 @@ class StreamingCrossAttention(nn.Module):
         k_proj, v_proj = getattr(self, k_name), getattr(self, v_name)
         out = streaming_cross_attention(
             self._query(hidden_states), states, keep, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias,
-            self.scale, self.block, sink_of(states),
+            self.scale, self.block, sink_of(states), self.fused,
         )
         return self._output(out)
 
@@ -575,12 +576,13 @@ def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
     return compact
 
 
-def install_streaming_cross_attention(model: nn.Module, block: int = DEFAULT_BLOCK) -> list[StreamingCrossAttention]:
+def install_streaming_cross_attention(model: nn.Module, block: int = DEFAULT_BLOCK, fused: bool = True) -> list[StreamingCrossAttention]:
     """Replace every decoder cross-attention module of the HF ``model`` with a streaming one of
-    ``block`` key tokens per step (installing again only updates ``block``). Returns them."""
+    ``block`` key tokens per step, each block on a fused SDPA kernel where one applies (``fused``)
+    or on plain PyTorch ops (installing again only updates ``block`` and ``fused``). Returns them."""
     modules, _ = _install(model, block)
     for module in modules:
-        module.block = _checked_block(block)
+        module.block, module.fused = _checked_block(block), fused
     return modules
 
 

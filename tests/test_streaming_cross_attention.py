@@ -428,3 +428,24 @@ def test_document_lengths_are_read_from_the_device_once_per_step_not_per_layer(f
         assert FUSED_OPS <= ops.names
         comparisons[layers] = ops.counts["equal"]
     assert comparisons[6] == comparisons[2], comparisons
+
+
+@pytest.mark.parametrize("kernel", ["fused", "plain"])
+def test_the_cross_attention_kernel_setting_picks_the_block_kernels_and_both_are_exact(kernel):
+    """``cross_attention_kernel``: "fused" runs the blocks on ATen's fused attention, "plain" (the
+    way around a kernel problem on some GPU) on plain ops; both equal plain windowed HF."""
+    model = make_model_without_cross_attention_dropout("bart")
+    reference = copy.deepcopy(model)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2, cross_attention_block=7, cross_attention_kernel=kernel))
+    torch.manual_seed(SEED)
+    with OpsSeen() as ops:
+        wrapped(ids, mask, labels=labels).loss.backward()
+    assert (FUSED_OPS <= ops.names) if kernel == "fused" else not (FUSED_OPS & ops.names)
+    _, ref = windowed_hf_step(reference, ids, mask, labels, WINDOW, 2, SEED)
+    assert_grads_match(grads_of(model), ref)
+
+
+def test_an_unknown_cross_attention_kernel_names_the_field():
+    with pytest.raises(ValueError, match=r"cross_attention_kernel must be one of \('fused', 'plain'\), got 'flash'"):
+        CachedConfig(cross_attention_block=8, cross_attention_kernel="flash")
