@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from . import families
+from .fused_states import FusedStates
 from .gradient_sink import GradientSink, attach
 from .host_offload import group_gradients_on_device, mark_offloaded
 from .memory import SavedBytesCounter
-from .fused_states import FusedStates
 from .windows import WindowGroup, WindowPlan
 
 
@@ -227,7 +227,7 @@ class CachedEncoderFunction(torch.autograd.Function):
             # A kept graph is used once (a second backward through the same step recomputes).
             weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
-            grad = grad.to(output.device, output.dtype)
+            grad = grad.to(output.dtype)
             if index == last:
                 _backward_adding(output, grad, targets, param_sums)
                 weight_sum = _accumulate(weight_sum, weight.grad, dtype)

@@ -132,27 +132,26 @@ class WindowPlan:
         output; differentiable, so ``full`` mode backpropagates through it."""
         packed = torch.cat([self._real_rows(out, g) for out, g in zip(group_outputs, self.groups)])
         batch, longest = self.fused_mask.shape
-        fused = packed.new_zeros((batch * longest, packed.shape[-1]))  # where the outputs are (host, if offloaded)
-        return fused.index_copy(0, self.fused_positions.to(packed.device), packed).view(batch, longest, -1)
+        fused = packed.new_zeros((batch * longest, packed.shape[-1]))
+        return fused.index_copy(0, self.fused_positions, packed).view(batch, longest, -1)
 
     def split_gradient(self, grad_fused: torch.Tensor) -> Iterator[torch.Tensor]:
         """The inverse of :meth:`fuse` for a gradient: each group's slice in its padded layout
         (zeros on padding), made when asked for, so at most one group's copy exists beside the
         gradient cache (which is N-sized, and fp32 when the decoder wrote it out of band)."""
         rows = grad_fused.reshape(-1, grad_fused.shape[-1])
-        on = rows.device  # the device's, or the host's when the gradient cache is offloaded
         start = 0
         for group in self.groups:
-            positions = self.fused_positions[start : start + group.num_tokens].to(on)
+            positions = self.fused_positions[start : start + group.num_tokens]
             start += group.num_tokens
             windows, group_len = group.input_ids.shape
             grad = rows.new_zeros((windows * group_len, rows.shape[-1]))
             picked = rows.index_select(0, positions)
-            yield grad.index_copy_(0, group.real_positions.to(on), picked).view(windows, group_len, -1)
+            yield grad.index_copy_(0, group.real_positions, picked).view(windows, group_len, -1)
 
     @staticmethod
     def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
-        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions.to(output.device))
+        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions)
 
 
 def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
