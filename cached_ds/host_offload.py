@@ -8,7 +8,7 @@ one per direction, so it runs while the compute stream works on the neighbouring
 - encoder forward: each group's output goes to its place in the host states while the next
   group is encoded (``fused_states.FusedStates`` with ``on_host``, through ``rows_to_host``);
 - streaming cross-attention, forward and backward: key block i+1 comes over while block i is
-  attended (``rows_to_device``, prefetched one ahead by its caller);
+  attended (``rows_to_device`` through ``prefetched``);
 - its backward: block i's gradient for the states goes to pinned memory, and a worker thread
   adds it into the fp32 cache once it has arrived, while block i+1 is computed
   (``HostAccumulator``);
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -128,6 +128,15 @@ def wait_for_host(device: torch.device) -> None:
         stream.synchronize()
 
 
+def prefetched(items: Sequence, fetch: Callable[[object], InFlight]) -> Iterator[tuple[object, torch.Tensor]]:
+    """``(item, fetch(item) once it is ready)`` in order, the next item's fetch already issued
+    when an item is handed over: its copy runs while the caller works on this one."""
+    pending = fetch(items[0]) if items else None
+    for index, item in enumerate(items):
+        current, pending = pending, fetch(items[index + 1]) if index + 1 < len(items) else None
+        yield item, current.ready()
+
+
 def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
     """``plan.split_gradient`` for a gradient cache in host memory: each group's slice in its
     padded (windows, group_len, hidden) layout (zeros on padding) made on ``device``, the next
@@ -139,11 +148,8 @@ def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -
         swapped = [(fused, group_row, n) for group_row, fused, n in group.runs]
         return rows_to_device(cache_rows, swapped, windows * group_len, device, zeros=True)
 
-    pending = fetch(plan.groups[0]) if plan.groups else None
-    for index, group in enumerate(plan.groups):
-        current = pending
-        pending = fetch(plan.groups[index + 1]) if index + 1 < len(plan.groups) else None
-        yield current.ready().view(*group.input_ids.shape, -1)
+    for group, grad in prefetched(plan.groups, fetch):
+        yield grad.view(*group.input_ids.shape, -1)
 
 
 def _worker(device: torch.device) -> ThreadPoolExecutor:

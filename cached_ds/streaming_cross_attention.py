@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from .block_attention import BlockKernel, block_kernel
-from .host_offload import is_offloaded, rows_to_device
+from .host_offload import is_offloaded, prefetched, rows_to_device
 from .tensor_tags import get_tag, set_tag
 from .gradient_sink import (
     GradientSink,
@@ -176,13 +176,10 @@ class _Blocks:
 
         def fetch(start):
             n = min(self.block, length - start)
-            runs = [(b * length + start, b * n, n) for b in range(batch)]
-            return rows_to_device(rows, runs, batch * n, self.device), n
+            return rows_to_device(rows, [(b * length + start, b * n, n) for b in range(batch)], batch * n, self.device)
 
-        pending = fetch(starts[0]) if starts else None
-        for i in range(len(starts)):
-            (current, n), pending = pending, fetch(starts[i + 1]) if i + 1 < len(starts) else None
-            yield current.ready().view(batch, n, hidden)
+        for _, x in prefetched(starts, fetch):
+            yield x.view(batch, -1, hidden)
 
 
 def _no_autocast(device: torch.device):
