@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_helpers import resolved_config  # noqa: E402
+from ds_helpers import record_streaming_states, resolved_config  # noqa: E402
 from reference import windowed_hf_step  # noqa: E402
 from tiny_models import make_model, make_model_without_cross_attention_dropout, random_batch  # noqa: E402
 
@@ -94,7 +94,7 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
     pristine = copy.deepcopy(model)
     docs = documents(windows_per_rank, model.config.pad_token_id)
     engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
-    streaming_calls = watch_streaming_states(engine.module.model)
+    streaming_calls = record_streaming_states(engine.module.model)
     ids, mask, labels = docs[rank]
     torch.manual_seed(100 + rank)
     engine.backward(engine(ids, mask, labels=labels).loss)
@@ -111,23 +111,6 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
     return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5,
             "kept_groups": engine.module.last_kept_groups, "streaming_calls": streaming_calls}
 
-
-def watch_streaming_states(model) -> list[list[bool]]:
-    """Per streaming cross-attention call: [its states carried the gradient sink, were in host memory]."""
-    from cached_ds.gradient_sink import sink_of
-    from cached_ds.host_offload import is_offloaded
-    from cached_ds.streaming_cross_attention import StreamingCrossAttention
-
-    calls: list[list[bool]] = []
-
-    def hook(module, args, kwargs):
-        states = kwargs["key_value_states"]
-        calls.append([sink_of(states) is not None, is_offloaded(states)])
-
-    for module in model.modules():
-        if isinstance(module, StreamingCrossAttention):
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-    return calls
 
 
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:

@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 from cached_ds.ds_config import resolve_auto
+from cached_ds.gradient_sink import sink_of
+from cached_ds.host_offload import is_offloaded
+from cached_ds.streaming_cross_attention import StreamingCrossAttention
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 LR, WEIGHT_DECAY = 1e-3, 0.01
@@ -61,3 +64,19 @@ def reference_adamw_step(model, grads: dict[str, torch.Tensor], clip: float = 0.
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
     torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY).step()
     return model, norm
+
+
+def record_streaming_states(model) -> list[tuple[bool, bool]]:
+    """For each streaming cross-attention call: whether the states it read carried the CachED
+    encoder's gradient sink (the fp32 out-of-band cache), and whether they were in host memory.
+    ZeRO-3 hands every module an alias of its inputs, so both have to survive that."""
+    seen: list[tuple[bool, bool]] = []
+
+    def hook(module, args, kwargs):
+        states = kwargs["key_value_states"]
+        seen.append((sink_of(states) is not None, is_offloaded(states)))
+
+    for module in model.modules():
+        if isinstance(module, StreamingCrossAttention):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen

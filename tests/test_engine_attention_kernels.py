@@ -7,14 +7,13 @@ import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from ds_helpers import resolved_config, single_rank_distributed
+from ds_helpers import record_streaming_states, resolved_config, single_rank_distributed
 from reference import assert_grads_match
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
+from test_streaming_cross_attention import OpsSeen
 from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout, random_batch
 
-from cached_ds.gradient_sink import sink_of
-from cached_ds.host_offload import is_offloaded
 from cached_ds.streaming_cross_attention import StreamingCrossAttention
 from cached_ds.t5_attention import attention_targets
 
@@ -41,22 +40,6 @@ def record_kernels(model):
         if isinstance(module, StreamingCrossAttention) or "_cached_ds_hf_forward" in module.__dict__:
             module.register_forward_hook(hook)
     return names
-
-
-def record_states_seen(model) -> list[tuple[bool, bool]]:
-    """For each streaming cross-attention call: whether the states it read carried the CachED
-    encoder's gradient sink (the fp32 out-of-band cache), and whether they were in host memory.
-    ZeRO-3 hands every module an alias of its inputs, so both have to survive that."""
-    seen: list[tuple[bool, bool]] = []
-
-    def hook(module, args, kwargs):
-        states = kwargs["key_value_states"]
-        seen.append((sink_of(states) is not None, is_offloaded(states)))
-
-    for module in model.modules():
-        if isinstance(module, StreamingCrossAttention):
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-    return seen
 
 
 def record_states_gradients(model) -> list:
@@ -99,7 +82,7 @@ def test_engine_with_attention_kernels_matches_reference(config, family, kernels
 
     engine, *_ = initialize(model, resolved_config(config, gas=2, cached={**CACHED, **kernels}))
     ran = record_kernels(engine.module.model)
-    states_seen = record_states_seen(engine.module.model)
+    states_seen = record_streaming_states(engine.module.model)
     delivered = record_states_gradients(engine.module.model)
     grads = train_step(engine, batches)
     assert node in ran, sorted(ran)
@@ -207,18 +190,6 @@ def test_only_the_states_and_the_gradient_cache_grow_with_the_document(family, c
     assert sorted(seen.made, key=str) == sorted([("empty", (keys, 16), torch.float32), ("zeros", (1, keys, 16), torch.float32)], key=str)
 
 
-class Comparisons(TorchDispatchMode):
-    """How many ``aten.equal`` ran: each one reads a result back from the device (a sync)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ == "equal"
-        return func(*args, **(kwargs or {}))
-
-
 def test_zero3_checkpointed_decoder_reads_document_lengths_once_per_step():
     """Under ZeRO-3 the layers get aliases of the key mask, and decoder checkpointing re-runs them
     in backward after the forward's Python objects are gone: the lengths counted once per step
@@ -234,7 +205,7 @@ def test_zero3_checkpointed_decoder_reads_document_lengths_once_per_step():
         engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
         engine.backward(engine(ids, mask, labels=labels).loss)  # warm-up: ZeRO-3 records its trace
         engine.step()
-        with Comparisons() as seen:
+        with OpsSeen() as seen:  # each aten.equal reads a result back from the device (a sync)
             engine.backward(engine(ids, mask, labels=labels).loss)
-        counts[layers] = seen.count
+        counts[layers] = seen.counts["equal"]
     assert counts[6] == counts[2], counts
