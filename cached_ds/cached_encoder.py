@@ -13,9 +13,11 @@ The steps, as in GradCache's ``grad_cache.py``:
    (layers that ran HF's module), and the two are summed in fp32.
 4. ``backward``: re-encode group by group *with* autograd, replaying each group's RNG state (same
    dropout masks) and autocast state (a kept group uses its forward graph instead), push the
-   group's slice of the gradient cache through it, and sum the encoder's parameter gradients in
-   fp32. They are returned as the Function's input gradients, so every parameter's ``.grad`` is
-   written exactly once per backward — whatever engine hooks sit on it fire once, not once per group.
+   group's slice of the gradient cache through it, and sum the encoder's parameter gradients of
+   every group but the last in fp32 (``torch.autograd.grad``: no ``.grad`` written). A hook on
+   each parameter adds its sum into the last group's nested backward, so every parameter's
+   ``.grad`` is written exactly once per backward — whatever engine hooks sit on it fire once,
+   not once per group.
 
 Encoder activation memory is one window group, whatever the document length, plus the budget for
 kept graphs: a document whose groups all fit costs what full backprop costs, with no recompute.
@@ -42,7 +44,7 @@ from torch import nn
 from . import families
 from .fused_states import FusedStates
 from .gradient_sink import GradientSink, attach
-from .host_offload import group_gradients_on_device, mark_offloaded
+from .host_offload import mark_offloaded
 from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
 
@@ -113,23 +115,19 @@ def encode_plan(
     """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
     Padding groups leave the dropout stream as they found it, so padding changes no mask.
     ``encode`` (default ``encode_group``) runs one group: whatever it keeps, it draws the same
-    dropout masks, so the stream later groups see does not depend on it. ``into``: outputs that
-    need no autograd are written there group by group and dropped (``FusedStates``), instead of
-    all being held for ``plan.fuse``, which autograd can differentiate."""
+    dropout masks, so the stream later groups see does not depend on it. Each output is written
+    into ``into`` (default: fused states on the device) and dropped; with autograd on (``full``
+    mode) the writes are recorded, so gradients reach every group through them."""
     encode = encode or partial(encode_group, model, weight)
-    outputs = []
+    into = into if into is not None else FusedStates(plan)
     for group in plan.groups:
         rng = RngState.capture(weight.device)
         if rng_states is not None:
             rng_states.append(rng)
-        output = encode(group)
-        if into is not None:
-            into.add(output)
-        else:
-            outputs.append(output)
+        into.add(encode(group))
         if group.padding:
             rng.restore(weight.device)
-    return into.result() if into is not None else plan.fuse(outputs)
+    return into.result()
 
 
 @dataclass
@@ -220,8 +218,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
         weight_sum = None
-        cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
-        grads = group_gradients_on_device(ctx.plan, cache, ctx.device) if on_host else ctx.plan.split_gradient(cache)
+        cache = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band; maybe in host memory
+        grads = ctx.plan.split_gradient(cache, ctx.device)
         last = len(ctx.plan.groups) - 1
         for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, grads)):
             # A kept graph is used once (a second backward through the same step recomputes).
@@ -252,19 +250,19 @@ class _HeldScope:
         self._finalizer()
 
 
-def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
-    """d(loss)/d(fused states): the sink's total (at least fp32) plus autograd's share, added in
-    place into the total; and whether it is in host memory (an offloaded sink's). No gradient at
+def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
+    """d(loss)/d(fused states): the sink's total (at least fp32, in host memory when the sink is
+    offloaded) plus autograd's share, added in place into the total. No gradient at
     all (nothing downstream depended on the states): zeros, as autograd would have materialised,
     so every encoder parameter still gets its ``.grad`` (and an engine's hooks their one call)."""
     total = ctx.sink.take()
     if total is None and grad_fused is None:
-        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device), False
+        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device)
     if total is None:
-        return grad_fused, False
+        return grad_fused
     if grad_fused is not None:
         total += grad_fused.to(total.device)
-    return total, ctx.sink.offload
+    return total
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +366,7 @@ def encode_windows(
     params = trainable_encoder_params(model)
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
         with torch.no_grad(), scope():
-            return encode_plan(model, weight, plan, into=FusedStates(plan))
+            return encode_plan(model, weight, plan)
     if mode == "full":
         with scope():
             return encode_plan(model, weight, plan)

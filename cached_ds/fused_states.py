@@ -1,10 +1,9 @@
 """The fused (batch, tokens, hidden) encoder states written window group by window group.
 
-``WindowPlan.fuse`` builds them from every group's output at once, which autograd can
-differentiate (``full`` mode) but which holds every output, their real rows and their
-concatenation beside the result. CachED's no-grad pass needs no autograd there, so each group's
-rows go straight to their place (``WindowGroup.runs``) and the group's output can be freed: on
-the device, or in host memory through ``host_offload``'s side stream.
+Each group's rows go straight to their place (``WindowGroup.runs``) and the group's output can
+be freed: on the device, or in host memory through ``host_offload``'s side stream. Fusing every
+output at once (a gather and a concatenation) would hold every output, their real rows and their
+concatenation beside the result: three copies of the states at the peak of CachED's no-grad pass.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ from .windows import WindowPlan
 
 
 class FusedStates:
-    """``WindowPlan.fuse`` written group by group, for outputs that need no autograd: ``add``
-    each group's output in plan order (it can be freed at once), then ``result()``. Only the
-    fused tensor and one group's output exist at a time, where ``fuse`` holds every output, its
-    real rows and their concatenation beside the result: three copies of the states at the peak.
+    """``add`` each group's output in plan order (it can be freed at once), then ``result()``:
+    only the fused tensor and one group's output exist at a time. On the device the row copies
+    and the zeroing of padding are ordinary autograd ops, so outputs with a graph (``full``
+    mode) get their gradient through them.
 
     ``on_host``: the fused states in host memory (pinned beside a GPU), each group's rows copied
     there on a side stream while the next group is encoded (``host_offload``). ``buffer``: rows

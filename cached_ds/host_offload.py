@@ -13,7 +13,7 @@ one per direction, so it runs while the compute stream works on the neighbouring
   adds it into the fp32 cache once it has arrived, while block i+1 is computed
   (``HostAccumulator``);
 - the recompute: group i+1's slice of the cache comes over while group i is recomputed
-  (``group_gradients_on_device``).
+  (``WindowPlan.split_gradient``).
 
 The copies move row ranges (``WindowGroup.runs``), not index lists: an indexed copy would run on
 the host. Pinned buffers come from PyTorch's caching host allocator, which rounds each request up
@@ -100,8 +100,10 @@ class InFlight:
 def rows_to_device(host_rows: torch.Tensor, runs: Sequence[tuple[int, int, int]], rows: int, device: torch.device,
                    zeros: bool = False) -> InFlight:
     """A (rows, hidden) device tensor of ``host_rows``' dtype, ``out[to : to + n] = host_rows[src : src + n]``
-    for each ``(src, to, n)`` in ``runs``; the other rows zero (``zeros``) or unset."""
-    stream = _side_stream(device, "to_device")
+    for each ``(src, to, n)`` in ``runs``; the other rows zero (``zeros``) or unset. From host
+    memory the copies run on the side stream; rows already on ``device`` were computed on the
+    current stream, so they are copied there."""
+    stream = _side_stream(device, "to_device") if host_rows.device.type == "cpu" else None
     with _on(stream):
         out = (torch.zeros if zeros else torch.empty)((rows, host_rows.shape[-1]), dtype=host_rows.dtype, device=device)
         for src, to, n in runs:
@@ -135,21 +137,6 @@ def prefetched(items: Sequence, fetch: Callable[[object], InFlight]) -> Iterator
     for index, item in enumerate(items):
         current, pending = pending, fetch(items[index + 1]) if index + 1 < len(items) else None
         yield item, current.ready()
-
-
-def group_gradients_on_device(plan, cache: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
-    """``plan.split_gradient`` for a gradient cache in host memory: each group's slice in its
-    padded (windows, group_len, hidden) layout (zeros on padding) made on ``device``, the next
-    group's slice already on its way while this one is used."""
-    cache_rows = cache.reshape(-1, cache.shape[-1])
-
-    def fetch(group):
-        windows, group_len = group.input_ids.shape
-        swapped = [(fused, group_row, n) for group_row, fused, n in group.runs]
-        return rows_to_device(cache_rows, swapped, windows * group_len, device, zeros=True)
-
-    for group, grad in prefetched(plan.groups, fetch):
-        yield grad.view(*group.input_ids.shape, -1)
 
 
 def _worker(device: torch.device) -> ThreadPoolExecutor:

@@ -3,11 +3,12 @@
 Every document of the micro-batch is cut into windows of ``window`` tokens (the last one may be
 partial); windows are listed document by document and packed into *groups* that the encoder sees
 as one batch (windows stacked on the batch dimension, padded to the group's longest window).
-The plan also holds the index maps that move encoder outputs between a group's padded layout and
-the fused (batch, tokens, hidden) tensor the decoder attends to — and gradients back the other way.
+Each group also holds the row ranges (``runs``) that move its encoder output between its padded
+layout and the fused (batch, tokens, hidden) tensor the decoder attends to
+(``fused_states.FusedStates``) — and the gradient back the other way (``split_gradient``).
 
     >>> plan = WindowPlan.build(ids, mask, window=1024, group_windows=8, pad_token_id=1)
-    >>> fused = plan.fuse([encode(g.input_ids, g.attention_mask) for g in plan.groups])
+    >>> [encode(g.input_ids, g.attention_mask) for g in plan.groups]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_offload import prefetched, rows_to_device
+
 
 @dataclass(frozen=True)
 class WindowGroup:
@@ -25,23 +28,18 @@ class WindowGroup:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    real_positions: torch.Tensor  # flat indices into (windows * group_len) of real (unpadded) tokens
-    padding: bool = False  # a one-token stand-in that contributes nothing (see WindowPlan.padded_to)
-    # The same map as row ranges, for copies that cannot index (host <-> device): (first row in
-    # the group's flat (windows * group_len) layout, first row in the fused flat (batch * longest)
-    # layout, row count), adjacent ranges merged: one per document a group touches, when full.
+    # Where the group's real (unpadded) tokens go: (first row in the group's flat
+    # (windows * group_len) layout, first row in the fused flat (batch * longest) layout, row
+    # count), adjacent ranges merged: one per document a group touches, when its windows are full.
+    # Ranges, not index lists: a copy between host and device cannot index.
     runs: tuple[tuple[int, int, int], ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return self.real_positions.numel()
+    padding: bool = False  # a one-token stand-in that contributes nothing (see WindowPlan.padded_to)
 
 
 @dataclass(frozen=True)
 class WindowPlan:
     groups: list[WindowGroup]
     fused_mask: torch.Tensor  # (batch, longest document): 1 on real tokens
-    fused_positions: torch.Tensor  # flat indices into (batch * longest) of the packed real tokens, in group order
 
     @staticmethod
     def document_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,22 +89,20 @@ class WindowPlan:
         device = input_ids.device
         spans = [(doc, start, min(window, n - start)) for doc, n in enumerate(lengths) for start in range(0, n, window)]
 
-        groups, fused_positions = [], []
+        groups = []
         for members in _group_spans(spans, group_windows, group_tokens):
             group_len = max(length for _, _, length in members)
             ids = input_ids.new_full((len(members), group_len), pad_token_id)
             mask = torch.zeros((len(members), group_len), dtype=torch.long, device=device)
-            real, runs = [], []
+            runs = []
             for row, (doc, start, length) in enumerate(members):
                 ids[row, :length] = input_ids[doc, start : start + length]
                 mask[row, :length] = 1
-                real.append(torch.arange(row * group_len, row * group_len + length, device=device))
-                fused_positions.append(torch.arange(doc * longest + start, doc * longest + start + length, device=device))
                 runs.append((row * group_len, doc * longest + start, length))
-            groups.append(WindowGroup(ids, mask, torch.cat(real), runs=_merged(runs)))
+            groups.append(WindowGroup(ids, mask, _merged(runs)))
 
         fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
-        return cls(groups, fused_mask, torch.cat(fused_positions))
+        return cls(groups, fused_mask)
 
     def padded_to(self, num_groups: int, pad_token_id: int) -> WindowPlan:
         """The same plan led by one-token padding groups up to ``num_groups`` groups.
@@ -120,38 +116,28 @@ class WindowPlan:
             return self
         device = self.fused_mask.device
         ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
-        stand_in = WindowGroup(ids, torch.ones_like(ids), torch.empty(0, dtype=torch.long, device=device), padding=True)
-        return WindowPlan([stand_in] * missing + self.groups, self.fused_mask, self.fused_positions)
+        stand_in = WindowGroup(ids, torch.ones_like(ids), padding=True)
+        return WindowPlan([stand_in] * missing + self.groups, self.fused_mask)
 
     @property
     def batch_size(self) -> int:
         return self.fused_mask.shape[0]
 
-    def fuse(self, group_outputs: list[torch.Tensor]) -> torch.Tensor:
-        """(batch, longest, hidden) fused encoder states from each group's (windows, len, hidden)
-        output; differentiable, so ``full`` mode backpropagates through it."""
-        packed = torch.cat([self._real_rows(out, g) for out, g in zip(group_outputs, self.groups)])
-        batch, longest = self.fused_mask.shape
-        fused = packed.new_zeros((batch * longest, packed.shape[-1]))
-        return fused.index_copy(0, self.fused_positions, packed).view(batch, longest, -1)
+    def split_gradient(self, cache: torch.Tensor, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Each group's slice of the (batch, longest, hidden) gradient ``cache`` in the group's
+        padded (windows, group_len, hidden) layout, zeros on padding, on ``device`` (default: the
+        cache's), made when asked for with the next group's slice already on its way: at most two
+        groups' slices exist beside the cache (which is N-sized, and fp32 when the decoder wrote
+        it out of band). A cache in host memory comes over on a side stream (``host_offload``)."""
+        rows = cache.reshape(-1, cache.shape[-1])
 
-    def split_gradient(self, grad_fused: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The inverse of :meth:`fuse` for a gradient: each group's slice in its padded layout
-        (zeros on padding), made when asked for, so at most one group's copy exists beside the
-        gradient cache (which is N-sized, and fp32 when the decoder wrote it out of band)."""
-        rows = grad_fused.reshape(-1, grad_fused.shape[-1])
-        start = 0
-        for group in self.groups:
-            positions = self.fused_positions[start : start + group.num_tokens]
-            start += group.num_tokens
+        def fetch(group: WindowGroup):
             windows, group_len = group.input_ids.shape
-            grad = rows.new_zeros((windows * group_len, rows.shape[-1]))
-            picked = rows.index_select(0, positions)
-            yield grad.index_copy_(0, group.real_positions, picked).view(windows, group_len, -1)
+            from_fused = [(fused_row, group_row, n) for group_row, fused_row, n in group.runs]
+            return rows_to_device(rows, from_fused, windows * group_len, device or cache.device, zeros=True)
 
-    @staticmethod
-    def _real_rows(output: torch.Tensor, group: WindowGroup) -> torch.Tensor:
-        return output.reshape(-1, output.shape[-1]).index_select(0, group.real_positions)
+        for group, grad in prefetched(self.groups, fetch):
+            yield grad.view(*group.input_ids.shape, -1)
 
 
 def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:

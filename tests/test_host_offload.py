@@ -11,7 +11,7 @@ synchronous sum bit for bit. The end-to-end exactness of the offloaded step agai
 import pytest
 import torch
 
-from cached_ds.host_offload import HostAccumulator, group_gradients_on_device, is_offloaded, mark_offloaded
+from cached_ds.host_offload import HostAccumulator, is_offloaded, mark_offloaded
 from cached_ds.streaming_cross_attention import streaming_cross_attention
 from cached_ds.fused_states import FusedStates
 from cached_ds.windows import WindowPlan
@@ -69,19 +69,35 @@ def test_fused_states_put_every_token_where_the_document_has_it(name, padded_gro
     fused = states.result()
     assert is_offloaded(fused) == on_host
     assert torch.equal(fused, token_values(ids * mask))  # zeros past each document's end
-    assert torch.equal(fused, plan.fuse([token_values(g.input_ids * g.attention_mask) for g in plan.groups]))
 
 
 @pytest.mark.parametrize("padded_groups", [0, 2], ids=["no-padding-groups", "padding-groups"])
 @pytest.mark.parametrize("name", PLANS)
-def test_each_group_gets_its_slice_of_a_host_gradient_cache(name, padded_groups):
+def test_each_group_gets_its_slice_of_a_gradient_cache(name, padded_groups):
     plan, ids, mask = plan_for(name, padded_groups)
     cache = token_values(ids * mask) + 0.25 * (1 - mask)[..., None]  # padding rows nonzero: they must not leak
-    slices = list(group_gradients_on_device(plan, cache, torch.device("cpu")))
+    slices = list(plan.split_gradient(cache, torch.device("cpu")))
     assert len(slices) == len(plan.groups)
     for group, got in zip(plan.groups, slices):
         assert got.shape == (*group.input_ids.shape, HIDDEN)
         assert torch.equal(got, token_values(group.input_ids * group.attention_mask))  # zeros on the group's padding
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_fusing_with_autograd_hands_each_group_its_slice_back(name):
+    """``full`` mode differentiates through the fused states' writes: each group's output gets
+    exactly the slice ``split_gradient`` cuts from the same gradient (nothing on its padding)."""
+    plan, ids, mask = plan_for(name)
+    gen = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(*g.input_ids.shape, HIDDEN, dtype=torch.float64, generator=gen, requires_grad=True)
+               for g in plan.groups]
+    states = FusedStates(plan)
+    for output in outputs:
+        states.add(output)
+    upstream = torch.randn(*ids.shape, HIDDEN, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad(states.result(), outputs, upstream)
+    for got, expected in zip(grads, plan.split_gradient(upstream)):
+        assert torch.equal(got, expected)
 
 
 BLOCKS = {
