@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from ds_helpers import record_streaming_states, resolved_config, single_rank_distributed
+from op_meters import OpOutputs, OpsSeen
 from reference import assert_grads_match
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
-from test_streaming_cross_attention import OpsSeen
 from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout, random_batch
 
@@ -140,32 +139,10 @@ def test_kept_attention_dropout_is_flagged_when_the_kernels_are_installed():
     assert all(module.dropout == 0.0 for module, _ in attention_targets(model))
 
 
-class NSizedAllocations(TorchDispatchMode):
-    """Tensors of ``size`` rows or more made by an op (not views or in-place results of its
-    inputs) whose shape has a dimension of exactly ``keys``: what grows with the document."""
-
-    def __init__(self, keys: int, size: int):
-        super().__init__()
-        self.keys, self.size, self.made = keys, size, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
-        for t in _tensors(out):
-            if self.keys in t.shape and t.numel() >= self.size and t.untyped_storage().data_ptr() not in inputs:
-                self.made.append((func.overloadpacket.__name__, tuple(t.shape), t.dtype))
-        return out
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+def n_sized_allocations(keys: int, size: int) -> OpOutputs:
+    """Tensors of ``size`` elements or more that an op made (not views or in-place results of
+    its inputs) with a dimension of exactly ``keys``: what grows with the document."""
+    return OpOutputs(lambda t: keys in t.shape and t.numel() >= size, new_only=True)
 
 
 @pytest.mark.parametrize("family, config, extra", [("bart", "zero2", {}), ("bart", "zero3", {}),
@@ -185,7 +162,7 @@ def test_only_the_states_and_the_gradient_cache_grow_with_the_document(family, c
     engine, *_ = initialize(model, resolved_config(config, cached=cached))
     engine.backward(engine(ids, mask, labels=labels).loss)  # warm-up: ZeRO-3 records its trace
     engine.step()
-    with NSizedAllocations(keys, size=keys * model.config.d_model) as seen:
+    with n_sized_allocations(keys, size=keys * model.config.d_model) as seen:
         engine.backward(engine(ids, mask, labels=labels).loss)
     assert sorted(seen.made, key=str) == sorted([("empty", (keys, 16), torch.float32), ("zeros", (1, keys, 16), torch.float32)], key=str)
 

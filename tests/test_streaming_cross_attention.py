@@ -4,12 +4,11 @@ Every comparison is against an untouched deep copy of the same HF model, same in
 seed, with hidden/activation dropout on (only cross-attention probabilities have no dropout)."""
 
 import copy
-from collections import Counter
 from contextlib import ExitStack
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_meters import OpOutputs, OpsSeen
 from reference import assert_grads_match, grads_of, windowed_hf_step
 from tiny_models import (
     FAMILIES,
@@ -269,20 +268,10 @@ def test_gradient_sink_sums_in_fp32_for_bf16_states():
     assert torch.equal(total[0, :, 0], torch.tensor([1, 1, 1 + 3 * 2.0**-9, 1 + 3 * 2.0**-9, 1 + 3 * 2.0**-9, 1]))
 
 
-class TargetByKeysTensors(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op output whose last two dimensions are (target, N): a score-shaped or
-    mask-shaped tensor over all N keys."""
-
-    def __init__(self, target: int, keys: int):
-        super().__init__()
-        self.shape, self.seen = (target, keys), []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == self.shape:
-                self.seen.append((str(func), tuple(t.shape)))
-        return out
+def target_by_keys_tensors(target: int, keys: int) -> OpOutputs:
+    """Every op output whose last two dimensions are (target, N): a score-shaped or mask-shaped
+    tensor over all N keys."""
+    return OpOutputs(lambda t: t.dim() >= 2 and tuple(t.shape[-2:]) == (target, keys))
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])
@@ -294,29 +283,13 @@ def test_no_target_by_keys_tensor_in_a_streaming_step(family):
     ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [7, 4], model.config.pad_token_id)
     wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
     keys = int(mask.sum(1).max())
-    with TargetByKeysTensors(labels.shape[1], keys) as meter:
+    with target_by_keys_tensors(labels.shape[1], keys) as meter:
         wrapped(ids, mask, labels=labels).loss.backward()
-    assert meter.seen == []
+    assert meter.made == []
     states, fused_mask = wrapped.encode_long(ids, mask)
-    with TargetByKeysTensors(labels.shape[1], keys) as control:
+    with target_by_keys_tensors(labels.shape[1], keys) as control:
         model(encoder_outputs=states, attention_mask=fused_mask, labels=labels, use_cache=False).loss.backward()
-    assert control.seen
-
-
-class OpsSeen(TorchDispatchMode):
-    """The names of the aten ops that ran, and how often (observed, not replaced)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    @property
-    def names(self) -> set[str]:
-        return set(self.counts)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+    assert control.made
 
 
 FUSED_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
