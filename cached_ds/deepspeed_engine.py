@@ -1,6 +1,7 @@
 """CachED inside a DeepSpeed engine: ZeRO 0–3, offload, bf16, gradient accumulation.
 
-    engine, optimizer, _, scheduler = initialize(hf_model, "ds_configs/zero3.json")
+    config = resolve_auto(load_config("ds_configs/zero3.json"), auto_values(...))  # as launchers/train.py does
+    engine, optimizer, _, scheduler = initialize(hf_model, config)
     for batch in batches:                      # input_ids, attention_mask, labels
         loss = engine(**batch).loss
         engine.backward(loss)                  # one CachED step: decoder, then window groups
@@ -41,9 +42,9 @@ from torch import nn
 from . import families
 from .config import CachedConfig
 from .distributed import barrier, rank, world_size
-from .ds_config import load_config, reuse_distance
+from .ds_config import load_config, reuse_distance, unresolved_auto
 from .model import CachedSeq2Seq
-from .streaming_cross_attention import StreamingCrossAttention
+from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
 ENGINE_KEYS = ("keep_encoder_gathered",)
 CACHED_CONFIG_FILE = "cached_config.json"  # beside an exported HF model: the windows it was trained with
@@ -82,8 +83,17 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     """``deepspeed.initialize`` for an HF encoder–decoder trained with CachED.
 
     Returns DeepSpeed's ``(engine, optimizer, dataloader, lr_scheduler)``; ``engine.module`` is
-    the ``CachedSeq2Seq`` wrapper and ``engine.module.model`` the HF model."""
+    the ``CachedSeq2Seq`` wrapper and ``engine.module.model`` the HF model. ``config`` has no
+    ``"auto"`` left: HF's Trainer fills those from its arguments, and here that is
+    ``ds_config.resolve_auto`` with ``ds_config.auto_values`` (the launcher's flags)."""
     config = load_config(config)
+    auto = unresolved_auto(config)
+    if auto:  # DeepSpeed would fail on them later with "'>' not supported between 'str' and 'int'"
+        raise ValueError(
+            f'the DeepSpeed config still has "auto" in {auto}; resolve them first with '
+            "cached_ds.ds_config.resolve_auto(config, auto_values(micro_batch_size=..., lr=..., ...)) "
+            "as launchers/train.py does, or write numbers there"
+        )
     settings = EngineSettings.from_section(config.pop("cached", None))
     zero = config.get("zero_optimization") or {}
     wrapped = CachedSeq2Seq(model, settings.cached)
@@ -124,8 +134,8 @@ def attach(engine, settings: EngineSettings) -> None:
     checkpointing = engine.config.get("activation_checkpointing")
     if checkpointing:
         _use_deepspeed_checkpointing(engine, wrapped.model)
-        if checkpointing.get("cpu_checkpointing"):  # activations to the host: the gradient cache too
-            wrapped.config.offload_gradient_cache = True
+        if checkpointing.get("cpu_checkpointing") and has_streaming_cross_attention(wrapped.model):
+            wrapped.config.offload_gradient_cache = True  # activations to the host: the gradient cache too
 
 
 def _max_over_ranks(count: int) -> int:

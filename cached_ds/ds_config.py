@@ -41,6 +41,17 @@ def resolve_auto(config: dict, values: dict) -> dict:
     return walk(config)
 
 
+def unresolved_auto(config: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields still set to ``"auto"``."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += unresolved_auto(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found
+
+
 def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int, lr: float, weight_decay: float,
                 warmup_steps: int, total_steps: int, max_grad_norm: float, bf16: bool, hidden_size: int) -> dict:
     return {

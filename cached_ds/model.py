@@ -26,7 +26,12 @@ from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .shared_beam_generation import generate_shared
-from .streaming_cross_attention import compact_key_mask, install_streaming_cross_attention, streams_every_layer
+from .streaming_cross_attention import (
+    compact_key_mask,
+    has_streaming_cross_attention,
+    install_streaming_cross_attention,
+    streams_every_layer,
+)
 from .t5_attention import attention_targets as fast_t5_targets, install_fast_t5_attention
 from .windows import WindowPlan
 
@@ -66,6 +71,11 @@ class CachedSeq2Seq(nn.Module):
             install_fast_t5_attention(model)
             replaced += [module for module, _ in fast_t5_targets(model)]
         _settle_attention_dropout(replaced, self.config.keep_attention_dropout)
+        if self.config.offload_gradient_cache and not has_streaming_cross_attention(model):
+            raise ValueError(
+                "offload_gradient_cache offloads the fp32 gradient cache that streaming cross-attention writes, "
+                "and this model has none; set cross_attention_block (e.g. 8192) or remove offload_gradient_cache"
+            )
         # Engines whose collectives follow the encoder calls (ZeRO-3) set this to agree on a group
         # count across ranks: it maps this rank's count to the count every rank will run.
         self.sync_group_count: Callable[[int], int] | None = None

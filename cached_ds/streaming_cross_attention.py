@@ -548,6 +548,10 @@ class StreamingCrossAttention(nn.Module):
             )
 
 
+def has_streaming_cross_attention(model: nn.Module) -> bool:
+    return any(isinstance(module, StreamingCrossAttention) for module in model.modules())
+
+
 def streams_every_layer(model: nn.Module) -> bool:
     """Whether every decoder cross-attention module of the HF ``model`` is a streaming one."""
     layout = LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))

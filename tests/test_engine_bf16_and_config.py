@@ -66,6 +66,13 @@ def test_layerdrop_refused_under_zero3():
         initialize(make_model("bart", encoder_layerdrop=0.2), resolved_config("zero3"))
 
 
+def test_unresolved_auto_fields_are_named():
+    """A shipped config straight from its file still has HF-style "auto" values: DeepSpeed
+    itself would fail on them with a type error that names no field."""
+    with pytest.raises(ValueError, match=r'still has "auto" in \[.*\'train_batch_size\'.*\'zero_optimization\.reduce_bucket_size\'.*resolve_auto'):
+        initialize(make_model("bart"), CONFIGS / "zero3.json")
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist; pass --deepspeed ds_configs/zero3.json"):
         load_config(tmp_path / "missing.json")

@@ -260,13 +260,22 @@ def test_offloaded_states_need_streaming_cross_attention():
         CachedConfig(offload_encoder_states=True, cross_attention_block=8, mode="full")
 
 
-def test_deepspeed_cpu_checkpointing_offloads_the_gradient_cache():
+def test_offloaded_gradient_cache_needs_streaming_cross_attention():
+    """Only streaming cross-attention writes the out-of-band cache: without it the flag would do nothing."""
+    with pytest.raises(ValueError, match="offload_gradient_cache offloads .* this model has none; set cross_attention_block"):
+        CachedSeq2Seq(make_model_without_cross_attention_dropout("bart"), CachedConfig(window=WINDOW, offload_gradient_cache=True))
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "hf-cross-attention"])
+def test_deepspeed_cpu_checkpointing_offloads_the_gradient_cache(streaming):
+    """With streaming cross-attention the cache goes to the host with the activations; without
+    it there is no out-of-band cache to offload, and the flag stays off."""
     from ds_helpers import resolved_config, single_rank_distributed
 
     from cached_ds.deepspeed_engine import initialize
 
     single_rank_distributed()
-    config = resolved_config("zero2", cached={"window": WINDOW})
+    config = resolved_config("zero2", cached={"window": WINDOW, "cross_attention_block": BLOCK if streaming else None})
     config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
     engine, *_ = initialize(make_model_without_cross_attention_dropout("bart"), config)
-    assert engine.module.config.offload_gradient_cache
+    assert engine.module.config.offload_gradient_cache == streaming
