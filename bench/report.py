@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -144,5 +144,14 @@ def write_report(folder: Path) -> None:
     plot(points, folder)
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="a results folder holding points.jsonl")
+    folder = parser.parse_args(argv).folder
+    if not (folder / "points.jsonl").is_file():
+        parser.error(f"{folder / 'points.jsonl'} does not exist; pass a folder bench/sweep.py wrote")
+    write_report(folder)
+
+
 if __name__ == "__main__":
-    write_report(Path(sys.argv[1]))
+    main()
