@@ -26,6 +26,11 @@ if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths, before any 
     done
 fi
 
+# The key-block size of the streaming lines: the fastest of a few, timed on this GPU (pick_block.py).
+BLOCK=${BLOCK:-$(timeout 90 python3 bench/gpu_checks/pick_block.py --report "$OUT/checks.jsonl" || true)}
+BLOCK=${BLOCK:-32768}
+echo "streaming cross-attention key block: $BLOCK"
+
 sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
     local left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -lt 30 ]; then echo "skipped (deadline): $*"; return; fi
@@ -38,22 +43,23 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # without (2M) and with (8M) streaming, then the lengths the growth figures need. hf_ds_gc's
 # 1M OOM is already measured (results/2026-11-27-*), so it comes late.
 PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
---tokens 262144 --methods cached --cross_attention_block 8192 --keep_graphs_gib 40
+--tokens 262144 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40
 --tokens 2097152 --methods cached
---tokens 8388608 --methods cached --cross_attention_block 8192 --warmup 1 --steps 1
+--tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
 --tokens 524288 --methods hf_ds_gc,cached
 --tokens 1048576 --methods cached,full_gc
---tokens 4194304 --methods cached --cross_attention_block 8192 --warmup 1 --steps 1
---tokens 16777216 --methods cached --cross_attention_block 8192 --offload --warmup 1 --steps 1
---tokens 4194304 --methods cached --cross_attention_block 8192 --offload --warmup 1 --steps 1
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
+--tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 1 --steps 1
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 1 --steps 1
 --tokens 65536 --methods full,full_gc,hf_ds_gc,cached
 --tokens 262144 --methods full,full_gc
 --tokens 262144 --methods cached --keep_graphs_gib 40
---tokens 262144 --methods cached --cross_attention_block 8192
+--tokens 262144 --methods cached --cross_attention_block $BLOCK
 --tokens 1048576 --methods hf_ds_gc,cached --keep_graphs_gib 40
 --tokens 4194304 --methods cached"}
 while IFS= read -r line; do
     # shellcheck disable=SC2086  # each line is word-split into arguments on purpose
+    line=${line//\$BLOCK/$BLOCK}  # a PLAN given in single quotes may name $BLOCK too
     [ -n "$line" ] && sweep $line
 done <<< "$PLAN"
 tar czf "$OUT/logs.tgz" -C "$RESULTS" logs && rm -rf "$RESULTS/logs"
