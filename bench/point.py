@@ -174,7 +174,7 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
-    if spec.get("breakdown", True):
+    if spec.get("breakdown_step", True):
         result["breakdown"] = PhaseClock(encoder).run(engine, batch)
     if spec.get("saved_tensor_meter"):
         result["encoder_saved_peak_bytes"] = encoder_saved_peak(engine, encoder, batch)

@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--no_breakdown", action="store_true",
+                        help="skip the separately clocked time-breakdown step (one step fewer: for the longest points)")
     parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
     parser.add_argument("--saved_tensor_meter", action="store_true", help="also record the encoder's saved-tensor peak (one more step)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<device>)")
@@ -144,7 +146,8 @@ def main(argv=None) -> Path:
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
         spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
-                    steps=args.steps, warmup=args.warmup, saved_tensor_meter=args.saved_tensor_meter, kernels=kernels(args) if method == "cached" else {},
+                    steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
+                    kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)))
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:

@@ -3,11 +3,16 @@ script it runs must not fail on anything a CPU can find first. The numbers are n
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from sweep import parse_args  # noqa: E402
 
 
 def cpu_env(**extra) -> dict:
@@ -27,8 +32,8 @@ def test_pick_block_times_each_block_and_prints_the_fastest(tmp_path):
 
 def test_device_sweep_runs_its_plan_with_the_fallback_block(tmp_path):
     """No CUDA here: the block timing fails, the plan falls back to 32768-key blocks, and a PLAN
-    in single quotes gets ``$BLOCK`` filled in."""
-    plan = "--tokens 1024 --methods hf_ds_gc,cached\n--tokens 1024 --methods cached --cross_attention_block $BLOCK"
+    in single quotes gets ``$BLOCK`` and ``$LONG`` (one step, no breakdown step) filled in."""
+    plan = "--tokens 1024 --methods hf_ds_gc,cached\n--tokens 1024 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG"
     env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL="tiny-bart", PLAN=plan, BUDGET_S="400",
                   SWEEP_ARGS="--dtype fp32 --target_tokens 64 --group_tokens 512")
     env.pop("BLOCK", None)
@@ -41,4 +46,27 @@ def test_device_sweep_runs_its_plan_with_the_fallback_block(tmp_path):
     blocks = sorted((p["method"], p["kernels"].get("cross_attention_block", 0)) for p in points)
     assert blocks == [("cached", 0), ("cached", 32768), ("hf_ds_gc", 0)]
     assert all(not p["oom"] and p["step_s"] > 0 for p in points)
+    long_line = [p for p in points if p["kernels"]]
+    assert [len(p["step_times"]) for p in long_line] == [1] and "breakdown" not in long_line[0]
     assert (tmp_path / "logs.tgz").is_file() and (results / "table.md").is_file()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fused", "plain"])
+@pytest.mark.parametrize("model", ["bart-large", "long-t5-tglobal-large"])
+def test_every_line_of_the_default_plans_parses(model, plain, tmp_path):
+    """Each line, as the script hands it to sweep.py, is accepted by sweep.py's own parser."""
+    env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL=model, BLOCK="32768", PRINT_PLAN="1", **({"PLAIN": "1"} if plain else {}))
+    for name in ("PLAN", "SWEEP_ARGS"):
+        env.pop(name, None)
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_checks/device_sweep.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.removeprefix("plan: ") for line in proc.stdout.splitlines() if line.startswith("plan: ")]
+    assert len(lines) >= 4
+    for line in lines:
+        extra = ["--fast_t5_attention"] if model.startswith("long-t5") else []
+        args = parse_args(["--model", model, "--dtype", "bf16", "--zero_stage", "3", *extra, "--warmup", "2", "--steps", "2",
+                           *shlex.split(line)])
+        assert args.model == model and args.tokens
+        if args.cross_attention_block is not None:
+            assert args.cross_attention_block == 32768 and args.plain_cross_attention == plain

@@ -5,7 +5,9 @@
 #
 #   bash bench/gpu_checks/device_sweep.sh            # carry .whl (../shared/device/wheelhouse.sh builds it)
 #   CHECKS=1 bash bench/gpu_checks/device_sweep.sh   # first the kernels' CUDA checks (~1.5 min), into $OUT/checks.jsonl
-#   MODEL=long-t5-tglobal-large PLAN="--tokens 16384 --methods hf_ds_gc,cached" bash bench/gpu_checks/device_sweep.sh
+#   MODEL=long-t5-tglobal-large BLOCK=32768 bash bench/gpu_checks/device_sweep.sh   # its own plan, --fast_t5_attention
+#   PLAN="--tokens 16384 --methods hf_ds_gc,cached" bash bench/gpu_checks/device_sweep.sh   # any plan; PRINT_PLAN=1 lists it
+#   PLAIN=1 ...: streaming lines on plain ops (--plain_cross_attention), if the fused block kernels fail
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -z "${NO_WHEELS:-}" ]; then  # NO_WHEELS=1: a dry run where deepspeed is installed (CPU)
@@ -37,30 +39,49 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
     timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" ${SWEEP_ARGS:-} \
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
-# PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults);
-# the default puts the most informative points first: the 256K speed target (plain, and with
-# streaming cross-attention and a kept-graph budget together; each alone comes later), CachED's reach
-# without (2M) and with (8M) streaming, then the lengths the growth figures need. hf_ds_gc's
-# 1M OOM is already measured (results/2026-11-27-*), so it comes late.
-PLAN=${PLAN:-"--tokens 262144 --methods hf_ds_gc,cached
+# PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults), the
+# targets' points first: the 256K speed ratio (plain, then streaming cross-attention with a
+# kept-graph budget); 512K with streaming ([decoder-memory]'s tokens/s target, and the ratio
+# there); CachED's reach without (2M) and with (8M) streaming; the growth figures' second points
+# (4M) and the offloaded 16M. A step cost 7 (hf_ds_gc) to 16 (cached) s per million tokens on an
+# H100 (measured at 256K), so lines of 2M and more take one step, 4M and more with no warm-up
+# (the peak memory is the figure there), and the time breakdown, a step of its own, is left out.
+# hf_ds_gc's 1M OOM is already measured (results/2026-11-27-*), so it comes late.
+LONG="--steps 1 --no_breakdown"
+BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40
---tokens 2097152 --methods cached
---tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
---tokens 524288 --methods hf_ds_gc,cached
---tokens 1048576 --methods cached,full_gc
---tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
---tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 1 --steps 1
---tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 1 --steps 1
+--tokens 524288 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1
+--tokens 2097152 --methods cached --warmup 1 $LONG
+--tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
+--tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
+--tokens 1048576 --methods cached,full_gc --warmup 1
 --tokens 65536 --methods full,full_gc,hf_ds_gc,cached
 --tokens 262144 --methods full,full_gc
 --tokens 262144 --methods cached --keep_graphs_gib 40
 --tokens 262144 --methods cached --cross_attention_block $BLOCK
 --tokens 1048576 --methods hf_ds_gc,cached --keep_graphs_gib 40
---tokens 4194304 --methods cached"}
+--tokens 4194304 --methods cached --warmup 1 $LONG"
+# LongT5-tglobal-large ([t5-speed]): the speed ratio (>= 5x hf_ds_gc) needs the short lengths,
+# where HF still fits (its 64K OOM is the brief's figure); the 4M target needs streaming
+# cross-attention (24 decoder layers would keep about 100 KiB of K/V per token otherwise).
+LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached
+--tokens 65536 --methods hf_ds_gc,cached --warmup 1
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
+--tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1"
+case "$MODEL" in
+    long-t5*) PLAN=${PLAN:-$LONGT5_PLAN}; SWEEP_ARGS=${SWEEP_ARGS-"--fast_t5_attention"} ;;
+    *) PLAN=${PLAN:-$BART_PLAN} ;;
+esac
 while IFS= read -r line; do
     # shellcheck disable=SC2086  # each line is word-split into arguments on purpose
-    line=${line//\$BLOCK/$BLOCK}  # a PLAN given in single quotes may name $BLOCK too
+    line=${line//\$BLOCK/$BLOCK}  # a PLAN given in single quotes may name $BLOCK and $LONG too
+    line=${line//\$LONG/$LONG}
+    if [ -n "${PLAIN:-}" ] && [[ $line == *--cross_attention_block* ]]; then line="$line --plain_cross_attention"; fi
+    if [ -n "${PRINT_PLAN:-}" ]; then echo "plan: $line"; continue; fi  # PRINT_PLAN=1: list the lines, run none
     [ -n "$line" ] && sweep $line
 done <<< "$PLAN"
+[ -n "${PRINT_PLAN:-}" ] && exit 0
 tar czf "$OUT/logs.tgz" -C "$RESULTS" logs && rm -rf "$RESULTS/logs"
 cat "$RESULTS/table.md"
