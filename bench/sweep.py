@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plain_cross_attention", action="store_true",
                         help="cached: streaming cross-attention on plain PyTorch ops, not fused SDPA kernels (cross_attention_kernel)")
     parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
+    parser.add_argument("--blocked_t5_attention", action="store_true",
+                        help="cached: fast T5 attention on our blocked PyTorch code, not flex_attention (t5_attention_kernel)")
     parser.add_argument("--offload", action="store_true",
                         help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
@@ -73,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods = methods
     if args.plain_cross_attention and args.cross_attention_block is None:
         parser.error("--plain_cross_attention needs --cross_attention_block (it picks how streaming cross-attention runs)")
+    if args.blocked_t5_attention and not args.fast_t5_attention:
+        parser.error("--blocked_t5_attention needs --fast_t5_attention (it picks how that attention runs)")
     if args.offload and args.cross_attention_block is None:
         parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:
@@ -131,7 +135,8 @@ def kernels(args) -> dict:
     the comparison stays like for like."""
     chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None,
               "offload_gradient_cache": args.offload or None, "offload_encoder_states": args.offload or None,
-              "cross_attention_kernel": "plain" if args.plain_cross_attention else None}
+              "cross_attention_kernel": "plain" if args.plain_cross_attention else None,
+              "t5_attention_kernel": "blocked" if args.blocked_t5_attention else None}
     return {k: v for k, v in chosen.items() if v is not None}
 
 

@@ -8,6 +8,7 @@ import torch
 
 MODES = ("cached", "full")
 CROSS_ATTENTION_KERNELS = ("fused", "plain")
+T5_ATTENTION_KERNELS = ("flex", "blocked")
 GRAD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GROUP_TOKENS = 16384
 
@@ -36,6 +37,9 @@ class CachedConfig:
         ops; ``"plain"`` always plain ops (slower; a way around a kernel problem on some GPU).
     fast_t5_attention: T5/LongT5 only: blocked self-attention without (heads × L × L) tensors
         (``t5_attention``); modules with attention dropout in training still run HF's code.
+    t5_attention_kernel: how ``fast_t5_attention`` runs on CUDA: ``"flex"`` through
+        ``flex_attention`` (compiled Triton kernels, ``flex_t5``); ``"blocked"`` our blocked
+        PyTorch implementation, as on CPU (slower; a way around a flex or compiler problem).
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
         host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
         off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on.
@@ -62,6 +66,7 @@ class CachedConfig:
     cross_attention_block: int | None = None
     cross_attention_kernel: str = "fused"
     fast_t5_attention: bool = False
+    t5_attention_kernel: str = "flex"
     keep_attention_dropout: bool = True
     offload_gradient_cache: bool = False
     offload_encoder_states: bool = False
@@ -90,6 +95,8 @@ class CachedConfig:
                              "host-resident states, block by block); set cross_attention_block, e.g. 8192")
         if self.cross_attention_kernel not in CROSS_ATTENTION_KERNELS:
             raise ValueError(f"cross_attention_kernel must be one of {CROSS_ATTENTION_KERNELS}, got {self.cross_attention_kernel!r}")
+        if self.t5_attention_kernel not in T5_ATTENTION_KERNELS:
+            raise ValueError(f"t5_attention_kernel must be one of {T5_ATTENTION_KERNELS}, got {self.t5_attention_kernel!r}")
         if not _is_count(self.cross_attention_block, 1):
             raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {self.cross_attention_block!r}")
         if not _is_count(self.keep_graphs_bytes, 0):

@@ -240,6 +240,21 @@ def test_encoder_gradient_checkpointing_is_validated():
         CachedConfig(encoder_gradient_checkpointing="yes")
 
 
+@pytest.mark.parametrize("kernel, use_flex", [("flex", True), ("blocked", False)])
+def test_the_t5_attention_kernel_setting_reaches_every_replaced_module(kernel, use_flex):
+    """``t5_attention_kernel``: "blocked" keeps CUDA on our blocked code instead of flex_attention
+    (on CPU both run it: which one CUDA takes is the GPU check's to see)."""
+    model = make_model("longt5-tglobal")
+    CachedSeq2Seq(model, CachedConfig(window=WINDOW, fast_t5_attention=True, keep_attention_dropout=False, t5_attention_kernel=kernel))
+    settings = [module._cached_ds_settings for module, _ in attention_targets(model)]
+    assert settings and all(s.use_flex is use_flex for s in settings)
+
+
+def test_an_unknown_t5_attention_kernel_names_the_field():
+    with pytest.raises(ValueError, match=r"t5_attention_kernel must be one of \('flex', 'blocked'\), got 'triton'"):
+        CachedConfig(t5_attention_kernel="triton")
+
+
 @pytest.mark.parametrize("causal, radius", [(False, None), (True, None), (False, 5)], ids=["full", "causal", "band"])
 def test_flex_forward_equals_the_blocked_kernel_on_cpu(causal, radius):
     """The CUDA path's score_mod (offset bias) and block mask (causal, band, key padding), run
