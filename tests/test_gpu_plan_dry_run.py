@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from gpu_checks.fallbacks import needed_flags  # noqa: E402
 from sweep import parse_args  # noqa: E402
 
 
@@ -51,22 +52,47 @@ def test_device_sweep_runs_its_plan_with_the_fallback_block(tmp_path):
     assert (tmp_path / "logs.tgz").is_file() and (results / "table.md").is_file()
 
 
-@pytest.mark.parametrize("plain", [False, True], ids=["fused", "plain"])
+def check_lines(**cases) -> str:
+    """checks.jsonl as the two check scripts write it: one JSON line each, cases with their "ok"."""
+    streaming = {name: {"ok": ok} for name, ok in cases.items() if name.startswith("bart")}
+    t5 = {name: {"ok": ok} for name, ok in cases.items() if name.startswith("longt5")}
+    return json.dumps({"device": "H100", **streaming}) + "\n" + json.dumps({"check": "t5_attention", **t5}) + "\n"
+
+
+@pytest.mark.parametrize("cases, flags", [
+    ({"bart-bf16": True, "bart-bf16-plain-blocks": True, "longt5-tglobal-flex": True, "longt5-tglobal-blocked": True}, []),
+    ({"bart-bf16": False, "bart-bf16-plain-blocks": True, "longt5-tglobal-flex": False, "longt5-tglobal-blocked": True},
+     ["--plain_cross_attention", "--blocked_t5_attention"]),
+    ({"bart-bf16": False, "bart-bf16-plain-blocks": False}, []),  # the fallback failed too: nothing to switch to
+    ({"longt5-tglobal-flex": False}, []),  # the fallback's case missing: no guess
+], ids=["all-pass", "both-fused-fail", "fallback-fails-too", "fallback-unchecked"])
+def test_fallback_flags_follow_the_checks(cases, flags, tmp_path):
+    checks = tmp_path / "checks.jsonl"
+    checks.write_text(check_lines(**cases) + '{"block_timing": {"chosen": 32768}}\nnot json\n')
+    assert needed_flags(checks) == flags
+
+
+@pytest.mark.parametrize("failed_checks", [False, True], ids=["checks-pass", "fused-kernels-failed"])
 @pytest.mark.parametrize("model", ["bart-large", "long-t5-tglobal-large"])
-def test_every_line_of_the_default_plans_parses(model, plain, tmp_path):
-    """Each line, as the script hands it to sweep.py, is accepted by sweep.py's own parser."""
-    env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL=model, BLOCK="32768", PRINT_PLAN="1", **({"PLAIN": "1"} if plain else {}))
-    for name in ("PLAN", "SWEEP_ARGS"):
+def test_every_line_of_the_default_plans_parses(model, failed_checks, tmp_path):
+    """Each line, as the script hands it to sweep.py, is accepted by sweep.py's own parser; where
+    the fused kernels failed their checks (and their fallbacks passed), the lines use the fallbacks."""
+    if failed_checks:
+        (tmp_path / "checks.jsonl").write_text(check_lines(**{"bart-bf16": False, "bart-bf16-plain-blocks": True,
+                                                               "longt5-tglobal-flex": False, "longt5-tglobal-blocked": True}))
+    env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL=model, BLOCK="32768", PRINT_PLAN="1")
+    for name in ("PLAN", "SWEEP_ARGS", "PLAIN", "BLOCKED_T5"):
         env.pop(name, None)
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_checks/device_sweep.sh")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line.removeprefix("plan: ") for line in proc.stdout.splitlines() if line.startswith("plan: ")]
     assert len(lines) >= 4
+    t5 = model.startswith("long-t5")
     for line in lines:
-        extra = ["--fast_t5_attention"] if model.startswith("long-t5") else []
-        args = parse_args(["--model", model, "--dtype", "bf16", "--zero_stage", "3", *extra, "--warmup", "2", "--steps", "2",
-                           *shlex.split(line)])
+        args = parse_args(["--model", model, "--dtype", "bf16", "--zero_stage", "3", *(["--fast_t5_attention"] if t5 else []),
+                           "--warmup", "2", "--steps", "2", *shlex.split(line)])
         assert args.model == model and args.tokens
         if args.cross_attention_block is not None:
-            assert args.cross_attention_block == 32768 and args.plain_cross_attention == plain
+            assert args.cross_attention_block == 32768 and args.plain_cross_attention == failed_checks
+        assert args.blocked_t5_attention == (failed_checks and t5)

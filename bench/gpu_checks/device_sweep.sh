@@ -7,7 +7,8 @@
 #   CHECKS=1 bash bench/gpu_checks/device_sweep.sh   # first the kernels' CUDA checks (~1.5 min), into $OUT/checks.jsonl
 #   MODEL=long-t5-tglobal-large BLOCK=32768 bash bench/gpu_checks/device_sweep.sh   # its own plan, --fast_t5_attention
 #   PLAN="--tokens 16384 --methods hf_ds_gc,cached" bash bench/gpu_checks/device_sweep.sh   # any plan; PRINT_PLAN=1 lists it
-#   PLAIN=1 ...: streaming lines on plain ops (--plain_cross_attention), if the fused block kernels fail
+#   PLAIN=1 / BLOCKED_T5=1 ...: streaming lines on plain ops (--plain_cross_attention) / fast T5
+#   attention on the blocked code (--blocked_t5_attention); CHECKS=1 sets them where a fused kernel failed
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -z "${NO_WHEELS:-}" ]; then  # NO_WHEELS=1: a dry run where deepspeed is installed (CPU)
@@ -27,9 +28,15 @@ if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths, before any 
         timeout 240 python3 "bench/gpu_checks/$check.py" | tee -a "$OUT/checks.jsonl"
     done
 fi
+# A fused kernel that failed its check while its fallback passed: the plan runs the fallback
+# (fallbacks.py); PLAIN=1 / BLOCKED_T5=1 ask for them without checks.
+FALLBACKS=$( [ -f "$OUT/checks.jsonl" ] && python3 bench/gpu_checks/fallbacks.py "$OUT/checks.jsonl" )
+[[ $FALLBACKS == *--plain_cross_attention* ]] && PLAIN=1
+[[ $FALLBACKS == *--blocked_t5_attention* ]] && BLOCKED_T5=1
+echo "kernel fallbacks: ${FALLBACKS:-none}"
 
 # The key-block size of the streaming lines: the fastest of a few, timed on this GPU (pick_block.py).
-BLOCK=${BLOCK:-$(timeout 90 python3 bench/gpu_checks/pick_block.py --report "$OUT/checks.jsonl" || true)}
+BLOCK=${BLOCK:-$(timeout 90 python3 bench/gpu_checks/pick_block.py --report "$OUT/checks.jsonl" ${PLAIN:+--plain} || true)}
 BLOCK=${BLOCK:-32768}
 echo "streaming cross-attention key block: $BLOCK"
 
@@ -79,6 +86,7 @@ while IFS= read -r line; do
     line=${line//\$BLOCK/$BLOCK}  # a PLAN given in single quotes may name $BLOCK and $LONG too
     line=${line//\$LONG/$LONG}
     if [ -n "${PLAIN:-}" ] && [[ $line == *--cross_attention_block* ]]; then line="$line --plain_cross_attention"; fi
+    if [ -n "${BLOCKED_T5:-}" ] && [[ "$line ${SWEEP_ARGS:-}" == *--fast_t5_attention* ]]; then line="$line --blocked_t5_attention"; fi
     if [ -n "${PRINT_PLAN:-}" ]; then echo "plan: $line"; continue; fi  # PRINT_PLAN=1: list the lines, run none
     [ -n "$line" ] && sweep $line
 done <<< "$PLAN"

@@ -33,7 +33,8 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def layer_seconds(block: int, keys: int, hidden: int = 1024, heads: int = 16, target: int = 1024, repeats: int = 3) -> float:
+def layer_seconds(block: int, keys: int, fused: bool = True, hidden: int = 1024, heads: int = 16, target: int = 1024,
+                  repeats: int = 3) -> float:
     """Median seconds of one layer's streamed forward + backward (states and weights need gradients)."""
     from cached_ds.streaming_cross_attention import streaming_cross_attention
 
@@ -50,7 +51,7 @@ def layer_seconds(block: int, keys: int, hidden: int = 1024, heads: int = 16, ta
     for _ in range(repeats + 1):  # the first run warms up the kernels and the allocator
         synchronize()
         start = time.perf_counter()
-        out = streaming_cross_attention(query, states, None, k_weight, k_bias, v_weight, v_bias, head_dim**-0.5, block)
+        out = streaming_cross_attention(query, states, None, k_weight, k_bias, v_weight, v_bias, head_dim**-0.5, block, fused=fused)
         out.float().sum().backward()
         synchronize()
         times.append(time.perf_counter() - start)
@@ -62,13 +63,14 @@ def main(argv=None) -> None:
     parser.add_argument("--keys", type=int, default=262144)
     parser.add_argument("--blocks", default="8192,16384,32768,65536", help="comma-separated key-block sizes to time")
     parser.add_argument("--report", type=Path, default=None, help="append the timings as one JSON line here")
+    parser.add_argument("--plain", action="store_true", help="time the plain blocks (cross_attention_kernel plain), not the fused kernels")
     args = parser.parse_args(argv)
     blocks = [int(b) for b in args.blocks.split(",")]
-    ms = {block: round(1e3 * layer_seconds(block, args.keys), 2) for block in blocks}
+    ms = {block: round(1e3 * layer_seconds(block, args.keys, fused=not args.plain), 2) for block in blocks}
     chosen = min(ms, key=ms.get)
     if args.report is not None:
         with args.report.open("a") as report:
-            report.write(json.dumps({"block_timing": {"device": DEVICE, "keys": args.keys, "layer_ms": ms, "chosen": chosen}}) + "\n")
+            report.write(json.dumps({"block_timing": {"device": DEVICE, "keys": args.keys, "plain": args.plain, "layer_ms": ms, "chosen": chosen}}) + "\n")
     print(chosen)
 
 

@@ -116,7 +116,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 — report, never crash
         result["error"] = traceback.format_exc(limit=3)
     if result.get("cuda"):
-        cases = [("t5", True), ("longt5-local", True), ("longt5-tglobal", True), ("t5", False)]
+        cases = [("t5", True), ("longt5-local", True), ("longt5-tglobal", True), ("t5", False), ("longt5-tglobal", False)]
         for family, use_flex in cases:
             name = f"{family}-{'flex' if use_flex else 'blocked'}"
             try:

@@ -1,0 +1,46 @@
+"""The sweep flags a GPU's kernel checks call for: a fused path that failed where its fallback passed.
+
+Reads the JSON lines ``streaming_cross_attention_check.py`` and ``t5_attention_check.py`` wrote
+(``checks.jsonl``) and prints, space-separated:
+- ``--plain_cross_attention`` when the fused block kernels failed (``bart-bf16``) while the plain
+  blocks passed (``bart-bf16-plain-blocks``);
+- ``--blocked_t5_attention`` when flex attention failed (``longt5-tglobal-flex``) while the
+  blocked code passed (``longt5-tglobal-blocked``).
+A missing case counts as neither, so nothing is switched on a guess.
+
+    python bench/gpu_checks/fallbacks.py $OUT/checks.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+FALLBACKS = {  # flag: (the fused path's case, its fallback's case)
+    "--plain_cross_attention": ("bart-bf16", "bart-bf16-plain-blocks"),
+    "--blocked_t5_attention": ("longt5-tglobal-flex", "longt5-tglobal-blocked"),
+}
+
+
+def case_results(path: Path) -> dict[str, bool]:
+    """Every case's ``ok`` across the file's JSON lines (lines that are not JSON are skipped)."""
+    results = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        for name, case in report.items() if isinstance(report, dict) else ():
+            if isinstance(case, dict) and "ok" in case:
+                results[name] = bool(case["ok"])
+    return results
+
+
+def needed_flags(path: Path) -> list[str]:
+    results = case_results(path)
+    return [flag for flag, (fused, fallback) in FALLBACKS.items() if results.get(fused) is False and results.get(fallback) is True]
+
+
+if __name__ == "__main__":
+    print(" ".join(needed_flags(Path(sys.argv[1]))))
