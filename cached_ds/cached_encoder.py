@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from . import families
-from .fused_states import FusedStates
+from .fused_states import FusedStates, fuse
 from .gradient_sink import GradientSink, attach
 from .host_offload import mark_offloaded
 from .memory import SavedBytesCounter
@@ -115,19 +115,23 @@ def encode_plan(
     """Every group in order, fused; each group's RNG state is appended to ``rng_states``.
     Padding groups leave the dropout stream as they found it, so padding changes no mask.
     ``encode`` (default ``encode_group``) runs one group: whatever it keeps, it draws the same
-    dropout masks, so the stream later groups see does not depend on it. Each output is written
-    into ``into`` (default: fused states on the device) and dropped; with autograd on (``full``
-    mode) the writes are recorded, so gradients reach every group through them."""
+    dropout masks, so the stream later groups see does not depend on it. ``into``: outputs that
+    need no autograd are written there group by group and dropped (``FusedStates``), instead of
+    all being held for ``fuse``, which autograd can differentiate (``full`` mode)."""
     encode = encode or partial(encode_group, model, weight)
-    into = into if into is not None else FusedStates(plan)
+    outputs = []
     for group in plan.groups:
         rng = RngState.capture(weight.device)
         if rng_states is not None:
             rng_states.append(rng)
-        into.add(encode(group))
+        output = encode(group)
+        if into is not None:
+            into.add(output)
+        else:
+            outputs.append(output)
         if group.padding:
             rng.restore(weight.device)
-    return into.result()
+    return into.result() if into is not None else fuse(plan, outputs)
 
 
 @dataclass
@@ -218,8 +222,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
         weight_sum = None
-        cache = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band; maybe in host memory
-        grads = ctx.plan.split_gradient(cache, ctx.device)
+        cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
+        grads = ctx.plan.split_gradient(cache, ctx.device, ahead=on_host)
         last = len(ctx.plan.groups) - 1
         for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, grads)):
             # A kept graph is used once (a second backward through the same step recomputes).
@@ -250,19 +254,19 @@ class _HeldScope:
         self._finalizer()
 
 
-def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> torch.Tensor:
-    """d(loss)/d(fused states): the sink's total (at least fp32, in host memory when the sink is
-    offloaded) plus autograd's share, added in place into the total. No gradient at
+def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """d(loss)/d(fused states): the sink's total (at least fp32) plus autograd's share, added in
+    place into the total; and whether it is in host memory (an offloaded sink's). No gradient at
     all (nothing downstream depended on the states): zeros, as autograd would have materialised,
     so every encoder parameter still gets its ``.grad`` (and an engine's hooks their one call)."""
     total = ctx.sink.take()
     if total is None and grad_fused is None:
-        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device)
+        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device), False
     if total is None:
-        return grad_fused
+        return grad_fused, False
     if grad_fused is not None:
         total += grad_fused.to(total.device)
-    return total
+    return total, ctx.sink.offload
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +370,7 @@ def encode_windows(
     params = trainable_encoder_params(model)
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
         with torch.no_grad(), scope():
-            return encode_plan(model, weight, plan)
+            return encode_plan(model, weight, plan, into=FusedStates(plan))
     if mode == "full":
         with scope():
             return encode_plan(model, weight, plan)

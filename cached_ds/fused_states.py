@@ -4,6 +4,7 @@ Each group's rows go straight to their place (``WindowGroup.runs``) and the grou
 be freed: on the device, or in host memory through ``host_offload``'s side stream. Fusing every
 output at once (a gather and a concatenation) would hold every output, their real rows and their
 concatenation beside the result: three copies of the states at the peak of CachED's no-grad pass.
+``fuse`` is the differentiable form, for ``full`` mode, where autograd holds every output anyway.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from .windows import WindowPlan
 
 class FusedStates:
     """``add`` each group's output in plan order (it can be freed at once), then ``result()``:
-    only the fused tensor and one group's output exist at a time. On the device the row copies
-    and the zeroing of padding are ordinary autograd ops, so outputs with a graph (``full``
-    mode) get their gradient through them.
+    only the fused tensor and one group's output exist at a time. Not differentiable: ``fuse``.
 
     ``on_host``: the fused states in host memory (pinned beside a GPU), each group's rows copied
     there on a side stream while the next group is encoded (``host_offload``). ``buffer``: rows
@@ -52,3 +51,25 @@ class FusedStates:
             wait_for_host(self.device)  # only the last group's copy is still running
         fused.masked_fill_(padding, 0)  # no boolean indexing: that would sync on a GPU
         return mark_offloaded(fused) if self.on_host else fused
+
+
+def fuse(plan: WindowPlan, outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The fused states of every group's output, differentiable: each output gets exactly its
+    ``split_gradient`` slice, padding groups' outputs (ranks' stand-ins) a zero one, so every
+    group's encoder backward still runs (under ZeRO-3 each issues the parameter gathers the other
+    ranks issue too)."""
+    return _Fuse.apply(plan, *outputs)
+
+
+class _Fuse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: WindowPlan, *outputs):
+        ctx.plan = plan
+        states = FusedStates(plan)
+        for output in outputs:
+            states.add(output)
+        return states.result()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *ctx.plan.split_gradient(grad))

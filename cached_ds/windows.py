@@ -123,12 +123,13 @@ class WindowPlan:
     def batch_size(self) -> int:
         return self.fused_mask.shape[0]
 
-    def split_gradient(self, cache: torch.Tensor, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    def split_gradient(self, cache: torch.Tensor, device: torch.device | None = None, ahead: bool = False) -> Iterator[torch.Tensor]:
         """Each group's slice of the (batch, longest, hidden) gradient ``cache`` in the group's
         padded (windows, group_len, hidden) layout, zeros on padding, on ``device`` (default: the
-        cache's), made when asked for with the next group's slice already on its way: at most two
-        groups' slices exist beside the cache (which is N-sized, and fp32 when the decoder wrote
-        it out of band). A cache in host memory comes over on a side stream (``host_offload``)."""
+        cache's), made when asked for: one group's slice exists beside the cache (which is
+        N-sized, and fp32 when the decoder wrote it out of band). ``ahead``, for a cache in host
+        memory: the next group's slice is already on its way, on a side stream (``host_offload``),
+        while this one is used; two slices then exist."""
         rows = cache.reshape(-1, cache.shape[-1])
 
         def fetch(group: WindowGroup):
@@ -136,7 +137,8 @@ class WindowPlan:
             from_fused = [(fused_row, group_row, n) for group_row, fused_row, n in group.runs]
             return rows_to_device(rows, from_fused, windows * group_len, device or cache.device, zeros=True)
 
-        for group, grad in prefetched(self.groups, fetch):
+        slices = prefetched(self.groups, fetch) if ahead else ((group, fetch(group).ready()) for group in self.groups)
+        for group, grad in slices:
             yield grad.view(*group.input_ids.shape, -1)
 
 

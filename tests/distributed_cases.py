@@ -163,6 +163,9 @@ def main(out: str) -> None:
     for stage in ("zero0", "zero1", "zero2", "zero3"):
         results.append(gradient_case(stage, [2, 4], rank))  # unequal window-group counts
     results.append(gradient_case("zero3", [3, 3], rank))
+    # full backprop (the baseline) also pads the rank with fewer groups: its stand-in groups' backward
+    # must run too, or that rank issues fewer ZeRO-3 parameter gathers than the other (a hang).
+    results.append(gradient_case("zero3", [2, 4], rank, mode="full"))
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True))
     # A budget of about two one-window groups (as measured outside the engine): each rank keeps
     # some of its 4 groups (ranks pad to the same count) and recomputes the rest.

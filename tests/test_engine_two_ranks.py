@@ -26,7 +26,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", [
     "zero0-windows[2, 4]", "zero1-windows[2, 4]", "zero2-windows[2, 4]", "zero3-windows[2, 4]",
-    "zero3-windows[3, 3]", "zero3-keep_encoder_gathered-windows[2, 4]",
+    "zero3-windows[3, 3]", "zero3-mode-windows[2, 4]", "zero3-keep_encoder_gathered-windows[2, 4]",
     "zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]",  # some groups kept, the rest recomputed
     # streaming cross-attention (ZeRO-3 leaf modules) with the gradient cache and states in host memory
     "zero3-keep_encoder_gathered-cross_attention_block-offload_gradient_cache-offload_encoder_states-windows[2, 4]",

@@ -13,7 +13,7 @@ import torch
 
 from cached_ds.host_offload import HostAccumulator, is_offloaded, mark_offloaded
 from cached_ds.streaming_cross_attention import streaming_cross_attention
-from cached_ds.fused_states import FusedStates
+from cached_ds.fused_states import FusedStates, fuse
 from cached_ds.windows import WindowPlan
 
 PAD = 0
@@ -71,33 +71,44 @@ def test_fused_states_put_every_token_where_the_document_has_it(name, padded_gro
     assert torch.equal(fused, token_values(ids * mask))  # zeros past each document's end
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["one-by-one", "fetched-ahead"])
 @pytest.mark.parametrize("padded_groups", [0, 2], ids=["no-padding-groups", "padding-groups"])
 @pytest.mark.parametrize("name", PLANS)
-def test_each_group_gets_its_slice_of_a_gradient_cache(name, padded_groups):
+def test_each_group_gets_its_slice_of_a_gradient_cache(name, padded_groups, ahead):
     plan, ids, mask = plan_for(name, padded_groups)
     cache = token_values(ids * mask) + 0.25 * (1 - mask)[..., None]  # padding rows nonzero: they must not leak
-    slices = list(plan.split_gradient(cache, torch.device("cpu")))
+    slices = list(plan.split_gradient(cache, torch.device("cpu"), ahead=ahead))
     assert len(slices) == len(plan.groups)
     for group, got in zip(plan.groups, slices):
         assert got.shape == (*group.input_ids.shape, HIDDEN)
         assert torch.equal(got, token_values(group.input_ids * group.attention_mask))  # zeros on the group's padding
 
 
+@pytest.mark.parametrize("padded_groups", [0, 2], ids=["no-padding-groups", "padding-groups"])
 @pytest.mark.parametrize("name", PLANS)
-def test_fusing_with_autograd_hands_each_group_its_slice_back(name):
-    """``full`` mode differentiates through the fused states' writes: each group's output gets
-    exactly the slice ``split_gradient`` cuts from the same gradient (nothing on its padding)."""
-    plan, ids, mask = plan_for(name)
+def test_fuse_hands_each_group_its_slice_back(name, padded_groups):
+    """``full`` mode's differentiable fusing: each group's output gets exactly the slice
+    ``split_gradient`` cuts from the same gradient, and a padding group's output a zero one, not
+    none (its backward must still run: under ZeRO-3 it issues the other ranks' gathers too)."""
+    plan, ids, mask = plan_for(name, padded_groups)
     gen = torch.Generator().manual_seed(0)
     outputs = [torch.randn(*g.input_ids.shape, HIDDEN, dtype=torch.float64, generator=gen, requires_grad=True)
                for g in plan.groups]
+    fused = fuse(plan, outputs)
+    assert torch.equal(fused.detach(), fused_without_autograd(plan, outputs))
+    upstream = torch.randn(*ids.shape, HIDDEN, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad(fused, outputs, upstream)
+    for group, got, expected in zip(plan.groups, grads, plan.split_gradient(upstream)):
+        assert torch.equal(got, expected)
+        if group.padding:
+            assert not got.any()
+
+
+def fused_without_autograd(plan, outputs):
     states = FusedStates(plan)
     for output in outputs:
-        states.add(output)
-    upstream = torch.randn(*ids.shape, HIDDEN, dtype=torch.float64, generator=gen)
-    grads = torch.autograd.grad(states.result(), outputs, upstream)
-    for got, expected in zip(grads, plan.split_gradient(upstream)):
-        assert torch.equal(got, expected)
+        states.add(output.detach())
+    return states.result()
 
 
 BLOCKS = {
