@@ -26,34 +26,55 @@ def load_config(config: str | Path | dict) -> dict:
         raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
 
 
-def resolve_auto(config: dict, values: dict) -> dict:
-    """Replace every ``"auto"`` by ``values[key]`` (the key is the field's own name)."""
+# The "auto" fields a run fills, as HF's Trainer does (by key; "bf16.enabled" by its section, so
+# an fp16 section's "enabled" is not taken for it). Other "auto" values are DeepSpeed's own
+# (data_types.keep_in_fp32_modules, pipeline.stages) and stay for it to interpret.
+AUTO_FIELDS = frozenset({
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping", "lr",
+    "weight_decay", "warmup_max_lr", "warmup_min_lr", "warmup_num_steps", "total_num_steps", "bf16.enabled",
+    "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_reuse_distance",
+})
 
-    def walk(node, key=None):
-        if isinstance(node, dict):
-            return {k: walk(v, k) for k, v in node.items()}
-        if node == "auto":
-            if key not in values:
-                raise ValueError(f'no value for "auto" field {key!r}; set it to a number in the DeepSpeed config')
-            return values[key]
-        return node
+
+def _field(parent: str | None, key: str) -> str | None:
+    """The ``AUTO_FIELDS`` name of ``parent.key``, or None."""
+    dotted = f"{parent}.{key}"
+    return dotted if dotted in AUTO_FIELDS else key if key in AUTO_FIELDS else None
+
+
+def resolve_auto(config: dict, values: dict) -> dict:
+    """Replace ``"auto"`` in every ``AUTO_FIELDS`` field by ``values[field]``."""
+
+    def walk(node, parent=None):
+        if not isinstance(node, dict):
+            return node
+        resolved = {}
+        for key, value in node.items():
+            field = _field(parent, key)
+            if value == "auto" and field is not None:
+                if field not in values:
+                    raise ValueError(f'no value for "auto" field {field!r}; set it to a number in the DeepSpeed config')
+                value = values[field]
+            resolved[key] = walk(value, key)
+        return resolved
 
     return walk(config)
 
 
-def unresolved_auto(config: dict, prefix: str = "") -> list[str]:
-    """Dotted paths of the fields still set to ``"auto"``."""
+def unresolved_auto(config: dict, parent: str | None = None, prefix: str = "") -> list[str]:
+    """Dotted paths of the ``AUTO_FIELDS`` fields still set to ``"auto"``."""
     found = []
     for key, value in config.items():
         if isinstance(value, dict):
-            found += unresolved_auto(value, f"{prefix}{key}.")
-        elif value == "auto":
+            found += unresolved_auto(value, key, f"{prefix}{key}.")
+        elif value == "auto" and _field(parent, key) is not None:
             found.append(prefix + key)
     return found
 
 
 def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int, lr: float, weight_decay: float,
                 warmup_steps: int, total_steps: int, max_grad_norm: float, bf16: bool, hidden_size: int) -> dict:
+    """A value for every ``AUTO_FIELDS`` field."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -66,7 +87,7 @@ def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, worl
         "warmup_min_lr": 0.0,
         "warmup_num_steps": max(1, warmup_steps),
         "total_num_steps": max(total_steps, warmup_steps + 1),
-        "enabled": bf16,  # the bf16 section
+        "bf16.enabled": bf16,
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": 10 * hidden_size,

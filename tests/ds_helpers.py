@@ -37,7 +37,7 @@ def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, 
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     values = {
         "train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": gas, "gradient_clipping": clip, "enabled": bf16,
+        "gradient_accumulation_steps": gas, "gradient_clipping": clip, "bf16.enabled": bf16,
         "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup_max_lr": LR, "warmup_num_steps": 10, "total_num_steps": 100,
         "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0,
         "stage3_param_persistence_threshold": 0,  # else tiny test parameters are never partitioned

@@ -10,7 +10,7 @@ from reference import windowed_hf_step
 from tiny_models import make_model, random_batch
 
 from cached_ds.deepspeed_engine import EngineSettings, initialize
-from cached_ds.ds_config import load_config
+from cached_ds.ds_config import AUTO_FIELDS, auto_values, load_config, resolve_auto, unresolved_auto
 
 WINDOW = 16
 BOUND = 0.01
@@ -71,6 +71,23 @@ def test_unresolved_auto_fields_are_named():
     itself would fail on them with a type error that names no field."""
     with pytest.raises(ValueError, match=r'still has "auto" in \[.*\'train_batch_size\'.*\'zero_optimization\.reduce_bucket_size\'.*resolve_auto'):
         initialize(make_model("bart"), CONFIGS / "zero3.json")
+
+
+def test_deepspeeds_own_auto_fields_are_left_to_it():
+    """DeepSpeed interprets some "auto" itself (data_types.keep_in_fp32_modules): neither the
+    resolution nor initialize's check touches them; an fp16 section's "enabled" is not bf16's."""
+    config = resolved_config("zero2")
+    config["data_types"] = {"keep_in_fp32_modules": "auto"}
+    config["fp16"] = {"enabled": "auto"}
+    values = auto_values(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0,
+                         warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=16)
+    assert set(values) == AUTO_FIELDS
+    resolved = resolve_auto(config | {"bf16": {"enabled": "auto"}}, values)
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] == "auto"
+    assert resolved["data_types"]["keep_in_fp32_modules"] == "auto"
+    assert unresolved_auto(resolved) == []
+    del config["fp16"]
+    initialize(make_model("bart"), config)  # DeepSpeed takes its own "auto"
 
 
 def test_config_file_errors(tmp_path):
