@@ -42,7 +42,8 @@ class CachedConfig:
         PyTorch implementation, as on CPU (slower; a way around a flex or compiler problem).
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
         host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
-        off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on.
+        off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on
+        (with streaming cross-attention; without it there is no such cache, and it is refused).
         Copies overlap the compute (``host_offload``): they cost host-link bandwidth and host adds.
     offload_encoder_states: keep the fused encoder states in host memory too (2 bytes × hidden per
         token in bf16); needs ``cross_attention_block``, whose blocks come to the device one by one.
