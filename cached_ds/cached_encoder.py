@@ -258,10 +258,11 @@ def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor,
     """d(loss)/d(fused states): the sink's total (at least fp32) plus autograd's share, added in
     place into the total; and whether it is in host memory (an offloaded sink's). No gradient at
     all (nothing downstream depended on the states): zeros, as autograd would have materialised,
-    so every encoder parameter still gets its ``.grad`` (and an engine's hooks their one call)."""
+    so every encoder parameter still gets its ``.grad`` (and an engine's hooks their one call);
+    one row of them, expanded, not an N-sized tensor."""
     total = ctx.sink.take()
     if total is None and grad_fused is None:
-        return torch.zeros(ctx.fused_shape, dtype=ctx.fused_dtype, device=ctx.device), False
+        return torch.zeros(ctx.fused_shape[-1], dtype=ctx.fused_dtype, device=ctx.device).expand(ctx.fused_shape), False
     if total is None:
         return grad_fused, False
     if grad_fused is not None:

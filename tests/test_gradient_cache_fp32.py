@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from op_meters import OpOutputs
 from reference import (
     assert_grads_match,
     grads_of,
@@ -137,7 +138,11 @@ def test_no_states_gradient_gives_zero_encoder_gradients():
     plan = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1)).plan(ids, mask)
     model.zero_grad(set_to_none=True)
     x = torch.ones(3, requires_grad=True)
-    _NoStatesGradient.apply(encode_windows(model, plan), x).sum().backward()
+    out = _NoStatesGradient.apply(encode_windows(model, plan), x).sum()
+    keys = int(mask.sum(1).max())
+    with OpOutputs(lambda t: keys in t.shape and t.numel() >= keys * model.config.d_model, new_only=True) as n_sized:
+        out.backward()
+    assert n_sized.made == [], "the zero gradient cache is one row, expanded"
     encoder = dict(model.get_encoder().named_parameters())
     assert encoder and all(p.grad is not None and not p.grad.any() for p in encoder.values())
     assert torch.equal(x.grad, torch.ones(3))
