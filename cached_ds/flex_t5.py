@@ -7,7 +7,17 @@ mask, where given, is read inside the mods (bool: masks, float: added).
 
     out = flex_bias_attention(q, k, v, Layout(block=128, offsets=offsets, causal=True))
 
-Compiled once per shape (``torch.compile``; eager flex_attention would materialise the scores).
+Compiled (``torch.compile``): eager flex_attention would materialise the scores, and so would a
+call Dynamo declines to compile. Every call shares one code object's recompile budget (8 by
+default), and the calls differ in structure (encoder/decoder, band, padding, autograd on/off)
+and in shape (each document's last window group, whatever its length): with static shapes a
+training run on varied documents spends the budget within a few steps and every later call runs
+eager (measured on CPU: the 9th length fell back). So on CUDA shapes are automatic-dynamic (a
+second shape recompiles once, with symbolic sizes, for every later one; the GPU check runs a
+second length); on CPU, where only the tests run flex, they stay static, as Inductor's CPU flex
+template fails to compile symbolic sizes (torch 2.13: "cur_kvSplitSize0 was not declared").
+The budget, only around these calls, is ``RECOMPILE_LIMIT``; past it Dynamo raises instead of
+running eager, and ``t5_attention`` then runs its blocked kernel.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .t5_attention import Layout
 
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
-calls = 0  # how many attentions ran here (the GPU check reads it to show this path was taken)
+_compiled_flex = {"cuda": torch.compile(flex_attention, dynamic=None), "cpu": torch.compile(flex_attention, dynamic=False)}
+RECOMPILE_LIMIT = 64  # structures x (static, dynamic): far more than a model's few structures need
+failure: str | None = None  # why flex attention was given up in this process (t5_attention.try_flex)
+calls = 0  # how many attentions ran compiled here (the GPU check reads it to show this path was taken)
 
 
 def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
@@ -28,7 +40,6 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     ones; their bias is read from the global table by (global index - the query's block), through
     a (2G + 1, heads) gather of it, so no (L × G) bias tensor is formed either."""
     global calls
-    calls += 1
     batch, _, lq, _ = q.shape
     lk = k.shape[2]
     offsets, mask, key_valid, radius, causal = layout.offsets, layout.mask, layout.key_valid, layout.radius, layout.causal
@@ -73,4 +84,8 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
 
     masked = causal or radius is not None or key_valid is not None or bool_mask is not None or side is not None
     block_mask = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device) if masked else None
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        out = _compiled_flex["cuda" if q.is_cuda else "cpu"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    calls += 1
+    return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -229,10 +230,30 @@ def attention(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None
     """Blocked attention; on CUDA, ``flex_attention`` when ``use_flex`` (its Triton kernels need
     head dimensions of 16 or more), LongT5's global keys included."""
     if use_flex and q.is_cuda and q.shape[-1] >= 16:
-        from .flex_t5 import flex_bias_attention
-
-        return flex_bias_attention(q, k, v, layout, side_k, side_v, side_table)
+        out = try_flex(q, k, v, layout, side_k, side_v, side_table)
+        if out is not None:
+            return out
     return BlockedBiasAttention.apply(q, k, v, layout.offsets, side_k, side_v, side_table, layout)
+
+
+def try_flex(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None) -> torch.Tensor | None:
+    """``flex_t5.flex_bias_attention``, or ``None`` once it has failed in this process (a compiler
+    error, a recompile budget spent: ``flex_t5``), with one warning naming the error: the caller
+    then runs the blocked kernel, exact and without (L × L) tensors, where eager flex_attention
+    would materialise the scores. Running out of memory is not a flex failure: it is raised."""
+    from . import flex_t5
+
+    if flex_t5.failure is not None:
+        return None
+    try:
+        return flex_t5.flex_bias_attention(q, k, v, layout, side_k, side_v, side_table)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any compile or kernel failure: the blocked kernel is exact
+        flex_t5.failure = f"{type(error).__name__}: {error}"[:500]
+        warnings.warn(f"flex_attention failed ({flex_t5.failure}); fast T5 attention runs the blocked kernel from now "
+                      "on in this process (t5_attention_kernel='blocked' chooses that from the start)", stacklevel=2)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

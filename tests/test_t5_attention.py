@@ -301,3 +301,52 @@ def test_flex_forward_with_transient_global_keys_equals_the_blocked_kernel_on_cp
         flex = flex_bias_attention(q, k, v, layout, side_k, side_v, bias.extra["table"])
     real = (mask > 0)[:, None, :, None].expand_as(blocked)  # padding queries' outputs are don't-cares
     torch.testing.assert_close(flex[real], blocked[real], rtol=1e-5, atol=1e-5)
+
+
+def flex_inputs(length: int, seed: int = 0):
+    """q, k, v and a padded, banded layout of ``length`` tokens (two documents, one padded)."""
+    from cached_ds.t5_attention import Layout
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, length, 16, generator=gen) for _ in range(3))
+    key_valid = torch.ones(2, length, dtype=torch.bool)
+    key_valid[1, length - 7 :] = False
+    return q, k, v, Layout(block=8, offsets=torch.randn(2 * length - 1, 2, generator=gen), key_valid=key_valid, radius=9)
+
+
+def test_flex_stays_compiled_for_more_lengths_than_dynamos_default_budget():
+    """Each document's last window group brings a new length. With Dynamo's default budget the
+    9th one ran eager flex_attention, which materialises the scores; within ``RECOMPILE_LIMIT``
+    every length is compiled (past it Dynamo would raise, not run eager). On CPU shapes are
+    static, so each length here is a compile of its own; on CUDA they are automatic-dynamic."""
+    from torch._dynamo.utils import counters
+
+    from cached_ds.flex_t5 import RECOMPILE_LIMIT, flex_bias_attention
+    from cached_ds.t5_attention import BlockedBiasAttention
+
+    lengths = range(41, 41 + 4 * 10, 4)  # 10 lengths: past the default budget of 8
+    assert len(lengths) > torch._dynamo.config.recompile_limit and len(lengths) < RECOMPILE_LIMIT
+    before = counters["stats"]["unique_graphs"]
+    for length in lengths:
+        q, k, v, layout = flex_inputs(length)
+        with torch.no_grad():
+            flex = flex_bias_attention(q, k, v, layout)
+            blocked = BlockedBiasAttention.apply(q, k, v, layout.offsets, None, None, None, layout)
+        torch.testing.assert_close(flex, blocked, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before >= len(lengths)  # compiled, every one
+
+
+def test_a_flex_failure_falls_back_to_the_blocked_kernel_once_with_a_warning(monkeypatch):
+    """A real flex failure (its backward does not exist on CPU: inputs that need a gradient make
+    the compiled call raise) gives ``None`` and one warning, and later calls do not try again."""
+    from cached_ds import flex_t5
+    from cached_ds.t5_attention import try_flex
+
+    monkeypatch.setattr(flex_t5, "failure", None)  # this process's state, restored after the test
+    q, k, v, layout = flex_inputs(33)
+    q.requires_grad_()
+    with pytest.warns(UserWarning, match="flex_attention failed .*blocked kernel from now on"):
+        assert try_flex(q, k, v, layout) is None
+    assert "backward" in flex_t5.failure
+    calls = flex_t5.calls
+    assert try_flex(q.detach(), k, v, layout) is None and flex_t5.calls == calls  # given up: not tried again
