@@ -149,6 +149,7 @@ def measure(spec: dict) -> dict:
         without_attention_dropout(model)
     window = window_for(model, spec.get("window"))
     result = {"attn_implementation": attn_implementation(model), "window": window,
+              "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "parameters": sum(p.numel() for p in model.parameters())}
     flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
     encoder = model.get_encoder()

@@ -96,13 +96,18 @@ def device_name() -> str:
 
 
 def child_env(device: str) -> dict:
-    """One rank of its own: no rendezvous variables inherited from a launcher or SLURM."""
+    """One rank of its own: no rendezvous variables inherited from a launcher or SLURM. On a GPU,
+    PyTorch's expandable segments (unless PYTORCH_CUDA_ALLOC_CONF says otherwise) for every
+    method alike: near the memory limit, fragmentation between the N-sized blocks and the rest
+    would otherwise decide where a method runs out of memory; each point records the setting."""
     from cached_ds.distributed import fresh_rendezvous_env
 
     env = fresh_rendezvous_env()
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return env
 
 
