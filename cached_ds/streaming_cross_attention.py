@@ -147,26 +147,38 @@ def _scores(query, key, keep, start, scale) -> torch.Tensor:
 
 
 class _Blocks:
-    """Per-block K/V of ``states``, projected in the queries' dtype (autocast's, when it is on)."""
+    """Per-block K/V of ``states``, projected in the queries' dtype (autocast's, when it is on).
+
+    K and V come from one matmul with the two weights stacked, (2 · inner, d): per key block one
+    GEMM of twice the width instead of two, in forward and in the backward's recompute, and in
+    backward one GEMM each for d(states) and the weights' gradient (``_add_projection_grads``).
+    Host-side launches per block are what small blocks pay for (``bench/gpu_checks/pick_block.py``)."""
 
     def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded=False):
         self.dtype, self.heads, self.block, self.device = query.dtype, query.shape[1], block, query.device
         self.states = states  # on the device, or in host memory when offloaded: blocks come over one by one
         self.offloaded = offloaded
-        self.k_weight, self.k_bias, self.v_weight, self.v_bias = (
-            None if t is None else t.to(self.dtype) for t in (k_weight, k_bias, v_weight, v_bias)
-        )
+        self.inner = k_weight.shape[0]
+        self.kv_weight = torch.cat([k_weight, v_weight]).to(self.dtype)
+        if k_bias is None and v_bias is None:
+            self.kv_bias = None
+        else:  # a missing bias is a zero one (no gradient is returned for it)
+            k_bias = k_bias if k_bias is not None else torch.zeros_like(v_bias)
+            v_bias = v_bias if v_bias is not None else torch.zeros_like(k_bias)
+            self.kv_bias = torch.cat([k_bias, v_bias]).to(self.dtype)
 
     def __iter__(self):
         starts = range(0, self.states.shape[1], self.block)
         if self.offloaded:
             blocks = self._from_host(starts)
         else:
-            blocks = (self.states[:, start : start + self.block].to(self.device) for start in starts)
+            # contiguous, as blocks from host memory arrive: the same kernels on the same layout, so
+            # both paths give the same bits (the projection would copy a batch > 1 slice anyway)
+            blocks = (self.states[:, start : start + self.block].to(self.device).contiguous() for start in starts)
         for start, x in zip(starts, blocks):
             x = x.to(self.dtype)
-            key = _heads(x, self.k_weight, self.k_bias, self.heads)
-            yield start, x, key, _heads(x, self.v_weight, self.v_bias, self.heads)
+            key_value = _heads(x, self.kv_weight, self.kv_bias, 2 * self.heads)  # (batch, 2 · heads, n, head_dim)
+            yield start, x, key_value[:, : self.heads], key_value[:, self.heads :]
 
     def _from_host(self, starts: range) -> Iterator[torch.Tensor]:
         """Blocks of host-memory states on the device, block i+1 already on its way while block i
@@ -293,8 +305,13 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     grad_query = torch.zeros_like(query, dtype=stats) if needs_query else None
     sink = ctx.sink if needs_states else None
     grad_states = torch.empty_like(states) if needs_states and sink is None else None
-    # k_weight, k_bias, v_weight, v_bias gradients, summed over blocks (None: not needed / no bias)
-    sums = [torch.zeros_like(w, dtype=stats) if need else None for w, need in zip(weights, needs_weights)]
+    k_weight, k_bias, v_weight, v_bias = weights
+    # The stacked K/V weight's and bias's gradients, summed over blocks (None: not needed / no bias)
+    weight_sum = torch.zeros((2 * k_weight.shape[0], k_weight.shape[1]), dtype=stats, device=k_weight.device) \
+        if needs_weights[0] or needs_weights[2] else None
+    has_bias = k_bias is not None or v_bias is not None
+    bias_sum = torch.zeros(2 * k_weight.shape[0], dtype=stats, device=k_weight.device) \
+        if has_bias and (needs_weights[1] or needs_weights[3]) else None
     if ctx.kernel is not None:
         out = ctx.kernel.backward_layout(out)
         block_grads = partial(_fused_block_grads, ctx.kernel, grad_out, query, out, lse, ctx.lengths, scale)
@@ -306,17 +323,21 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
         block_grad_query, block_grad_key, block_grad_value = block_grads(start, key, value)
         if grad_query is not None:
             grad_query += block_grad_query
-        grad_key, grad_value = _merge_heads(block_grad_key), _merge_heads(block_grad_value)  # (batch, block, inner)
-        _add_projection_grads(sums[0], sums[1], grad_key, x)
-        _add_projection_grads(sums[2], sums[3], grad_value, x)
+        # (batch, block, 2 · inner): the stacked projection's output gradient, in one copy
+        grad_kv = torch.stack([block_grad_key.transpose(1, 2), block_grad_value.transpose(1, 2)], 2).flatten(2)
+        _add_projection_grads(weight_sum, bias_sum, grad_kv, x)
         if needs_states:
-            grad_x = torch.matmul(grad_key, blocks.k_weight) + torch.matmul(grad_value, blocks.v_weight)
+            grad_x = torch.matmul(grad_kv, blocks.kv_weight)
             if sink is not None:
                 sink.add(states, start, grad_x)
             else:
                 grad_states[:, start : start + x.shape[1]] = grad_x
     grad_query = None if grad_query is None else grad_query.to(dtype)
-    return (grad_query, grad_states, None, *(None if s is None else s.to(w.dtype) for s, w in zip(sums, weights)))
+    inner = k_weight.shape[0]
+    halves = [None if weight_sum is None else weight_sum[:inner], None if bias_sum is None else bias_sum[:inner],
+              None if weight_sum is None else weight_sum[inner:], None if bias_sum is None else bias_sum[inner:]]
+    grads = [None if g is None or w is None or not need else g.to(w.dtype) for g, w, need in zip(halves, weights, needs_weights)]
+    return (grad_query, grad_states, None, *grads)
 
 
 def _plain_block_grads(grad_out, query, keep, lse, delta, scale, needs_query, start, key, value):

@@ -1,9 +1,10 @@
 """Time one streaming cross-attention layer (forward + backward) per key-block size; print the fastest.
 
-Each key block costs a fixed number of host-side op launches, 76 aten ops for its forward and
-backward (slice, K/V projections, kernel, log-sum-exp merge and their backward; counted on CPU),
-about 0.4–0.8 ms of Python and dispatch, while an H100 needs roughly that long for the compute
-of an 8192-key block: small blocks leave the GPU waiting on the host. Measured here, on the machine the sweep runs on, at BART-large's
+Each key block costs a fixed number of host-side op launches, 57 aten ops for its forward and
+backward (slice, the stacked K/V projection, kernel, log-sum-exp merge and their backward;
+counted on CPU, torch 2.13), a few tenths of a millisecond of Python and dispatch, while an H100
+needs about that long for the compute of an 8192-key block: small blocks leave the GPU waiting
+on the host. Measured here, on the machine the sweep runs on, at BART-large's
 decoder shape (hidden 1024, 16 heads, 1024 targets) over 256K keys in bf16, so the sweep's
 streaming lines use the block that is fastest there. Appends one JSON line (each block's
 milliseconds) to ``--report``; prints only the chosen block on stdout.
