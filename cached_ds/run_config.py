@@ -87,12 +87,22 @@ class EvalArgs:
     min_new_tokens: int = field(default=0, metadata={"help": "shortest generated summary"})
     length_penalty: float = field(default=1.0, metadata={"help": "beam-search length penalty"})
 
+    def validate(self) -> None:
+        _at_least(self, 1, "num_beams", "max_new_tokens")
+        _at_least(self, 0, "min_new_tokens")
+        _at_least(self, 0, "eval_steps", optional=True)  # 0: at the end only, as unset
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens {self.max_new_tokens}")
+
 
 @dataclass
 class LoggingArgs:
     logging_steps: int = field(default=1, metadata={"help": "write metrics every N steps"})
     tensorboard: bool = field(default=True, metadata={"help": "DeepSpeed tensorboard monitor under <output_dir>/tensorboard"})
     csv: bool = field(default=True, metadata={"help": "DeepSpeed csv_monitor under <output_dir>/csv"})
+
+    def validate(self) -> None:
+        _at_least(self, 1, "logging_steps")
 
 
 @dataclass
@@ -101,6 +111,10 @@ class CheckpointArgs:
     save_steps: int | None = field(default=None, metadata={"help": "save a checkpoint every N steps (default: at the end only)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in <output_dir>/checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "published checkpoints to keep"})
+
+    def validate(self) -> None:
+        _at_least(self, 1, "keep_checkpoints")  # 0 would delete the checkpoint just written
+        _at_least(self, 0, "save_steps", optional=True)  # 0: at the end only, as unset
 
 
 @dataclass
@@ -134,8 +148,18 @@ class RunConfig:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if not self.embedded and not (self.data.dataset or self.data.train_file):
             raise ValueError("no training data: pass --dataset NAME or --train_file FILE (or neither, with no --model, for the embedded default)")
-        self.data.validate()
-        self.optim.validate()
+        for section in (self.data, self.optim, self.eval, self.logging, self.checkpoint):
+            section.validate()
+
+
+def _at_least(section, minimum: int, *names: str, optional: bool = False) -> None:
+    """Each named flag is an integer of at least ``minimum`` (or unset, where ``optional``)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            raise ValueError(f"--{name} must be at least {minimum}, got {value}")
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "cached": CachedArgs, "optim": OptimArgs, "eval": EvalArgs,

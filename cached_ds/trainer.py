@@ -18,6 +18,7 @@ import math
 import random
 import resource
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import transformers as hf
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from . import families
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, barrier, init_process_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
@@ -90,6 +92,7 @@ class Trainer:
         self.train_rows, self.eval_rows = self._load_data()
         seed_everything(run.optim.seed)  # model init independent of data loading
         self.model = load_model(run.model.model, self.tokenizer)
+        self._check_summary_lengths()
         self.plan = data_lib.BatchPlan([r["num_tokens"] for r in self.train_rows], world_size(),
                                        run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
         self.plan.check()
@@ -128,6 +131,24 @@ class Trainer:
             raise ValueError("no training documents left after skipping empty ones")
         return splits["train"], splits["eval"]
 
+    def _check_summary_lengths(self) -> None:
+        """Learned decoder positions (BART, mBART, PEGASUS) end at the model's limit: a longer
+        summary would fail mid-run with an index error (a device-side assert on a GPU), and so
+        would generating past it (capped, with a warning)."""
+        limit = families.max_window(self.model)
+        if limit is None:
+            return
+        longest = max(len(r["labels"]) for r in [*self.train_rows, *(self.eval_rows or [])])
+        if longest > limit:
+            raise ValueError(f"a reference summary has {longest} tokens but this {self.model.config.model_type} decoder has "
+                             f"{limit} positions; pass --max_target_tokens {limit}")
+        evaluation = self.run.eval
+        if self.eval_rows and evaluation.max_new_tokens >= limit:  # the start token takes a position too
+            logger.warning("--max_new_tokens %d reaches past this %s decoder's %d positions: generating at most %d",
+                           evaluation.max_new_tokens, self.model.config.model_type, limit, limit - 1)
+            self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=limit - 1,
+                                                      min_new_tokens=min(evaluation.min_new_tokens, limit - 1)))
+
     def _build_engine(self):
         run = self.run
         config = load_config(run.deepspeed)
@@ -144,6 +165,11 @@ class Trainer:
             micro_batch_size=run.optim.micro_batch_size, gradient_accumulation_steps=run.optim.gradient_accumulation_steps,
             world_size=world_size(), lr=run.optim.lr, weight_decay=run.optim.weight_decay, warmup_steps=run.optim.warmup_steps,
             total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
+        for key, flag, value in (("train_micro_batch_size_per_gpu", "--micro_batch_size", run.optim.micro_batch_size),
+                                 ("gradient_accumulation_steps", "--gradient_accumulation_steps", run.optim.gradient_accumulation_steps)):
+            if config.get(key) != value:
+                raise ValueError(f'{run.deepspeed} sets {key}={config.get(key)} but {flag} is {value} (the data plan '
+                                 f'follows {flag}); set {key} to "auto" there, or pass {flag} {config.get(key)}')
         check_batch_sizes(config, world_size())
         if not run.optim.lr_decay and config.get("scheduler", {}).get("type") == "WarmupDecayLR":
             config["scheduler"]["type"] = "WarmupLR"  # same warm-up, then constant
@@ -163,6 +189,11 @@ class Trainer:
         run = self.run
         epoch, position = 0, 0
         self.store.discard_partial()
+        if not run.checkpoint.resume and self.store.latest() is not None:
+            # Its "latest" would be exported instead of this run's weights, and pruning by step
+            # would delete this run's checkpoints as soon as they are written.
+            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {self.store.latest()}); "
+                             "pass --resume to continue it, or a new --output_dir to start over")
         if run.checkpoint.resume:
             state = self.store.load(self.engine)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
@@ -226,9 +257,12 @@ class Trainer:
         if not self.eval_rows:
             return {}
         run = self.run
-        mine = list(range(rank(), len(self.eval_rows), world_size()))
-        rounds = math.ceil(len(self.eval_rows) / world_size())
-        padded = mine + mine[-1:] * (rounds - len(mine))  # ZeRO-3: every rank must run as many generate calls
+        count = len(self.eval_rows)
+        mine = list(range(rank(), count, world_size()))
+        rounds = math.ceil(count / world_size())
+        # ZeRO-3: every rank must run as many generate calls (their parameter gathers are collectives),
+        # a rank with no document of its own too (fewer documents than ranks): it repeats others'.
+        padded = [i % count for i in range(rank(), rounds * world_size(), world_size())]
         stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
         texts = summarize(self.engine.module, self.tokenizer, [self.eval_rows[i]["input_ids"] for i in padded],
                           num_beams=run.eval.num_beams, max_new_tokens=run.eval.max_new_tokens,

@@ -1,6 +1,7 @@
 """Bad input to the launcher fails early with an error that names the field and the fix."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -103,3 +104,60 @@ def test_resume_without_checkpoint(tmp_path, corpus):
 def test_model_without_data():
     with pytest.raises(ValueError, match=r"no training data: pass --dataset NAME or --train_file FILE"):
         parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", "tiny-bart"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1, got 0"),  # would delete the checkpoint just saved
+    (["--logging_steps", "0"], "--logging_steps must be at least 1, got 0"),
+    (["--num_beams", "0"], "--num_beams must be at least 1, got 0"),
+    (["--save_steps", "-2"], "--save_steps must be at least 0, got -2"),
+    (["--min_new_tokens", "9", "--max_new_tokens", "8"], "--min_new_tokens 9 is more than --max_new_tokens 8"),
+])
+def test_bad_run_flags_name_the_flag(tmp_path, corpus, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(flags(corpus, tmp_path, *extra))
+
+
+def test_config_gradient_accumulation_must_be_the_flags(tmp_path, corpus):
+    """The data plan follows --gradient_accumulation_steps; a different number in the config made
+    the engine step at other boundaries (half the optimizer steps, the schedule at half speed)."""
+    config = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
+    config["gradient_accumulation_steps"] = 2
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r'sets gradient_accumulation_steps=2 but --gradient_accumulation_steps is 1 .*'
+                                         r'set gradient_accumulation_steps to "auto" there, or pass --gradient_accumulation_steps 2'):
+        Trainer(parse_args(flags(corpus, tmp_path, config=str(path))))
+
+
+def test_summary_longer_than_the_decoders_positions(tmp_path, corpus):
+    limit = hf.AutoConfig.from_pretrained(corpus["model"]).max_position_embeddings
+    rows = [json.loads(line) for line in open(corpus["train_file"])]
+    rows[2]["summary"] = " ".join(["word"] * (limit + 20))
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = flags(corpus, tmp_path)
+    args[args.index("--train_file") + 1] = str(path)
+    with pytest.raises(ValueError, match=rf"a reference summary has \d+ tokens but this bart decoder has {limit} positions; "
+                                         rf"pass --max_target_tokens {limit}"):
+        Trainer(parse_args(args))
+    assert Trainer(parse_args([*args, "--max_target_tokens", str(limit)])).train_rows
+
+
+def test_generation_is_capped_at_the_decoders_positions(tmp_path, corpus, caplog):
+    """The start token takes a position, so at most limit - 1 new tokens fit (more would fail at
+    evaluation, after the whole training run)."""
+    limit = hf.AutoConfig.from_pretrained(corpus["model"]).max_position_embeddings
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = Trainer(parse_args(flags(corpus, tmp_path, "--eval_file", corpus["eval_file"], "--max_new_tokens", str(limit))))
+    assert trainer.run.eval.max_new_tokens == limit - 1
+    assert f"--max_new_tokens {limit} reaches past this bart decoder's {limit} positions: generating at most {limit - 1}" in caplog.text
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, corpus):
+    """Without --resume, an earlier run's "latest" would be exported instead of this run's
+    weights, and pruning by step would delete this run's newer-named checkpoints."""
+    Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "1"))).train()
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(latest: step00000001\); pass --resume to "
+                                         r"continue it, or a new --output_dir"):
+        Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2"))).train()

@@ -43,6 +43,16 @@ def test_embedded_smoke_preset_on_two_ranks(tmp_path):
         assert {"prediction", "reference"} <= json.loads(line).keys()
 
 
+def test_zero3_evaluation_with_fewer_documents_than_ranks(tmp_path, corpus):
+    """A rank with no eval document of its own still runs every generate call: under ZeRO-3 their
+    parameter gathers are collectives (it used to skip them, and the other rank waited forever)."""
+    out = tmp_path / "run"
+    run_train("--deepspeed", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "1", "--max_eval_documents", "1",
+              *data_flags(corpus), ranks=2, timeout=300)
+    [line] = (out / "predictions_final.jsonl").read_text().splitlines()
+    assert json.loads(line)["index"] == 0
+
+
 def test_summarize_exported_model(tmp_path, corpus):
     out = tmp_path / "run"
     run_train("--deepspeed", "ds_configs/zero0.json", "--output_dir", str(out), "--max_steps", "2", *data_flags(corpus))
