@@ -236,11 +236,12 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
         summed, label_tokens, doc_tokens = train_step(self.engine, micro_batches, check=self._stop_unless_finite,
                                                       nan_fault=injected_fault("nan_loss", self.step + 1))
         elapsed = time.perf_counter() - started
         norm = self.engine.get_global_grad_norm()
-        return {"step": self.step + 1, "loss": summed / label_tokens, "lr": self.engine.get_lr()[0],
+        return {"step": self.step + 1, "loss": summed / label_tokens, "lr": lr,
                 "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
                 "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
 
