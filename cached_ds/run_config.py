@@ -59,8 +59,8 @@ class CachedArgs:
 class OptimArgs:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (fills \"auto\" in the DeepSpeed optimizer/scheduler)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps; DeepSpeed's WarmupLR/WarmupDecayLR warm up for at least 2, and their first two optimizer steps run at warmup_min_lr (0), with 0 too"})
-    lr_decay: bool = field(default=True, metadata={"help": "after warm-up, decay the rate linearly to 0 (the config's WarmupDecayLR); false: keep it constant (WarmupLR)"})
+    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps, linear from 0 (0: the peak from the first step)"})
+    lr_decay: bool = field(default=True, metadata={"help": "after warm-up, decay the rate linearly to 0 at the last step; false: keep it constant. Both replace the config's WarmupLR/WarmupDecayLR (HF's schedules: DeepSpeed's lose the first two steps)"})
     micro_batch_size: int = field(default=1, metadata={"help": "documents per rank per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})

@@ -19,6 +19,7 @@ import random
 import resource
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -80,6 +81,22 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
             engine.step()
         summed += float(loss_sum.detach())
     return all_reduce_sum(summed), label_tokens, doc_tokens
+
+
+# DeepSpeed's warm-up schedulers run the first two optimizer steps at warmup_min_lr whatever the
+# warm-up: their step k uses iteration k - 2 (measured: lrs 0, 0, 1e-3, ... with warm-up 0, then
+# a log ramp one step late). The launcher runs these sections' schedule with HF's own functions
+# instead (what HF's Trainer does with DeepSpeed): linear warm-up over --warmup_steps, then a
+# linear decay to 0 at the last step (--lr_decay) or a constant rate.
+DEEPSPEED_WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+
+
+def warmup_schedule(optimizer, warmup: int, total: int | None):
+    """HF's ``get_linear_schedule_with_warmup`` (``total`` steps) or, with ``total=None``,
+    ``get_constant_schedule_with_warmup``: step 1 at the peak when ``warmup`` is 0."""
+    if total is None:
+        return hf.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    return hf.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 class Trainer:
@@ -171,9 +188,11 @@ class Trainer:
                 raise ValueError(f'{run.deepspeed} sets {key}={config.get(key)} but {flag} is {value} (the data plan '
                                  f'follows {flag}); set {key} to "auto" there, or pass {flag} {config.get(key)}')
         check_batch_sizes(config, world_size())
-        if not run.optim.lr_decay and config.get("scheduler", {}).get("type") == "WarmupDecayLR":
-            config["scheduler"]["type"] = "WarmupLR"  # same warm-up, then constant
-            config["scheduler"]["params"].pop("total_num_steps", None)
+        lr_scheduler = None
+        if config.get("scheduler", {}).get("type") in DEEPSPEED_WARMUP_SCHEDULERS:
+            config.pop("scheduler")
+            lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
+                                   total=self.total_steps if run.optim.lr_decay else None)
         if run.logging.tensorboard:
             config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
         if run.logging.csv:
@@ -181,7 +200,7 @@ class Trainer:
         if rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        engine, *_ = initialize(self.model, config)
+        engine, *_ = initialize(self.model, config, lr_scheduler=lr_scheduler)
         return engine
 
     # ---- training ---------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_exported_weights_equal_the_trained_ones(tmp_path, corpus):
     """zero_to_fp32 export under ZeRO-3 equals the fp32 weights the engine ended with."""
     out = tmp_path / "run"
     run_train("--deepspeed", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "3", *data_flags(corpus))
-    assert [r["lr"] > 0 for r in metrics(out)][:2] == [False, True], "DeepSpeed's warm-up starts at 0"
+    assert all(r["lr"] > 0 for r in metrics(out)), "no warm-up: every step trains, the first one too"
     exported = hf.AutoModelForSeq2SeqLM.from_pretrained(out / "exported")
     initial = hf.AutoModelForSeq2SeqLM.from_pretrained(corpus["model"])
     changed = [n for (n, p), (_, q) in zip(exported.named_parameters(), initial.named_parameters()) if not torch.equal(p, q)]
