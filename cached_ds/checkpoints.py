@@ -8,6 +8,8 @@ beside DeepSpeed's files, so a resumed run draws the same dropout masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 import random
 import shutil
@@ -81,13 +83,15 @@ class CheckpointStore:
         barrier()
         return tag
 
-    def load(self, engine) -> dict:
+    def load(self, engine, check: Callable[[dict], None] | None = None) -> dict:
         """Restore the latest checkpoint (model, optimizer, scheduler, this rank's RNG); returns
-        the client state saved with it."""
+        the client state saved with it, which ``check`` sees first (before the per-rank files)."""
         tag = self.latest()
         if tag is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.root}; run without --resume to start fresh")
         _, client_state = engine.load_checkpoint(str(self.root), tag=tag)
+        if check is not None:
+            check(client_state)
         set_rng_state(torch.load(self.root / tag / f"rng_rank{rank()}.pt", weights_only=False))
         return client_state
 

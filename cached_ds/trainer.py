@@ -214,7 +214,7 @@ class Trainer:
             raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {self.store.latest()}); "
                              "pass --resume to continue it, or a new --output_dir to start over")
         if run.checkpoint.resume:
-            state = self.store.load(self.engine)
+            state = self.store.load(self.engine, check=self._check_resumed_plan)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
             self._forget_metrics_after(self.step)
@@ -235,16 +235,39 @@ class Trainer:
                 if position == len(steps):
                     epoch, position = epoch + 1, 0
                 if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
-                    self.store.save(self.engine, self.step, {"step": self.step, "epoch": epoch, "position": position})
+                    self.store.save(self.engine, self.step, self._client_state(epoch, position))
                 if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
                     self.evaluate(f"step{self.step}")
                 if position == 0:
                     break  # a new epoch: new document order
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
-            self.store.save(self.engine, self.step, {"step": self.step, "epoch": epoch, "position": position})
+            self.store.save(self.engine, self.step, self._client_state(epoch, position))
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         return self.evaluate("final")
+
+    def _data_plan(self) -> dict:
+        """What the document order and the place in an epoch depend on."""
+        optim = self.run.optim
+        return {"ranks": world_size(), "micro_batch_size": optim.micro_batch_size,
+                "gradient_accumulation_steps": optim.gradient_accumulation_steps, "seed": optim.seed,
+                "documents": len(self.train_rows)}
+
+    def _client_state(self, epoch: int, position: int) -> dict:
+        return {"step": self.step, "epoch": epoch, "position": position, "data_plan": self._data_plan()}
+
+    def _check_resumed_plan(self, state: dict) -> None:
+        """A saved position in an epoch means something only in the order it was saved in: with
+        another batch plan some documents would be trained twice and others skipped."""
+        saved, now = state.get("data_plan"), self._data_plan()
+        if saved is None:  # written before checkpoints carried it
+            return
+        names = {"ranks": "ranks", "micro_batch_size": "--micro_batch_size", "seed": "--seed",
+                 "gradient_accumulation_steps": "--gradient_accumulation_steps", "documents": "training documents"}
+        changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names if saved.get(key) != now[key]]
+        if changed:
+            raise ValueError(f"--resume: the checkpoint's data order was made with other settings ({'; '.join(changed)}); "
+                             "resume with the same ones, or start over in a new --output_dir")
 
     def _forget_metrics_after(self, step: int) -> None:
         """Lines a crashed run wrote after its last checkpoint are about to be trained again."""

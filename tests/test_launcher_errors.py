@@ -161,3 +161,13 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(latest: step00000001\); pass --resume to "
                                          r"continue it, or a new --output_dir"):
         Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2"))).train()
+
+
+def test_resume_refuses_another_batch_plan(tmp_path, corpus):
+    """The saved place in an epoch only means something in the order it was saved in: resumed
+    with another micro-batch size or seed, some documents would be trained twice, others skipped."""
+    Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "1", "--micro_batch_size", "2"))).train()
+    with pytest.raises(ValueError, match=r"--resume: the checkpoint's data order was made with other settings "
+                                         r"\(--micro_batch_size 2 then, 1 now; --seed 42 then, 7 now\); resume with the same ones"):
+        Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2", "--resume", "--seed", "7"))).train()
+    Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2", "--resume", "--micro_batch_size", "2"))).train()  # the same plan resumes
