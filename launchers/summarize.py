@@ -3,7 +3,8 @@
     python launchers/summarize.py --model outputs/run/exported --input docs.jsonl --output summaries.jsonl
 
 Each input line is a JSON object with a "document" field (--text_column); each output line adds
-"summary". The CachED windows the model was trained with are read from cached_config.json.
+"summary". The CachED windows the model was trained with are read from cached_config.json. On a
+GPU by default, in bf16 where it supports it (--device, --dtype).
 """
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import transformers as hf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -29,6 +31,20 @@ def load_cached_settings(model_dir: Path) -> CachedConfig:
     return CachedConfig(**{k: v for k, v in settings.items() if k != "mode"})
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_records(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
+    return records
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="folder exported by launchers/train.py")
@@ -38,11 +54,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num_beams", type=int, default=4, help="beam width")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
     args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
-    model = CachedSeq2Seq(hf.AutoModelForSeq2SeqLM.from_pretrained(args.model), load_cached_settings(args.model))
+    records = read_records(args.input)  # before the model: a bad input fails in a second
+    hf_model = hf.AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
+    model = CachedSeq2Seq(hf_model, load_cached_settings(args.model))
     tokenizer = hf.AutoTokenizer.from_pretrained(args.model)
-    records = [json.loads(line) for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
     missing = [i + 1 for i, r in enumerate(records) if args.text_column not in r]
     if missing:
         raise ValueError(f"{args.input}: lines {missing[:10]} have no {args.text_column!r} field; set --text_column")
@@ -57,4 +78,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # bad input: one line naming it, no traceback
+        sys.exit(f"summarize.py: error: {error}")

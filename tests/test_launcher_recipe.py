@@ -67,6 +67,11 @@ def test_summarize_exported_model(tmp_path, corpus):
     rows = [json.loads(line) for line in summaries.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["summary"], str) for r in rows)
     assert "summarising" in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"document": "fine"}\n{"document": "cut off\n')
+    failed = subprocess.run(["python", "launchers/summarize.py", "--model", str(out / "exported"), "--input", str(bad),
+                             "--output", str(tmp_path / "x.jsonl")], cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "bad.jsonl: line 2 is not valid JSON" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def curve(out):
