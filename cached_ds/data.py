@@ -7,6 +7,7 @@ sees the same batches in the same order.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import datasets
 import torch
 
 from .run_config import DataArgs
+
+logger = logging.getLogger("cached_ds")
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -37,7 +40,8 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
             return datasets.load_dataset(args.dataset, args.dataset_config, split=name)
         except ValueError as error:
             if split == "eval" and "split" in str(error).lower():
-                return None  # a dataset without that split: no evaluation
+                logger.warning("%s has no split %r: no evaluation (name one with --eval_split)", args.dataset, name)
+                return None
             raise
     path = args.train_file if split == "train" else args.eval_file
     if path is None:

@@ -113,6 +113,11 @@ class Trainer:
         self.plan = data_lib.BatchPlan([r["num_tokens"] for r in self.train_rows], world_size(),
                                        run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
         self.plan.check()
+        left_out = len(self.train_rows) - self.plan.steps_per_epoch * self.plan.docs_per_step
+        if left_out:  # a different random remainder each epoch; a large one is worth knowing about
+            logger.warning("each epoch leaves out %d of %d training documents (a step takes %d: ranks × micro-batch × "
+                           "accumulation), a different random %d each epoch", left_out, len(self.train_rows),
+                           self.plan.docs_per_step, left_out)
         self.total_steps = run.optim.max_steps or run.optim.epochs * self.plan.steps_per_epoch
         self.engine = self._build_engine()
         self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)

@@ -62,3 +62,17 @@ def test_dataset_flag_loads_a_local_dataset_folder(tmp_path):
                                   "--output_dir", str(tmp_path / "run")]))
     assert len(trainer.train_rows) == len(rows) and len(trainer.eval_rows) == 3
     assert all(r["num_tokens"] > 128 for r in trainer.train_rows), "whole documents, not truncated"
+
+
+def test_a_dataset_without_the_eval_split_says_so(tmp_path, caplog):
+    """No evaluation is no silent choice: the warning names the split and the flag."""
+    single_rank_distributed()
+    corpus = make_corpus(tmp_path / "corpus", documents=8)
+    folder = tmp_path / "only_train"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(open(corpus["train_file"]).read())
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = Trainer(parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", corpus["model"], "--dataset", str(folder),
+                                      "--window", "128", "--output_dir", str(tmp_path / "run")]))
+    assert trainer.eval_rows is None
+    assert "has no split 'validation': no evaluation (name one with --eval_split)" in caplog.text

@@ -171,3 +171,9 @@ def test_resume_refuses_another_batch_plan(tmp_path, corpus):
                                          r"\(--micro_batch_size 2 then, 1 now; --seed 42 then, 7 now\); resume with the same ones"):
         Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2", "--resume", "--seed", "7"))).train()
     Trainer(parse_args(flags(corpus, tmp_path, "--max_steps", "2", "--resume", "--micro_batch_size", "2"))).train()  # the same plan resumes
+
+
+def test_the_documents_an_epoch_leaves_out_are_reported(tmp_path, corpus, caplog):
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        Trainer(parse_args(flags(corpus, tmp_path, "--micro_batch_size", "3")))
+    assert "each epoch leaves out 2 of 8 training documents (a step takes 3" in caplog.text
