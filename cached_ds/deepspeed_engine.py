@@ -290,7 +290,7 @@ def _use_deepspeed_checkpointing(engine, model: nn.Module) -> None:
 def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None, tokenizer=None) -> Path:
     """Write an HF folder (``from_pretrained`` loads it) from a checkpoint saved by
     ``engine.save_checkpoint(checkpoint_dir)``, plus ``cached_config.json`` (window, groups) so
-    inference uses the same windows. Call on every rank; rank 0 writes.
+    inference uses the same windows. Call on every rank; rank 0 consolidates and writes.
 
     Weights come from ``zero_to_fp32`` for ZeRO 1–3 (fp32 master weights); it rejects stage-0
     checkpoints, whose module weights are the full weights, so stage 0 exports them directly."""
@@ -302,8 +302,10 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         state = {k: v.detach().float().clone() for k, v in wrapped.model.state_dict().items()}
     else:
         barrier()  # every rank's shard is on disk
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-        state = {k.removeprefix("model."): v for k, v in state.items()}
+        state = None
+        if rank() == 0:  # it reads every rank's shards: once per job, not once per rank (host memory)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            state = {k.removeprefix("model."): v for k, v in state.items()}
     if rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         wrapped.model.save_pretrained(output_dir, state_dict=state)
