@@ -158,7 +158,6 @@ class _Blocks:
         self.dtype, self.heads, self.block, self.device = query.dtype, query.shape[1], block, query.device
         self.states = states  # on the device, or in host memory when offloaded: blocks come over one by one
         self.offloaded = offloaded
-        self.inner = k_weight.shape[0]
         self.kv_weight = torch.cat([k_weight, v_weight]).to(self.dtype)
         if k_bias is None and v_bias is None:
             self.kv_bias = None
