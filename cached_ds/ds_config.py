@@ -109,8 +109,16 @@ def reuse_distance(hidden_size: int) -> int:
     return hidden_size * hidden_size
 
 
-def check_batch_sizes(config: dict, world_size: int) -> None:
-    """DeepSpeed asserts train_batch_size = micro × GAS × world; say which fields disagree and how to fix."""
+def check_batch_sizes(config: dict, world_size: int, micro_batch_size: int | None = None,
+                      gradient_accumulation_steps: int | None = None, source: str = "the DeepSpeed config") -> None:
+    """The config's micro-batch size and accumulation steps are the run's flags, where given (a
+    data plan follows the flags, the engine the config); DeepSpeed asserts train_batch_size =
+    micro × GAS × world. Say which fields disagree and how to fix."""
+    for key, flag, value in (("train_micro_batch_size_per_gpu", "--micro_batch_size", micro_batch_size),
+                             ("gradient_accumulation_steps", "--gradient_accumulation_steps", gradient_accumulation_steps)):
+        if value is not None and config.get(key) != value:
+            raise ValueError(f'{source} sets {key}={config.get(key)} but {flag} is {value} (the data plan '
+                             f'follows {flag}); set {key} to "auto" there, or pass {flag} {config.get(key)}')
     micro, gas, total = (config.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
     if None in (micro, gas, total):
         return

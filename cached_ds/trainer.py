@@ -187,12 +187,7 @@ class Trainer:
             micro_batch_size=run.optim.micro_batch_size, gradient_accumulation_steps=run.optim.gradient_accumulation_steps,
             world_size=world_size(), lr=run.optim.lr, weight_decay=run.optim.weight_decay, warmup_steps=run.optim.warmup_steps,
             total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
-        for key, flag, value in (("train_micro_batch_size_per_gpu", "--micro_batch_size", run.optim.micro_batch_size),
-                                 ("gradient_accumulation_steps", "--gradient_accumulation_steps", run.optim.gradient_accumulation_steps)):
-            if config.get(key) != value:
-                raise ValueError(f'{run.deepspeed} sets {key}={config.get(key)} but {flag} is {value} (the data plan '
-                                 f'follows {flag}); set {key} to "auto" there, or pass {flag} {config.get(key)}')
-        check_batch_sizes(config, world_size())
+        check_batch_sizes(config, world_size(), run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.deepspeed)
         lr_scheduler = None
         if config.get("scheduler", {}).get("type") in DEEPSPEED_WARMUP_SCHEDULERS:
             config.pop("scheduler")
@@ -213,10 +208,11 @@ class Trainer:
         run = self.run
         epoch, position = 0, 0
         self.store.discard_partial()
-        if not run.checkpoint.resume and self.store.latest() is not None:
+        earlier = self.store.latest()
+        if not run.checkpoint.resume and earlier is not None:
             # Its "latest" would be exported instead of this run's weights, and pruning by step
             # would delete this run's checkpoints as soon as they are written.
-            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {self.store.latest()}); "
+            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
                              "pass --resume to continue it, or a new --output_dir to start over")
         if run.checkpoint.resume:
             state = self.store.load(self.engine, check=self._check_resumed_plan)
