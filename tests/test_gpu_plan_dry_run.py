@@ -2,28 +2,22 @@
 script it runs must not fail on anything a CPU can find first. The numbers are not checked."""
 
 import json
-import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from launcher_helpers import REPO as ROOT, launcher_env
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from gpu_checks.fallbacks import needed_flags  # noqa: E402
 from sweep import parse_args  # noqa: E402
 
 
-def cpu_env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
 def test_pick_block_times_each_block_and_prints_the_fastest(tmp_path):
     report = tmp_path / "checks.jsonl"
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/pick_block.py"), "--keys", "1024", "--blocks", "256,1024",
-                           "--report", str(report)], capture_output=True, text=True, timeout=300, env=cpu_env(CHECK_DEVICE="cpu"))
+                           "--report", str(report)], capture_output=True, text=True, timeout=300, env=launcher_env(CHECK_DEVICE="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = report.read_text().splitlines()
     timing = json.loads(line)["block_timing"]
@@ -35,7 +29,7 @@ def test_device_sweep_runs_its_plan_with_the_fallback_block(tmp_path):
     """No CUDA here: the block timing fails, the plan falls back to 32768-key blocks, and a PLAN
     in single quotes gets ``$BLOCK`` and ``$LONG`` (one step, no breakdown step) filled in."""
     plan = "--tokens 1024 --methods hf_ds_gc,cached\n--tokens 1024 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG"
-    env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL="tiny-bart", PLAN=plan, BUDGET_S="400",
+    env = launcher_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL="tiny-bart", PLAN=plan, BUDGET_S="400",
                   SWEEP_ARGS="--dtype fp32 --target_tokens 64 --group_tokens 512")
     env.pop("BLOCK", None)
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_checks/device_sweep.sh")], cwd=ROOT, capture_output=True, text=True,
@@ -80,7 +74,7 @@ def test_every_line_of_the_default_plans_parses(model, failed_checks, tmp_path):
     if failed_checks:
         (tmp_path / "checks.jsonl").write_text(check_lines(**{"bart-bf16": False, "bart-bf16-plain-blocks": True,
                                                                "longt5-tglobal-flex": False, "longt5-tglobal-blocked": True}))
-    env = cpu_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL=model, BLOCK="32768", PRINT_PLAN="1")
+    env = launcher_env(OUT=str(tmp_path), NO_WHEELS="1", MODEL=model, BLOCK="32768", PRINT_PLAN="1")
     for name in ("PLAN", "SWEEP_ARGS", "PLAIN", "BLOCKED_T5"):
         env.pop(name, None)
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_checks/device_sweep.sh")], cwd=ROOT, capture_output=True, text=True,
