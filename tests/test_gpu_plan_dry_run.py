@@ -46,9 +46,27 @@ def test_device_sweep_runs_its_plan_with_the_fallback_block(tmp_path):
     assert (tmp_path / "logs.tgz").is_file() and (results / "table.md").is_file()
 
 
+def test_streaming_check_passes_on_cpu_and_names_the_cases_fallbacks_read():
+    """The streaming cross-attention check's CPU cases (its plumbing before a GPU runs it): every
+    case passes, and the cases ``fallbacks.py`` switches on are there under those names (a
+    rename would leave a failed fused kernel in the plan unnoticed)."""
+    from gpu_checks.fallbacks import FALLBACKS
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/streaming_cross_attention_check.py")], capture_output=True,
+                          text=True, timeout=600, env=launcher_env(CHECK_DEVICE="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    cases = {name: case for name, case in report.items() if isinstance(case, dict)}
+    assert all(case["ok"] for case in cases.values()), {name: case for name, case in cases.items() if not case["ok"]}
+    streaming_pairs = FALLBACKS["--plain_cross_attention"]
+    assert {name for pair in streaming_pairs for name in pair} <= set(cases)
+    assert {cases[fused]["block_kernel"] for fused, _ in streaming_pairs} == {"cpu-flash"}
+    assert {cases[plain]["block_kernel"] for _, plain in streaming_pairs} == {"plain"}
+
+
 def check_lines(**cases) -> str:
     """checks.jsonl as the two check scripts write it: one JSON line each, cases with their "ok"."""
-    streaming = {name: {"ok": ok} for name, ok in cases.items() if name.startswith("bart")}
+    streaming = {name: {"ok": ok} for name, ok in cases.items() if name.startswith(("bart", "t5-"))}
     t5 = {name: {"ok": ok} for name, ok in cases.items() if name.startswith("longt5")}
     return json.dumps({"device": "H100", **streaming}) + "\n" + json.dumps({"check": "t5_attention", **t5}) + "\n"
 
@@ -59,7 +77,8 @@ def check_lines(**cases) -> str:
      ["--plain_cross_attention", "--blocked_t5_attention"]),
     ({"bart-bf16": False, "bart-bf16-plain-blocks": False}, []),  # the fallback failed too: nothing to switch to
     ({"longt5-tglobal-flex": False}, []),  # the fallback's case missing: no guess
-], ids=["all-pass", "both-fused-fail", "fallback-fails-too", "fallback-unchecked"])
+    ({"bart-bf16": True, "t5-bf16": False, "t5-bf16-plain-blocks": True}, ["--plain_cross_attention"]),  # one family fails
+], ids=["all-pass", "both-fused-fail", "fallback-fails-too", "fallback-unchecked", "t5-fused-fails"])
 def test_fallback_flags_follow_the_checks(cases, flags, tmp_path):
     checks = tmp_path / "checks.jsonl"
     checks.write_text(check_lines(**cases) + '{"block_timing": {"chosen": 32768}}\nnot json\n')

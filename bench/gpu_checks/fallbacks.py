@@ -2,8 +2,8 @@
 
 Reads the JSON lines ``streaming_cross_attention_check.py`` and ``t5_attention_check.py`` wrote
 (``checks.jsonl``) and prints, space-separated:
-- ``--plain_cross_attention`` when the fused block kernels failed (``bart-bf16``) while the plain
-  blocks passed (``bart-bf16-plain-blocks``);
+- ``--plain_cross_attention`` when the fused block kernels failed for either family
+  (``bart-bf16``, ``t5-bf16``) while its plain blocks passed (``…-bf16-plain-blocks``);
 - ``--blocked_t5_attention`` when flex attention failed (``longt5-tglobal-flex``) while the
   blocked code passed (``longt5-tglobal-blocked``).
 A missing case counts as neither, so nothing is switched on a guess.
@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-FALLBACKS = {  # flag: (the fused path's case, its fallback's case)
-    "--plain_cross_attention": ("bart-bf16", "bart-bf16-plain-blocks"),
-    "--blocked_t5_attention": ("longt5-tglobal-flex", "longt5-tglobal-blocked"),
+FALLBACKS = {  # flag: the (fused path's case, its fallback's case) pairs, any of which calls for it
+    "--plain_cross_attention": [("bart-bf16", "bart-bf16-plain-blocks"), ("t5-bf16", "t5-bf16-plain-blocks")],
+    "--blocked_t5_attention": [("longt5-tglobal-flex", "longt5-tglobal-blocked")],
 }
 
 
@@ -39,7 +39,8 @@ def case_results(path: Path) -> dict[str, bool]:
 
 def needed_flags(path: Path) -> list[str]:
     results = case_results(path)
-    return [flag for flag, (fused, fallback) in FALLBACKS.items() if results.get(fused) is False and results.get(fallback) is True]
+    return [flag for flag, pairs in FALLBACKS.items()
+            if any(results.get(fused) is False and results.get(fallback) is True for fused, fallback in pairs)]
 
 
 if __name__ == "__main__":
