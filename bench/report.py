@@ -105,7 +105,7 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
                                 else ("encoder_saved_peak_bytes", "encoder saved-tensor peak (bytes)"))
     written = []
     for key, axis_label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for (model, method) in sorted({(p["model"], label(p)) for p in points}):
             ok = sorted((p["tokens"], p[key]) for p in points
                         if (p["model"], label(p)) == (model, method) and not p.get("oom") and p.get(key) is not None)
@@ -118,7 +118,7 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
         ax.set_xlabel("document tokens (× = out of memory)")
         ax.set_ylabel(axis_label)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
         fig.tight_layout()
         staging = folder / f".{name}.{os.getpid()}.tmp"
         fig.savefig(staging, dpi=120, format="png")
