@@ -80,7 +80,7 @@ def local_attention_forward(self, hidden_states, mask=None, position_bias=None, 
     settings = self._cached_ds_settings
     layout = Layout(
         settings.block, position_bias.offsets, key_valid=_key_padding_from_local_mask(mask, self.block_len, length),
-        radius=self.local_radius,
+        radius=self.local_radius, block_masks=position_bias.block_masks,
     )
     out = attention(q, k, v, layout, use_flex=settings.use_flex)
     return self.o(out.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)), position_bias
@@ -109,7 +109,8 @@ def transient_global_attention_forward(self, hidden_states, mask=None, position_
     q, k, v = project_qkv(self, hidden_states)
     side_k, side_v = project_heads(self, self.k, global_inputs), project_heads(self, self.v, global_inputs)
     settings = self._cached_ds_settings
-    layout = Layout(settings.block, position_bias.offsets, key_valid=mask > 0, radius=self.local_radius, side=extra["side"])
+    layout = Layout(settings.block, position_bias.offsets, key_valid=mask > 0, radius=self.local_radius, side=extra["side"],
+                    block_masks=position_bias.block_masks)
     out = attention(q, k, v, layout, side_k, side_v, extra["table"], use_flex=settings.use_flex)
     return self.o(out.transpose(1, 2).reshape(batch, length, -1)), position_bias
 

@@ -30,7 +30,7 @@ import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ class Layout:
     mask: HF's 4-D mask broadcastable to (batch, 1, Lq, Lk): bool (True attends) or additive.
     key_valid: (batch, Lk) bool, keys that exist. causal: key <= query. radius: |key - query| <= radius.
     side: extra global keys (LongT5 transient-global), see ``SideKeys``.
+    block_masks: where ``flex_t5`` keeps the block masks it built, for the next layer to reuse.
     """
 
     block: int
@@ -69,6 +70,7 @@ class Layout:
     causal: bool = False
     radius: int | None = None
     side: SideKeys | None = None
+    block_masks: dict | None = None  # flex block masks shared by a stack's layers in one forward (OffsetBias)
 
 
 @dataclass
@@ -271,6 +273,9 @@ class OffsetBias:
     query_length: int
     key_length: int
     extra: dict | None = None  # LongT5 transient-global: the global bias and block ids
+    # flex block masks by shape, built by the first layer and reused by the others: HF gives every
+    # layer of a stack the same mask, and building one is costly (``create_block_mask``)
+    block_masks: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, module: nn.Module, query_length: int, key_length: int) -> OffsetBias:
@@ -346,7 +351,8 @@ def t5_self_attention_forward(
     settings = self._cached_ds_settings
     if mask is not None:
         mask = mask.expand(batch, 1, length, k.shape[2])
-    layout = Layout(settings.block, position_bias.offsets, mask=mask, causal=bool(getattr(self, "is_causal", self.is_decoder)))
+    layout = Layout(settings.block, position_bias.offsets, mask=mask, causal=bool(getattr(self, "is_causal", self.is_decoder)),
+                    block_masks=position_bias.block_masks)
     out = attention(q, k, v, layout, use_flex=settings.use_flex)
     out = self.o(out.transpose(1, 2).reshape(batch, length, -1))
     return out, position_bias, None

@@ -303,6 +303,54 @@ def test_flex_forward_with_transient_global_keys_equals_the_blocked_kernel_on_cp
     torch.testing.assert_close(flex[real], blocked[real], rtol=1e-5, atol=1e-5)
 
 
+def test_a_stacks_layers_share_one_flex_block_mask_per_forward(monkeypatch):
+    """Building a flex block mask evaluates the mask over every (query, key) pair, so the first
+    layer of a stack builds it and the others reuse it (``OffsetBias.block_masks``): every fast
+    layer of one forward is handed the same store, and a second forward a fresh one. The
+    attention is spied on, not replaced: the outputs still come from it."""
+    from cached_ds import longt5_attention, t5_attention
+
+    stores = []
+    real = t5_attention.attention
+
+    def spy(q, k, v, layout, *args, **kwargs):
+        stores.append(layout.block_masks)
+        return real(q, k, v, layout, *args, **kwargs)
+
+    monkeypatch.setattr(t5_attention, "attention", spy)
+    monkeypatch.setattr(longt5_attention, "attention", spy)
+    model = make_model("longt5-tglobal").eval()
+    install_fast_t5_attention(model)
+    ids = torch.randint(4, 96, (2, 30))
+    with torch.no_grad():
+        for _ in range(2):
+            model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids))
+    layers = len(model.get_encoder().block)
+    assert len(stores) == 2 * layers and all(store is not None for store in stores)
+    first, second = stores[:layers], stores[layers:]
+    assert all(store is first[0] for store in first) and all(store is second[0] for store in second)
+    assert first[0] is not second[0]
+
+
+def test_flex_reuses_the_block_mask_a_layout_carries():
+    """Two layers' calls with one ``block_masks`` store: the second reads the mask the first
+    built (one entry, the same object), and its output equals a call that builds its own."""
+    from dataclasses import replace
+
+    from cached_ds.flex_t5 import flex_bias_attention
+
+    q, k, v, layout = flex_inputs(40)
+    store = {}
+    shared = replace(layout, block_masks=store)
+    with torch.no_grad():
+        flex_bias_attention(q, k, v, shared)
+        built = next(iter(store.values()))
+        reused = flex_bias_attention(q * 0.5, k, v, shared)
+        own = flex_bias_attention(q * 0.5, k, v, layout)
+    assert len(store) == 1 and next(iter(store.values())) is built
+    torch.testing.assert_close(reused, own, rtol=0, atol=0)
+
+
 def flex_inputs(length: int, seed: int = 0):
     """q, k, v and a padded, banded layout of ``length`` tokens (two documents, one padded)."""
     from cached_ds.t5_attention import Layout
