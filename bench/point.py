@@ -124,6 +124,41 @@ class PhaseClock:
         return result
 
 
+def profile_step(engine, batch, top: int = 25) -> dict:
+    """One more step under ``torch.profiler``: the ``top`` ops by self device time (CPU: host
+    time), how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
+    hooks), and each phase's host time. The profiler slows the host, so ``wall_s`` is not a step
+    time to compare."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = torch.cuda.is_available()
+
+    def device_us(event):  # renamed from self_cuda_time_total in recent torch
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    time_of = device_us if cuda else (lambda event: event.self_cpu_time_total)
+    synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with record_function("step:forward"):
+            loss = engine(**batch).loss
+        with record_function("step:backward"):
+            engine.backward(loss)
+        with record_function("step:optimizer"):
+            engine.step()
+        synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    phases = {e.key.split(":")[1]: e.cpu_time_total / 1e6 for e in events if e.key.startswith("step:")}
+    ops = sorted((e for e in events if not e.key.startswith("step:")), key=time_of, reverse=True)
+    summary = {"wall_s": wall, "phase_host_s": phases, "ops_counted_by": "device time" if cuda else "host time",
+               "top": [{"name": e.key, "calls": e.count, "self_ms": time_of(e) / 1e3, "host_ms": e.self_cpu_time_total / 1e3}
+                       for e in ops[:top]]}
+    if cuda:
+        summary["device_busy_s"] = sum(device_us(e) for e in ops) / 1e6
+    return summary
+
+
 def encoder_saved_peak(engine, encoder, batch) -> int:
     """Peak bytes the encoder saves for backward during one step ([core]'s SavedTensorMeter)."""
     from cached_ds.memory import SavedTensorMeter
@@ -179,6 +214,8 @@ def measure(spec: dict) -> dict:
         result["breakdown"] = PhaseClock(encoder).run(engine, batch)
     if spec.get("saved_tensor_meter"):
         result["encoder_saved_peak_bytes"] = encoder_saved_peak(engine, encoder, batch)
+    if spec.get("profile"):
+        result["profile"] = profile_step(engine, batch)
     return result
 
 

@@ -134,11 +134,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     staging.replace(path)
 
 
+def profile_tables(points: list[dict], top: int = 12) -> str:
+    """Per profiled point (``--profile``): the device's busy share of the step and its top ops."""
+    parts = []
+    for p in sorted((p for p in points if p.get("profile")), key=lambda p: (p["model"], p["tokens"], label(p))):
+        prof = p["profile"]
+        busy = prof.get("device_busy_s")
+        share = f", device busy {busy:.3f} s ({busy / prof['wall_s']:.0%})" if busy is not None else ""
+        phases = ", ".join(f"{name} {s:.3f} s" for name, s in prof["phase_host_s"].items())
+        rows = [f"### {p['model']} {label(p)} {_tokens(p['tokens'])}: profiled step {prof['wall_s']:.3f} s{share}",
+                f"Host time per phase: {phases}. Ops by {prof['ops_counted_by']}:", "",
+                "| op | calls | self ms | host ms |", "|---|---:|---:|---:|"]
+        rows += [f"| `{op['name'][:80]}` | {op['calls']} | {op['self_ms']:.1f} | {op['host_ms']:.1f} |" for op in prof["top"][:top]]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
 def write_report(folder: Path) -> None:
     points = read_points(folder)
     growth = growth_table(points)
+    profiles = profile_tables(points)
     text = (f"# Sweep results: {folder.name}\n\n{table(points)}\n## Time per step\n\n{breakdown_table(points)}\n"
             + (f"## Memory growth\n\n{growth}\n" if growth else "")
+            + (f"## Profiles\n\n{profiles}\n" if profiles else "")
             + "![memory](memory.png)\n![throughput](throughput.png)\n")
     _write_atomic(folder / "table.md", text.encode())
     plot(points, folder)

@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the separately clocked time-breakdown step (one step fewer: for the longest points)")
     parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
     parser.add_argument("--saved_tensor_meter", action="store_true", help="also record the encoder's saved-tensor peak (one more step)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step under torch.profiler: top ops by device time and the device's busy share (table.md)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<device>)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny-bart, 2 lengths, all methods, fp32")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -157,6 +159,7 @@ def main(argv=None) -> Path:
         spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
                     steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
+                    profile=args.profile,
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)))
         name = label(spec)

@@ -74,6 +74,24 @@ def test_a_graph_budget_keeps_groups_and_labels_its_row(smoke, tmp_path):
     assert "| tiny-bart | cached+keep_graphs=1GiB | 4K |" in (tmp_path / "table.md").read_text()
 
 
+def test_a_profiled_point_records_its_top_ops_and_the_table_shows_them(tmp_path):
+    """``--profile``: one more step under torch.profiler. On CPU the ops are ranked by host time;
+    the real model's matrix multiplies are among them, and table.md gets the point's section."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "1024",
+                           "--steps", "1", "--warmup", "0", "--no_breakdown", "--profile", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    point, = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    profile = point["profile"]
+    assert profile["ops_counted_by"] == "host time" and "device_busy_s" not in profile  # no GPU here
+    assert set(profile["phase_host_s"]) == {"forward", "backward", "optimizer"} and profile["wall_s"] > 0
+    times = [op["self_ms"] for op in profile["top"]]
+    assert len(times) == 25 and times == sorted(times, reverse=True) and all(op["calls"] > 0 for op in profile["top"])
+    assert any(op["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for op in profile["top"])
+    table = (tmp_path / "table.md").read_text()
+    assert "## Profiles" in table and "### tiny-bart cached 1K: profiled step" in table
+
+
 def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
     sys.path.insert(0, str(ROOT / "bench"))
     from report import growth_table
