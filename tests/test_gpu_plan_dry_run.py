@@ -64,6 +64,22 @@ def test_streaming_check_passes_on_cpu_and_names_the_cases_fallbacks_read():
     assert {cases[plain]["block_kernel"] for _, plain in streaming_pairs} == {"plain"}
 
 
+def test_the_one_call_session_lists_both_plans_and_leaves_few_files(tmp_path):
+    """``session.sh`` runs BART-large, then LongT5 with the block the first part chose; listed
+    here (``PRINT_PLAN``), it must reach both plans, and leave no more files than the device
+    tool brings back (8)."""
+    env = launcher_env(OUT=str(tmp_path), NO_WHEELS="1", PRINT_PLAN="1")
+    for name in ("PLAN", "SWEEP_ARGS", "PLAIN", "BLOCKED_T5", "MODEL", "BLOCK"):
+        env.pop(name, None)
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_checks/session.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bart, long = ((tmp_path / name).read_text() for name in ("bart.log", "long.log"))
+    assert "plan: --tokens 8388608 --methods cached --cross_attention_block 32768" in bart
+    assert "plan: --tokens 16384 --methods hf_ds_gc,cached --profile" in long and "8388608" not in long
+    assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8
+
+
 def check_lines(**cases) -> str:
     """checks.jsonl as the two check scripts write it: one JSON line each, cases with their "ok"."""
     streaming = {name: {"ok": ok} for name, ok in cases.items() if name.startswith(("bart", "t5-"))}

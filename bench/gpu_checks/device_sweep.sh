@@ -49,37 +49,34 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults), the
-# targets' points first: the 256K speed ratio (plain, then streaming cross-attention with a
-# kept-graph budget); 512K with streaming ([decoder-memory]'s tokens/s target, and the ratio
-# there); CachED's reach without (2M) and with (8M) streaming; the growth figures' second points
-# (4M) and the offloaded 16M. A step cost 7 (hf_ds_gc) to 16 (cached) s per million tokens on an
-# H100 (measured at 256K), so lines of 2M and more take one step, 4M and more with no warm-up
-# (the peak memory is the figure there), and the time breakdown, a step of its own, is left out.
-# hf_ds_gc's 1M OOM is already measured (results/2026-11-27-*), so it comes late.
+# open questions first. The 256K and 512K ratios are measured (results/2026-11-27-nvidia-h200:
+# 0.94x and 0.89x, the gap in cached's decoder backward), so 256K comes back profiled
+# (--profile: top ops by device time, the device's busy share) to find where that time goes;
+# then CachED's reach with streaming (8M) and the growth figures (4M; 16M and 4M offloaded);
+# then 512K profiled, and the rest. A step costs about 5.5 s per million tokens (H200, 2M), so
+# lines of 2M and more take one step, 4M and more with no warm-up (the peak memory is the figure
+# there), and the time breakdown, a step of its own, is left out.
 LONG="--steps 1 --no_breakdown"
-BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached
---tokens 262144 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40
---tokens 524288 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1
---tokens 2097152 --methods cached --warmup 1 $LONG
+BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 1 --no_breakdown --profile
 --tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
---tokens 1048576 --methods cached,full_gc --warmup 1
---tokens 65536 --methods full,full_gc,hf_ds_gc,cached
+--tokens 524288 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile
+--tokens 1048576 --methods hf_ds_gc,cached,full_gc --warmup 1
 --tokens 262144 --methods full,full_gc
 --tokens 262144 --methods cached --keep_graphs_gib 40
 --tokens 262144 --methods cached --cross_attention_block $BLOCK
---tokens 1048576 --methods hf_ds_gc,cached --keep_graphs_gib 40
 --tokens 4194304 --methods cached --warmup 0 $LONG"
 # LongT5-tglobal-large ([t5-speed]): the speed ratio (>= 5x hf_ds_gc) needs the lengths where HF
-# still fits (16K and 32K; its 64K OOM is the brief's figure, so 64K comes last); the 4M target
-# needs streaming cross-attention (24 decoder layers would keep about 100 KiB of K/V per token).
-LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached
---tokens 32768 --methods hf_ds_gc,cached
+# still fits: 16K again (0.97x on the H200, before the shared block mask), profiled, then 64K
+# (out of memory for HF on an H100, not known on an H200); the 4M target needs streaming
+# cross-attention (24 decoder layers would keep about 100 KiB of K/V per token).
+LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --profile
+--tokens 65536 --methods hf_ds_gc,cached --warmup 1
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
---tokens 65536 --methods hf_ds_gc,cached --warmup 1"
+--tokens 32768 --methods hf_ds_gc,cached"
 case "$MODEL" in
     long-t5*) PLAN=${PLAN:-$LONGT5_PLAN}; SWEEP_ARGS=${SWEEP_ARGS-"--fast_t5_attention"} ;;
     *) PLAN=${PLAN:-$BART_PLAN} ;;

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# A lent GPU's whole session in ONE device call (each call's start costs minutes of the budget):
+# the kernel checks and the BART-large plan for BART_S seconds, then LongT5-tglobal-large with the
+# key block and kernel fallbacks the first part chose, all ending within TOTAL_S seconds.
+#
+#   bash bench/gpu_checks/session.sh            # carry .whl; device timeout_s 600
+#   TOTAL_S=540 BART_S=330 bash bench/gpu_checks/session.sh
+#
+# The device tool brings back at most 8 files: this leaves 7 (checks.jsonl, bart.log, long.log,
+# bart_logs.tgz, logs.tgz, bart/points.jsonl, long/points.jsonl); the tables and plots are
+# rebuilt from points.jsonl by bench/report.py.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+export OUT
+mkdir -p "$OUT"
+start=$(date +%s)
+CHECKS=1 BUDGET_S=${BART_S:-360} bash bench/gpu_checks/device_sweep.sh 2>&1 | tee "$OUT/bart.log"
+[ -f "$OUT/logs.tgz" ] && mv "$OUT/logs.tgz" "$OUT/bart_logs.tgz"
+block=$(grep -o 'key block: [0-9]*' "$OUT/bart.log" | grep -o '[0-9]*$' | tail -1)
+left=$(( ${TOTAL_S:-560} - ($(date +%s) - start) ))
+# the wheels are installed by now (NO_WHEELS); the fallbacks come from $OUT/checks.jsonl
+MODEL=long-t5-tglobal-large BLOCK=${block:-32768} BUDGET_S=$left NO_WHEELS=1 \
+    bash bench/gpu_checks/device_sweep.sh 2>&1 | tee "$OUT/long.log"
+rm -f "$OUT"/*/table.md "$OUT"/*/*.png
