@@ -1,9 +1,12 @@
 """Atomic, resumable checkpoints under ``<output_dir>/checkpoints``.
 
-DeepSpeed writes each checkpoint into ``.staging/<tag>``; once every rank has finished, rank 0
-renames it to ``<tag>`` and then replaces the ``latest`` file (write aside + ``os.replace``), so a
-crash at any moment leaves ``latest`` naming a complete checkpoint. Each rank's RNG state is saved
-beside DeepSpeed's files, so a resumed run draws the same dropout masks.
+DeepSpeed writes each checkpoint into ``.staging/<tag>``; each rank flushes the files it wrote to
+disk (``fsync``), and once every rank has, rank 0 renames the folder to ``<tag>`` and then
+replaces the ``latest`` file (write aside, flush, ``os.replace``), so neither a crash nor a power
+loss at any moment leaves ``latest`` naming an incomplete checkpoint. Rank 0 alone reads
+``latest`` and tells the others: on a shared filesystem one node's view can lag, and a rank
+holding an older tag would load it, or wait in a collective, alone. Each rank's RNG state is
+saved beside DeepSpeed's files, so a resumed run draws the same dropout masks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import barrier, rank
+from .distributed import barrier, from_rank0, rank, world_size
 
 FAULT_ENV = "CACHED_DS_FAULT"  # fault injection for crash tests: "kill_during_save@STEP"
 
@@ -39,6 +42,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def written_by(folder: Path, of_rank: int, ranks: int) -> list[Path]:
+    """The files under ``folder`` that rank ``of_rank`` wrote and so flushes: DeepSpeed's
+    ``zero_pp_rank_<r>_…`` shards and our ``rng_rank<r>.pt``; rank 0 also takes every file that
+    names no rank (DeepSpeed's ``mp_rank_00_model_states.pt``, anything a later version adds) and
+    the folders themselves (their entries must be durable too)."""
+    def owner(path: Path) -> int:
+        for r in range(ranks):
+            if f"pp_rank_{r}_" in path.name or path.name == f"rng_rank{r}.pt":
+                return r
+        return 0
+    entries = sorted(folder.rglob("*")) + [folder]
+    return [p for p in entries if (owner(p) if p.is_file() else 0) == of_rank]
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def injected_fault(name: str, step: int) -> bool:
     """True when the environment asks this run to fail at ``name`` on ``step`` (tests only)."""
     return os.environ.get(FAULT_ENV) == f"{name}@{step}"
@@ -51,11 +76,12 @@ class CheckpointStore:
         self.keep = keep
 
     def latest(self) -> str | None:
+        """The newest complete checkpoint's tag as rank 0 sees it (every rank calls this together)."""
+        if rank() != 0:
+            return from_rank0(None)
         marker = self.root / "latest"
-        if not marker.is_file():
-            return None
-        tag = marker.read_text().strip()
-        return tag if (self.root / tag).is_dir() else None
+        tag = marker.read_text().strip() if marker.is_file() else None
+        return from_rank0(tag if tag is not None and (self.root / tag).is_dir() else None)
 
     def discard_partial(self) -> None:
         """A crash mid-save leaves only staging behind; nothing published is touched."""
@@ -67,6 +93,8 @@ class CheckpointStore:
         tag = f"step{step:08d}"
         engine.save_checkpoint(str(self.staging), tag=tag, client_state=client_state)
         torch.save(rng_state(), self.staging / tag / f"rng_rank{rank()}.pt")
+        for path in written_by(self.staging / tag, rank(), world_size()):
+            fsync(path)
         barrier()
         if injected_fault("kill_during_save", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -77,7 +105,9 @@ class CheckpointStore:
             os.replace(self.staging / tag, target)
             aside = self.root / "latest.tmp"
             aside.write_text(tag + "\n")
+            fsync(aside)
             os.replace(aside, self.root / "latest")
+            fsync(self.root)  # the renames themselves
             shutil.rmtree(self.staging)  # what is left is DeepSpeed's own "latest" file for staging
             self._prune()
         barrier()

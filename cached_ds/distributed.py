@@ -22,6 +22,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (a collective: every rank calls it)."""
+    if not dist.is_initialized():
+        return value
+    box = [value if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(value: float) -> float:
     if not dist.is_initialized():
         return value
