@@ -28,6 +28,9 @@ def main(argv=None) -> None:
         from cached_ds.trainer import Trainer
 
         Trainer(run).train()
+    from cached_ds.distributed import shutdown
+
+    shutdown()  # only after success: a failed rank must not leave the others waiting in a barrier
 
 
 if __name__ == "__main__":
