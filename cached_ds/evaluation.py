@@ -42,7 +42,7 @@ def summarize(wrapped, tokenizer, documents: list[list[int]], batch_size: int = 
         longest = max(len(d) for d in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         for row, doc in enumerate(batch):
-            ids[row, : len(doc)] = torch.tensor(doc)
+            ids[row, : len(doc)] = torch.as_tensor(doc)
         mask = (torch.arange(longest)[None, :] < torch.tensor([len(d) for d in batch])[:, None]).long()
         generated = wrapped.generate(ids.to(device), mask.to(device), **generate_kwargs)
         outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)

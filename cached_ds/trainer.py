@@ -110,7 +110,7 @@ class Trainer:
         seed_everything(run.optim.seed)  # model init independent of data loading
         self.model = load_model(run.model.model, self.tokenizer)
         self._check_summary_lengths()
-        self.plan = data_lib.BatchPlan([r["num_tokens"] for r in self.train_rows], world_size(),
+        self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),
                                        run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
         self.plan.check()
         left_out = len(self.train_rows) - self.plan.steps_per_epoch * self.plan.docs_per_step
@@ -148,8 +148,8 @@ class Trainer:
                     dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
             if rank() == 0:
                 barrier()
-            splits[split] = None if dataset is None else [dict(r) for r in dataset]
-        if not splits["train"]:
+            splits[split] = dataset  # Arrow-backed, numpy rows (data.tokenize): read when used
+        if splits["train"] is None or len(splits["train"]) == 0:
             raise ValueError("no training documents left after skipping empty ones")
         return splits["train"], splits["eval"]
 
@@ -160,7 +160,7 @@ class Trainer:
         limit = families.max_window(self.model)
         if limit is None:
             return
-        longest = max(len(r["labels"]) for r in [*self.train_rows, *(self.eval_rows or [])])
+        longest = max(max(data_lib.lengths(rows, "num_label_tokens")) for rows in (self.train_rows, self.eval_rows) if rows)
         if longest > limit:
             raise ValueError(f"a reference summary has {longest} tokens but this {self.model.config.model_type} decoder has "
                              f"{limit} positions; pass --max_target_tokens {limit}")
