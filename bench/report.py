@@ -18,9 +18,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 BASELINE = "hf_ds_gc"
 
 
+def points_file(folder: Path) -> Path:
+    """Where this process appends its points: ``points.jsonl``, or in a SLURM array task
+    ``points.task<k>.jsonl``. Appends from tasks on several nodes to one file on a shared
+    filesystem (NFS) can interleave or overwrite each other; ``read_points`` reads them all."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return folder / ("points.jsonl" if task is None else f"points.task{task}.jsonl")
+
+
 def read_points(folder: Path) -> list[dict]:
-    path = folder / "points.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [json.loads(line) for path in sorted(folder.glob("points*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _tokens(n: int) -> str:
@@ -166,8 +173,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="a results folder holding points.jsonl")
     folder = parser.parse_args(argv).folder
-    if not (folder / "points.jsonl").is_file():
-        parser.error(f"{folder / 'points.jsonl'} does not exist; pass a folder bench/sweep.py wrote")
+    if not any(folder.glob("points*.jsonl")):
+        parser.error(f"{folder} holds no points.jsonl; pass a folder bench/sweep.py wrote")
     write_report(folder)
 
 

@@ -6,7 +6,7 @@
 
 Every (method, length) point runs in its own process (``point.py``): an out-of-memory error is
 recorded as ``oom`` and the method is not tried at longer lengths. Each point is appended to
-``points.jsonl`` as it finishes and ``table.md``, ``memory.png`` and ``throughput.png`` are
+``points.jsonl`` (a SLURM array task: ``points.task<k>.jsonl``) as it finishes and ``table.md``, ``memory.png`` and ``throughput.png`` are
 rewritten, so an interrupted sweep keeps what it measured. Output goes to
 ``bench/results/<date>-<device>/`` (``--out`` to change). Methods are described in ``methods.py``,
 the FLOP count in ``flops.py``; ``launchers/slurm/sweep.sbatch`` runs one length per array task.
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 from methods import METHODS  # noqa: E402
-from report import label, read_points, write_report  # noqa: E402
+from report import label, points_file, read_points, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
@@ -169,7 +169,7 @@ def main(argv=None) -> Path:
             point = run_point(spec, out, args.point_timeout, device)
             if point.get("oom"):
                 failed_at[name] = min(tokens, failed_at.get(name, tokens))
-        with open(out / "points.jsonl", "a") as f:
+        with open(points_file(out), "a") as f:
             f.write(json.dumps(point) + "\n")
         write_report(out)
         status = "OOM" if point.get("oom") else point.get("error") or f"{point['tokens_per_s']:,.0f} tok/s"

@@ -87,7 +87,11 @@ def test_sweep_job_array_through_slurm(slurm, tmp_path):
     code, _, output = slurm.sbatch_wait(REPO_ROOT / "launchers" / "slurm" / "sweep.sbatch", env=env, timeout=600,
                                         sbatch_options=("--array=0-1", "--open-mode=append"))
     assert code == 0, output[-5000:]
-    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    # each task its own points file (appends from several nodes to one NFS file can interleave)
+    assert sorted(f.name for f in out.glob("points*.jsonl")) == ["points.task0.jsonl", "points.task1.jsonl"]
+    by_task = {task: [json.loads(line) for line in (out / f"points.task{task}.jsonl").read_text().splitlines()] for task in (0, 1)}
+    assert {p["tokens"] for p in by_task[0]} == {1024} and {p["tokens"] for p in by_task[1]} == {4096}
+    points = by_task[0] + by_task[1]
     assert sorted((p["method"], p["tokens"]) for p in points) == [
         ("cached", 1024), ("cached", 4096), ("hf_ds_gc", 1024), ("hf_ds_gc", 4096)]
     assert not any(p["oom"] or "error" in p for p in points), points
