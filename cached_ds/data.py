@@ -72,7 +72,9 @@ def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Data
 
 
 def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.Dataset:
-    """``input_ids``, ``labels``, ``num_tokens`` and ``num_label_tokens`` per document, computed
+    """``input_ids``, ``labels``, ``num_tokens``, ``num_label_tokens`` and the summary's own text
+    (``reference``, what ROUGE is scored against: decoding ``labels`` would score against the
+    tokenizer's round trip, without what it maps to unknown or truncates) per document, computed
     once by ``datasets.map`` (cached on disk by the dataset's fingerprint). Returned in numpy
     format: rows are read from the Arrow file when used, as arrays. Held as Python lists every
     rank would keep about 36 bytes per token in memory: 180 GB for 5G tokens of long documents."""
@@ -81,7 +83,8 @@ def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.D
         targets = tokenizer(text_target=batch[args.summary_column], truncation=args.max_target_tokens is not None, max_length=args.max_target_tokens)
         return {"input_ids": sources["input_ids"], "labels": targets["input_ids"],
                 "num_tokens": [len(ids) for ids in sources["input_ids"]],
-                "num_label_tokens": [len(ids) for ids in targets["input_ids"]]}
+                "num_label_tokens": [len(ids) for ids in targets["input_ids"]],
+                "reference": [text.strip() for text in batch[args.summary_column]]}
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
     return encoded.with_format("numpy")

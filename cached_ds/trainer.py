@@ -322,7 +322,7 @@ class Trainer:
             return {}
         predictions = dict(p for part in gathered for p in part)
         order = sorted(predictions)
-        references = [self.tokenizer.decode(self.eval_rows[i]["labels"], skip_special_tokens=True).strip() for i in order]
+        references = [str(self.eval_rows[i]["reference"]) for i in order]
         scores = rouge([predictions[i] for i in order], references)
         with (self.out / f"predictions_{name}.jsonl").open("w") as handle:
             for i, ref in zip(order, references):

@@ -53,6 +53,18 @@ def test_zero3_evaluation_with_fewer_documents_than_ranks(tmp_path, corpus):
     assert json.loads(line)["index"] == 0
 
 
+def test_rouge_is_scored_against_the_summaries_own_text(tmp_path, corpus):
+    """The references in predictions (and ROUGE) are the eval file's summaries as written, not
+    their labels decoded back: with --max_target_tokens 4 the labels hold only a summary's start."""
+    out = tmp_path / "run"
+    run_train("--deepspeed", "ds_configs/zero0.json", "--output_dir", str(out), "--max_steps", "1", "--max_eval_documents", "2",
+              "--max_target_tokens", "4", *data_flags(corpus))
+    summaries = [json.loads(line)["summary"].strip() for line in open(corpus["eval_file"])]
+    lines = [json.loads(line) for line in (out / "predictions_final.jsonl").read_text().splitlines()]
+    assert [(line["index"], line["reference"]) for line in lines] == [(0, summaries[0]), (1, summaries[1])]
+    assert all(len(summary.split()) > 4 for summary in summaries[:2])  # longer than 4 tokens could hold
+
+
 def test_summarize_exported_model(tmp_path, corpus):
     out = tmp_path / "run"
     run_train("--deepspeed", "ds_configs/zero0.json", "--output_dir", str(out), "--max_steps", "2", *data_flags(corpus))
