@@ -5,9 +5,9 @@ padded two-document batch whose encoder states need a gradient, once with stream
 cross-attention installed (several key blocks, the last one partial) and once on an untouched
 copy. fp32 must agree to 1e-4 relative (different summation orders): the exactness check. In
 bf16 autocast, a sanity check: streaming may be at most twice as far from the fp32 result as
-the farthest of HF's own bf16 paths (SDPA, SDPA math, eager; ``_exactness``). Each family runs on the
-default block kernel, then in bf16 on each kernel alone (flash, memory-efficient, plain blocks);
-each case names the kernel it ran. Then a long one: BART-large's decoder shape over 256K keys
+the farthest of HF's own bf16 paths (SDPA, SDPA math, eager; ``_exactness``). Each family runs
+on the default block kernel, then in bf16 on each kernel alone (flash, memory-efficient, plain
+blocks); each case names the kernel it ran. Then a long one: BART-large's decoder shape over 256K keys
 in bf16, reporting the peak memory of the streamed backward against HF's, and a CachED step's
 peak with the gradient cache and fused states on the device and in host memory. And a CachED
 step with both in host memory (side-stream copies, the worker thread's adds) against the same
