@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -42,18 +43,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+RANK_IN_NAME = re.compile(r"pp_rank_(\d+)_|^rng_rank(\d+)\.pt$")  # DeepSpeed's ZeRO shards, our RNG states
+
+
 def written_by(folder: Path, of_rank: int, ranks: int) -> list[Path]:
     """The files under ``folder`` that rank ``of_rank`` wrote and so flushes: DeepSpeed's
     ``zero_pp_rank_<r>_…`` shards and our ``rng_rank<r>.pt``; rank 0 also takes every file that
     names no rank (DeepSpeed's ``mp_rank_00_model_states.pt``, anything a later version adds) and
     the folders themselves (their entries must be durable too)."""
     def owner(path: Path) -> int:
-        for r in range(ranks):
-            if f"pp_rank_{r}_" in path.name or path.name == f"rng_rank{r}.pt":
-                return r
-        return 0
-    entries = sorted(folder.rglob("*")) + [folder]
-    return [p for p in entries if (owner(p) if p.is_file() else 0) == of_rank]
+        named = RANK_IN_NAME.search(path.name) if path.is_file() else None
+        rank_named = int(named.group(1) or named.group(2)) if named else 0
+        return rank_named if rank_named < ranks else 0
+    return [p for p in sorted(folder.rglob("*")) + [folder] if owner(p) == of_rank]
 
 
 def fsync(path: Path) -> None:

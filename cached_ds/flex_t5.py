@@ -85,12 +85,11 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     masked = causal or radius is not None or key_valid is not None or bool_mask is not None or side is not None
     block_mask = None
     if masked:  # built once per forward of a stack: the later layers find it in layout.block_masks
+        store = layout.block_masks if layout.block_masks is not None else {}
         shape = (batch, lq, k.shape[2])
-        block_mask = layout.block_masks.get(shape) if layout.block_masks is not None else None
-        if block_mask is None:
-            block_mask = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device)
-            if layout.block_masks is not None:
-                layout.block_masks[shape] = block_mask
+        if shape not in store:
+            store[shape] = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device)
+        block_mask = store[shape]
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
         out = _compiled_flex["cuda" if q.is_cuda else "cpu"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

@@ -42,7 +42,10 @@ def tiny(family: str):
     )
 
 
-def step(model, lengths=(150, 97), summary=(12, 7)):
+LENGTHS = (150, 97)  # two documents, padded to the longer
+
+
+def step(model, lengths=LENGTHS, summary=(12, 7)):
     import torch
 
     gen = torch.Generator().manual_seed(1)
@@ -69,7 +72,7 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check(family: str, use_flex: bool, lengths=(150, 97)) -> dict:
+def check(family: str, use_flex: bool, lengths=LENGTHS) -> dict:
     import torch
 
     from cached_ds import flex_t5
@@ -124,7 +127,7 @@ def main() -> None:
         for family, use_flex, lengths in cases:
             name = f"{family}-{'flex' if use_flex else 'blocked'}" + (f"-lengths{lengths[0]}" if lengths else "")
             try:
-                result[name] = check(family, use_flex, lengths or (150, 97))
+                result[name] = check(family, use_flex, lengths or LENGTHS)
             except Exception as error:  # noqa: BLE001
                 result[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:1500],
                                 "trace": traceback.format_exc(limit=6)[-1500:]}
