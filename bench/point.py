@@ -125,18 +125,11 @@ class PhaseClock:
 
 
 def profile_step(engine, batch, top: int = 25) -> dict:
-    """One more step under ``torch.profiler``: the ``top`` ops by self device time (CPU: host
-    time), how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
-    hooks), and each phase's host time. The profiler slows the host, so ``wall_s`` is not a step
-    time to compare."""
+    """One more step under ``torch.profiler``, summarised by ``profile_summary``. The profiler
+    slows the host, so ``wall_s`` is not a step time to compare."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = torch.cuda.is_available()
-
-    def device_us(event):  # renamed from self_cuda_time_total in recent torch
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-
-    time_of = device_us if cuda else (lambda event: event.self_cpu_time_total)
     synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -147,15 +140,34 @@ def profile_step(engine, batch, top: int = 25) -> dict:
         with record_function("step:optimizer"):
             engine.step()
         synchronize()
-    wall = time.perf_counter() - start
-    events = prof.key_averages()
-    phases = {e.key.split(":")[1]: e.cpu_time_total / 1e6 for e in events if e.key.startswith("step:")}
-    ops = sorted((e for e in events if not e.key.startswith("step:")), key=time_of, reverse=True)
+    return profile_summary(prof.key_averages(), time.perf_counter() - start, cuda, top)
+
+
+def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
+    """The ``top`` host-side ops by self device time (CPU: host time), each phase's host time,
+    and how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
+    hooks).
+
+    On CUDA the profiler lists every kernel twice: under the op that launched it (its self
+    device time) and as a device-side event of its own; a ``record_function`` span too, once on
+    the host and once as a device annotation with no host time. So ops and phases are read from
+    host-side events only, and busy time from device-side events only (summing both counted each
+    kernel twice: the 2026-11-27 H200 profiles' 67% and 111% were double)."""
+    from torch.autograd import DeviceType
+
+    def device_us(event):  # renamed from self_cuda_time_total in recent torch
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    phases = {e.key.split(":")[1]: e.cpu_time_total / 1e6 for e in host if e.key.startswith("step:")}
+    time_of = device_us if cuda else (lambda event: event.self_cpu_time_total)
+    ops = sorted((e for e in host if not e.key.startswith("step:")), key=time_of, reverse=True)
     summary = {"wall_s": wall, "phase_host_s": phases, "ops_counted_by": "device time" if cuda else "host time",
                "top": [{"name": e.key, "calls": e.count, "self_ms": time_of(e) / 1e3, "host_ms": e.self_cpu_time_total / 1e3}
                        for e in ops[:top]]}
     if cuda:
-        summary["device_busy_s"] = sum(device_us(e) for e in ops) / 1e6
+        kernels = (e for e in events if e.device_type != DeviceType.CPU and not e.key.startswith("step:"))
+        summary["device_busy_s"] = sum(device_us(e) for e in kernels) / 1e6
     return summary
 
 

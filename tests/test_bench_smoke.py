@@ -85,11 +85,38 @@ def test_a_profiled_point_records_its_top_ops_and_the_table_shows_them(tmp_path)
     profile = point["profile"]
     assert profile["ops_counted_by"] == "host time" and "device_busy_s" not in profile  # no GPU here
     assert set(profile["phase_host_s"]) == {"forward", "backward", "optimizer"} and profile["wall_s"] > 0
+    assert all(seconds > 0 for seconds in profile["phase_host_s"].values())
     times = [op["self_ms"] for op in profile["top"]]
     assert len(times) == 25 and times == sorted(times, reverse=True) and all(op["calls"] > 0 for op in profile["top"])
     assert any(op["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for op in profile["top"])
     table = (tmp_path / "table.md").read_text()
     assert "## Profiles" in table and "### tiny-bart cached 1K: profiled step" in table
+
+
+def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
+    """On CUDA the profiler lists a kernel under its op and as a device event, and a
+    record_function span on the host and again on the device (no host time). These are real
+    profiler events of that shape (torch's own classes, built here: no GPU in CI); the first
+    H200 profiles summed both kernel records and read the phases from the device copies (0 s)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from point import profile_summary
+
+    def event(i, name, start, end, device=DeviceType.CPU):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, use_device="cuda", device_type=device,
+                             is_user_annotation=name.startswith("step:"), stack=[])
+
+    mm = event(2, "aten::mm", 100, 200)
+    mm.append_kernel("gemm_kernel", 0, 300)
+    events = EventList([event(1, "step:forward", 0, 1000), mm, event(3, "gemm_kernel", 150, 450, DeviceType.CUDA),
+                        event(4, "step:forward", 100, 900, DeviceType.CUDA)], use_device="cuda")
+    events._build_tree()
+    summary = profile_summary(events.key_averages(), wall=2.0, cuda=True)
+    assert summary["phase_host_s"] == {"forward": 1000e-6}
+    assert summary["top"] == [{"name": "aten::mm", "calls": 1, "self_ms": 0.3, "host_ms": 0.1}]
+    assert summary["device_busy_s"] == 300e-6
 
 
 def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
