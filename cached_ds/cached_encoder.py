@@ -101,7 +101,7 @@ def replayed(rng: RngState, autocast: AutocastState, device: torch.device) -> It
 def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> torch.Tensor:
     """One HF encoder call over a group's stacked windows (positions restart in every window)."""
     embeds = families.embed(model, group.input_ids, weight)
-    return model.get_encoder()(inputs_embeds=embeds, attention_mask=group.attention_mask).last_hidden_state
+    return model.get_encoder()(inputs_embeds=embeds, attention_mask=group.encoder_mask).last_hidden_state
 
 
 def encode_plan(

@@ -45,11 +45,11 @@ class FusedStates:
 
     def result(self) -> torch.Tensor:
         fused = self.rows.view(*self.plan.fused_mask.shape, -1)
-        padding = (self.plan.fused_mask == 0)[..., None]  # rows no group writes
         if self.on_host:
-            padding = padding.cpu()
             wait_for_host(self.device)  # only the last group's copy is still running
-        fused.masked_fill_(padding, 0)  # no boolean indexing: that would sync on a GPU
+        if self.plan.has_padding:  # rows no group writes
+            padding = (self.plan.fused_mask == 0)[..., None]
+            fused.masked_fill_(padding.cpu() if self.on_host else padding, 0)  # no boolean indexing: a sync on a GPU
         return mark_offloaded(fused) if self.on_host else fused
 
 

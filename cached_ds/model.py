@@ -118,7 +118,9 @@ class CachedSeq2Seq(nn.Module):
                                  self.config.offload_gradient_cache, self.config.offload_encoder_states)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
-        mask = compact_key_mask(plan.fused_mask) if streams_every_layer(self.model) else plan.fused_mask
+        mask = plan.decoder_mask
+        if mask is not None and streams_every_layer(self.model):
+            mask = compact_key_mask(mask)
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=fused),
             attention_mask=mask,

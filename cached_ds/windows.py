@@ -24,7 +24,12 @@ from .host_offload import prefetched, rows_to_device
 
 @dataclass(frozen=True)
 class WindowGroup:
-    """Windows encoded together: ``input_ids``/``attention_mask`` are (windows, group_len)."""
+    """Windows encoded together: ``input_ids``/``attention_mask`` are (windows, group_len).
+
+    A group of whole windows in a row of one document (all but a document's last group) holds a
+    view of the batch's ids and a broadcast mask of ones, not copies: copies of every group's ids
+    and mask would be 16 more bytes per document token on the device, growing with the document
+    beside its fused states ([decoder-memory]: nothing else may grow)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -34,12 +39,27 @@ class WindowGroup:
     # Ranges, not index lists: a copy between host and device cannot index.
     runs: tuple[tuple[int, int, int], ...] = ()
     padding: bool = False  # a one-token stand-in that contributes nothing (see WindowPlan.padded_to)
+    has_padding: bool = True  # some window is shorter than group_len
+
+    @property
+    def encoder_mask(self) -> torch.Tensor | None:
+        """The mask to give the encoder: ``None`` where every token is real. Given a mask, HF
+        checks it for padding (``masking_utils._ignore_bidirectional_mask_sdpa``: ``.all()``, a
+        host sync on a GPU) in every encoder call: twice per group per step in CachED."""
+        return self.attention_mask if self.has_padding else None
 
 
 @dataclass(frozen=True)
 class WindowPlan:
     groups: list[WindowGroup]
     fused_mask: torch.Tensor  # (batch, longest document): 1 on real tokens
+    has_padding: bool = True  # some document is shorter than the longest
+
+    @property
+    def decoder_mask(self) -> torch.Tensor | None:
+        """The encoder mask to give the decoder: ``None`` when no document is padded (no sync,
+        no (batch, 1, target, N) mask built by HF; see ``WindowGroup.encoder_mask``)."""
+        return self.fused_mask if self.has_padding else None
 
     @staticmethod
     def document_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,20 +109,15 @@ class WindowPlan:
         device = input_ids.device
         spans = [(doc, start, min(window, n - start)) for doc, n in enumerate(lengths) for start in range(0, n, window)]
 
-        groups = []
-        for members in _group_spans(spans, group_windows, group_tokens):
-            group_len = max(length for _, _, length in members)
-            ids = input_ids.new_full((len(members), group_len), pad_token_id)
-            mask = torch.zeros((len(members), group_len), dtype=torch.long, device=device)
-            runs = []
-            for row, (doc, start, length) in enumerate(members):
-                ids[row, :length] = input_ids[doc, start : start + length]
-                mask[row, :length] = 1
-                runs.append((row * group_len, doc * longest + start, length))
-            groups.append(WindowGroup(ids, mask, _merged(runs)))
-
-        fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
-        return cls(groups, fused_mask)
+        groups = [_group(input_ids, members, pad_token_id, longest) for members in _group_spans(spans, group_windows, group_tokens)]
+        batch = len(lengths)
+        if attention_mask is None:  # every document is the whole row
+            fused_mask = torch.ones((), dtype=torch.long, device=device).expand(batch, longest)
+        elif attention_mask.dtype == torch.long:  # right-padded (checked above): its first columns are the fused mask
+            fused_mask = attention_mask[:, :longest]
+        else:
+            fused_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+        return cls(groups, fused_mask, has_padding=min(lengths) < longest)
 
     def padded_to(self, num_groups: int, pad_token_id: int) -> WindowPlan:
         """The same plan led by one-token padding groups up to ``num_groups`` groups.
@@ -116,8 +131,8 @@ class WindowPlan:
             return self
         device = self.fused_mask.device
         ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
-        stand_in = WindowGroup(ids, torch.ones_like(ids), padding=True)
-        return WindowPlan([stand_in] * missing + self.groups, self.fused_mask)
+        stand_in = WindowGroup(ids, torch.ones_like(ids), padding=True, has_padding=False)
+        return WindowPlan([stand_in] * missing + self.groups, self.fused_mask, self.has_padding)
 
     @property
     def batch_size(self) -> int:
@@ -140,6 +155,26 @@ class WindowPlan:
         slices = prefetched(self.groups, fetch) if ahead else ((group, fetch(group).ready()) for group in self.groups)
         for group, grad in slices:
             yield grad.view(*group.input_ids.shape, -1)
+
+
+def _group(input_ids: torch.Tensor, members: list[tuple[int, int, int]], pad_token_id: int, longest: int) -> WindowGroup:
+    """One group of window spans (doc, start, length): views where its windows are whole and
+    follow each other in one document (see ``WindowGroup``), copies padded to the longest otherwise."""
+    group_len = max(length for _, _, length in members)
+    doc, start, _ = members[0]
+    count = len(members)
+    if all(m == (doc, start + i * group_len, group_len) for i, m in enumerate(members)):
+        ids = input_ids[doc, start : start + count * group_len].reshape(count, group_len)
+        mask = torch.ones((), dtype=torch.long, device=input_ids.device).expand(count, group_len)
+        return WindowGroup(ids, mask, ((0, doc * longest + start, count * group_len),), has_padding=False)
+    ids = input_ids.new_full((count, group_len), pad_token_id)
+    mask = torch.zeros((count, group_len), dtype=torch.long, device=input_ids.device)
+    runs = []
+    for row, (doc, start, length) in enumerate(members):
+        ids[row, :length] = input_ids[doc, start : start + length]
+        mask[row, :length] = 1
+        runs.append((row * group_len, doc * longest + start, length))
+    return WindowGroup(ids, mask, _merged(runs), has_padding=any(length < group_len for _, _, length in members))
 
 
 def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
