@@ -91,8 +91,9 @@ def breakdown_table(points: list[dict]) -> str:
 
 
 def growth_table(points: list[dict]) -> str:
-    """Peak allocated memory added per 2**20 document tokens, between each method's two longest
-    points that fit: what grows with the document ([decoder-memory]'s target figure). Empty
+    """Peak allocated memory added per 2**20 document tokens and per token, between each
+    method's two longest points that fit: what grows with the document ([decoder-memory]'s
+    target figure; per token it reads against the bytes a method must keep per token). Empty
     without GPU memory figures."""
     rows = []
     for model, method in sorted({(p["model"], label(p)) for p in points}):
@@ -100,10 +101,11 @@ def growth_table(points: list[dict]) -> str:
                       and not p.get("oom") and p.get("peak_allocated_gib") is not None)
         if len(fits) >= 2 and fits[-1][0] > fits[-2][0]:
             (t1, m1), (t2, m2) = fits[-2:]
-            rows.append(f"| {model} | {method} | {_tokens(t1)} → {_tokens(t2)} | {(m2 - m1) / (t2 - t1) * 2**20:.2f} |")
+            per_token = (m2 - m1) / (t2 - t1)  # GiB
+            rows.append(f"| {model} | {method} | {_tokens(t1)} → {_tokens(t2)} | {per_token * 2**20:.2f} | {per_token * 2**30:.0f} |")
     if not rows:
         return ""
-    return "\n".join(["| model | method | between | GiB per M tokens |", "|---|---|---|---:|", *rows]) + "\n"
+    return "\n".join(["| model | method | between | GiB per 2²⁰ tokens | bytes per token |", "|---|---|---|---:|---:|", *rows]) + "\n"
 
 
 def plot(points: list[dict], folder: Path) -> list[Path]:

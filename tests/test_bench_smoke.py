@@ -132,6 +132,6 @@ def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
               point("cached", 2**24, 16.5, kernels={"cross_attention_block": 8192}),
               point("hf_ds_gc", 2**18, 23.4)]  # one fit: no slope
     rows = growth_table(points).splitlines()[2:]
-    assert rows == ["| bart-large | cached | 2M → 4M | 6.00 |",
-                    "| bart-large | cached+cross_attention_block=8192 | 4M → 16M | 0.12 |"]
+    assert rows == ["| bart-large | cached | 2M → 4M | 6.00 | 6144 |",
+                    "| bart-large | cached+cross_attention_block=8192 | 4M → 16M | 0.12 | 128 |"]
     assert growth_table([point("cached", 2**20, None)]) == ""  # CPU runs have no GPU memory
