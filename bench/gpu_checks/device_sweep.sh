@@ -49,31 +49,31 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults), the
-# open questions first. The 256K and 512K ratios are measured (results/2026-11-27-nvidia-h200:
-# 0.94x and 0.89x, the gap in cached's decoder backward), so 256K comes back profiled
-# (--profile: top ops by device time, the device's busy share) to find where that time goes;
-# then CachED's reach with streaming (8M) and the growth figures (4M; 16M and 4M offloaded);
-# then 512K profiled, and the rest. A step costs about 5.5 s per million tokens (H200, 2M), so
-# lines of 2M and more take one step, 4M and more with no warm-up (the peak memory is the figure
-# there), and the time breakdown, a step of its own, is left out.
+# open questions first (results/2026-11-27-nvidia-h200*/NOTES.md). 256K comes back profiled for
+# both methods: the profiles so far counted each kernel twice, so how long the device idles in
+# a `cached` step is still unknown. Then the growth per token with streaming after the window
+# plan stopped copying ids and masks (2M and 4M; 6196 B/token before, 6144 the floor), the
+# offloaded reach and growth (4M, 16M: never measured), 512K profiled (the 300K tok/s target),
+# and the rest. A step costs about 5.7 s per million tokens (H200), so lines of 2M and more take
+# one step with no warm-up (the peak memory is the figure there) and no breakdown step.
 LONG="--steps 1 --no_breakdown"
 BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 1 --no_breakdown --profile
---tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
+--tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
---tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
+--tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 524288 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile
+--tokens 65536 --methods hf_ds_gc,cached
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc --warmup 1
 --tokens 262144 --methods full,full_gc
---tokens 262144 --methods cached --keep_graphs_gib 40
---tokens 262144 --methods cached --cross_attention_block $BLOCK
---tokens 4194304 --methods cached --warmup 0 $LONG"
+--tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600"
 # LongT5-tglobal-large ([t5-speed]): the speed ratio (>= 5x hf_ds_gc) needs the lengths where HF
-# still fits: 16K again (0.97x on the H200, before the shared block mask), profiled, then 64K
-# (out of memory for HF on an H100, not known on an H200); the 4M target needs streaming
-# cross-attention (24 decoder layers would keep about 100 KiB of K/V per token).
-LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --profile
---tokens 65536 --methods hf_ds_gc,cached --warmup 1
+# still fits: 16K and 64K (1.24x and 2.12x on the H200), both profiled, to see how much of
+# `cached`'s step is flex attention with the T5 bias (its largest op at 16K) and how much the
+# device idles; then the 4M target with streaming cross-attention (24 decoder layers would
+# keep about 100 KiB of K/V per token).
+LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --profile --no_breakdown
+--tokens 65536 --methods hf_ds_gc,cached --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached"

@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_checks/session.sh            # carry .whl; device timeout_s 600
 #   TOTAL_S=540 BART_S=330 bash bench/gpu_checks/session.sh
+#   CHECK_SCRIPTS=t5_attention_check BLOCK=65536 bash bench/gpu_checks/session.sh   # rerun one check; a block timed before
 #
 # The device tool brings back at most 8 files: this leaves 7 (checks.jsonl, bart.log, long.log,
 # bart_logs.tgz, logs.tgz, bart/points.jsonl, long/points.jsonl); the tables and plots are
