@@ -145,8 +145,8 @@ def profile_step(engine, batch, top: int = 25) -> dict:
 
 def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
     """The ``top`` host-side ops by self device time (CPU: host time), each phase's host time,
-    and how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
-    hooks).
+    how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
+    hooks), and the library's labelled spans (``cached_ds:...``) with their inclusive times.
 
     On CUDA the profiler lists every kernel twice: under the op that launched it (its self
     device time) and as a device-side event of its own; a ``record_function`` span too, once on
@@ -161,10 +161,15 @@ def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
     host = [e for e in events if e.device_type == DeviceType.CPU]
     phases = {e.key.split(":")[1]: e.cpu_time_total / 1e6 for e in host if e.key.startswith("step:")}
     time_of = device_us if cuda else (lambda event: event.self_cpu_time_total)
-    ops = sorted((e for e in host if not e.key.startswith("step:")), key=time_of, reverse=True)
+    ops = sorted((e for e in host if not e.key.startswith(("step:", "cached_ds:"))), key=time_of, reverse=True)
     summary = {"wall_s": wall, "phase_host_s": phases, "ops_counted_by": "device time" if cuda else "host time",
                "top": [{"name": e.key, "calls": e.count, "self_ms": time_of(e) / 1e3, "host_ms": e.self_cpu_time_total / 1e3}
                        for e in ops[:top]]}
+    # spans the library labels (``record_function("cached_ds:...")``), with the device time of
+    # everything launched inside them: compiled kernels share names across call sites
+    summary["spans"] = [{"name": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3,
+                         **({"device_ms": e.device_time_total / 1e3} if cuda else {})}
+                        for e in host if e.key.startswith("cached_ds:")]
     if cuda:
         kernels = (e for e in events if e.device_type != DeviceType.CPU and not e.key.startswith("step:"))
         summary["device_busy_s"] = sum(device_us(e) for e in kernels) / 1e6

@@ -155,6 +155,9 @@ def profile_tables(points: list[dict], top: int = 12) -> str:
                 f"Host time per phase: {phases}. Ops by {prof['ops_counted_by']}:", "",
                 "| op | calls | self ms | host ms |", "|---|---:|---:|---:|"]
         rows += [f"| `{op['name'][:80]}` | {op['calls']} | {op['self_ms']:.1f} | {op['host_ms']:.1f} |" for op in prof["top"][:top]]
+        if prof.get("spans"):  # cached_ds's labelled spans, everything inside them counted
+            rows += ["", "| span | calls | host ms | device ms |", "|---|---:|---:|---:|"]
+            rows += [f"| `{span['name']}` | {span['calls']} | {span['host_ms']:.1f} | {_fmt(span.get('device_ms'))} |" for span in prof["spans"]]
         parts.append("\n".join(rows) + "\n")
     return "\n".join(parts)
 

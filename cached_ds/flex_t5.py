@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.profiler import record_function
 
 from .t5_attention import Layout
 
@@ -91,7 +92,10 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             store[shape] = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device)
         block_mask = store[shape]
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+    # a profiler span per kind of layout: the compiled kernels all carry the same names, so a
+    # profile (bench/sweep.py --profile) tells encoder from decoder calls only by this
+    kind = "global" if side is not None else "band" if radius is not None else "causal" if causal else "full"
+    with record_function(f"cached_ds:flex_t5:{kind}"), torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
         out = _compiled_flex["cuda" if q.is_cuda else "cpu"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
     calls += 1
     return out
