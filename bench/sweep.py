@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fast_t5_attention", action="store_true", help="cached: blocked T5/LongT5 self-attention")
     parser.add_argument("--blocked_t5_attention", action="store_true",
                         help="cached: fast T5 attention on our blocked PyTorch code, not flex_attention (t5_attention_kernel)")
+    parser.add_argument("--local_sdpa_t5_attention", action="store_true",
+                        help="cached: LongT5's encoder attention as one SDPA call over blocks (t5_attention_kernel='local_sdpa')")
     parser.add_argument("--offload", action="store_true",
                         help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
@@ -77,8 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods = methods
     if args.plain_cross_attention and args.cross_attention_block is None:
         parser.error("--plain_cross_attention needs --cross_attention_block (it picks how streaming cross-attention runs)")
-    if args.blocked_t5_attention and not args.fast_t5_attention:
-        parser.error("--blocked_t5_attention needs --fast_t5_attention (it picks how that attention runs)")
+    if (args.blocked_t5_attention or args.local_sdpa_t5_attention) and not args.fast_t5_attention:
+        parser.error("--blocked_t5_attention / --local_sdpa_t5_attention need --fast_t5_attention (they pick how that attention runs)")
+    if args.blocked_t5_attention and args.local_sdpa_t5_attention:
+        parser.error("--blocked_t5_attention and --local_sdpa_t5_attention are two choices of one kernel: give one")
     if args.offload and args.cross_attention_block is None:
         parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:
@@ -143,7 +147,7 @@ def kernels(args) -> dict:
     chosen = {"cross_attention_block": args.cross_attention_block, "fast_t5_attention": args.fast_t5_attention or None,
               "offload_gradient_cache": args.offload or None, "offload_encoder_states": args.offload or None,
               "cross_attention_kernel": "plain" if args.plain_cross_attention else None,
-              "t5_attention_kernel": "blocked" if args.blocked_t5_attention else None}
+              "t5_attention_kernel": "blocked" if args.blocked_t5_attention else "local_sdpa" if args.local_sdpa_t5_attention else None}
     return {k: v for k, v in chosen.items() if v is not None}
 
 

@@ -8,7 +8,7 @@ import torch
 
 MODES = ("cached", "full")
 CROSS_ATTENTION_KERNELS = ("fused", "plain")
-T5_ATTENTION_KERNELS = ("flex", "blocked")
+T5_ATTENTION_KERNELS = ("flex", "blocked", "local_sdpa")
 GRAD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GROUP_TOKENS = 16384
 
@@ -39,7 +39,9 @@ class CachedConfig:
         (``t5_attention``); modules with attention dropout in training still run HF's code.
     t5_attention_kernel: how ``fast_t5_attention`` runs on CUDA: ``"flex"`` through
         ``flex_attention`` (compiled Triton kernels, ``flex_t5``); ``"blocked"`` our blocked
-        PyTorch implementation, as on CPU (slower; a way around a flex or compiler problem).
+        PyTorch implementation, as on CPU (slower; a way around a flex or compiler problem);
+        ``"local_sdpa"`` LongT5's local and transient-global encoder attention as one SDPA call
+        over query blocks with a dense bias (``local_sdpa``; also on CPU), the rest as ``"flex"``.
     offload_gradient_cache: keep the fp32 gradient cache that streaming cross-attention writes in
         host memory (pinned beside a GPU) instead of on the device: 4 bytes × hidden per token
         off the device. DeepSpeed's ``activation_checkpointing.cpu_checkpointing`` turns it on

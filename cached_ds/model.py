@@ -68,7 +68,8 @@ class CachedSeq2Seq(nn.Module):
         if self.config.fast_t5_attention:
             if model.config.model_type not in T5_FAMILIES:
                 raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")
-            install_fast_t5_attention(model, use_flex=self.config.t5_attention_kernel == "flex")
+            kernel = self.config.t5_attention_kernel
+            install_fast_t5_attention(model, use_flex=kernel != "blocked", local_sdpa=kernel == "local_sdpa")
             replaced += [module for module, _ in fast_t5_targets(model)]
         _settle_attention_dropout(replaced, self.config.keep_attention_dropout)
         if self.config.offload_gradient_cache and not has_streaming_cross_attention(model):

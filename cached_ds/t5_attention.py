@@ -46,6 +46,7 @@ _CACHE_KW = "cache" if "cache" in inspect.signature(T5Attention.forward).paramet
 class Settings:
     block: int = DEFAULT_BLOCK
     use_flex: bool = True
+    local_sdpa: bool = False  # LongT5 local / transient-global layers: ``local_sdpa`` (any device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,10 +373,11 @@ def attention_targets(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
         yield from longt5.targets(module)
 
 
-def install_fast_t5_attention(model: nn.Module, block: int = DEFAULT_BLOCK, use_flex: bool = True) -> int:
+def install_fast_t5_attention(model: nn.Module, block: int = DEFAULT_BLOCK, use_flex: bool = True, local_sdpa: bool = False) -> int:
     """Replace the forward of every T5/LongT5 self-attention in ``model`` (encoder and decoder;
     not cross-attention). Parameters, module tree and state_dict stay the same. Returns how many
-    modules were replaced; calling it again only updates the settings."""
+    modules were replaced; calling it again only updates the settings. ``local_sdpa``: LongT5's
+    local and transient-global layers run ``local_sdpa`` instead (one SDPA call over blocks)."""
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
     count = 0
@@ -383,7 +385,7 @@ def install_fast_t5_attention(model: nn.Module, block: int = DEFAULT_BLOCK, use_
         if "_cached_ds_hf_forward" not in module.__dict__:
             module._cached_ds_hf_forward = module.forward
             module.forward = types.MethodType(forward, module)
-        module._cached_ds_settings = Settings(block, use_flex)
+        module._cached_ds_settings = Settings(block, use_flex, local_sdpa)
         count += 1
     return count
 

@@ -36,16 +36,17 @@ def without_attention_dropout(model):
     return model
 
 
-def pair(family, dropout=0.1, fast_attn_impl=None):
+def pair(family, dropout=0.1, fast_attn_impl=None, local_sdpa=False):
     """A model with the fast attention and an untouched deep copy running HF's eager attention.
-    ``fast_attn_impl`` sets the masks HF hands the fast model (sdpa: bool or None, eager: additive)."""
+    ``fast_attn_impl`` sets the masks HF hands the fast model (sdpa: bool or None, eager: additive);
+    ``local_sdpa``: LongT5's encoder layers on ``cached_ds.local_sdpa``."""
     model = without_attention_dropout(make_model(family, dropout=dropout))
     reference = copy.deepcopy(model)
     if reference.config._attn_implementation != "eager":
         reference.set_attn_implementation("eager")
     if fast_attn_impl is not None:
         model.set_attn_implementation(fast_attn_impl)
-    install_fast_t5_attention(model, block=BLOCK)
+    install_fast_t5_attention(model, block=BLOCK, local_sdpa=local_sdpa)
     return model, reference
 
 
@@ -86,15 +87,17 @@ def assert_same_step(fast, ref):
 
 
 @pytest.mark.parametrize(
-    "family, attn_impl",
-    [("t5", "sdpa"), ("t5", "eager"), ("longt5-local", None), ("longt5-tglobal", None)],
-    ids=["t5-bool-masks", "t5-additive-masks", "longt5-local", "longt5-tglobal"],  # LongT5 is eager-only in HF
+    "family, attn_impl, local_sdpa",
+    [("t5", "sdpa", False), ("t5", "eager", False), ("longt5-local", None, False), ("longt5-tglobal", None, False),
+     ("longt5-local", None, True), ("longt5-tglobal", None, True)],
+    ids=["t5-bool-masks", "t5-additive-masks", "longt5-local", "longt5-tglobal",  # LongT5 is eager-only in HF
+         "longt5-local-sdpa", "longt5-tglobal-sdpa"],
 )
-def test_fast_attention_equals_hf_eager(family, attn_impl):
+def test_fast_attention_equals_hf_eager(family, attn_impl, local_sdpa):
     """Two padded documents (23 and 14 tokens: not multiples of the block, local block or global
     block), several blocks each; decoder summaries of 6 and 4 tokens (causal, padded).
     Dropout on everywhere except attention probabilities."""
-    model, reference = pair(family, fast_attn_impl=attn_impl)
+    model, reference = pair(family, fast_attn_impl=attn_impl, local_sdpa=local_sdpa)
     seen, handle = first_self_attention_bias(model)
     fast = run(model, [23, 14], [6, 4])
     handle.remove()
@@ -106,12 +109,13 @@ def test_fast_attention_equals_hf_eager(family, attn_impl):
         assert fast[2][bias + ".global_relative_attention_bias.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", FAST_FAMILIES)
+@pytest.mark.parametrize("family, local_sdpa", [(f, False) for f in FAST_FAMILIES] + [("longt5-local", True), ("longt5-tglobal", True)],
+                         ids=[*FAST_FAMILIES, "longt5-local-sdpa", "longt5-tglobal-sdpa"])
 @pytest.mark.parametrize("lengths", [[1, 70], [3, 2]], ids=["1-and-70", "shorter-than-a-global-block"])
-def test_edge_sizes(family, lengths):
+def test_edge_sizes(family, local_sdpa, lengths):
     """A 1-token document beside one far longer than the bias buckets' max distance (32); and a
     batch shorter than one transient-global block (4 tokens), which has no global keys at all."""
-    model, reference = pair(family)
+    model, reference = pair(family, local_sdpa=local_sdpa)
     fast, ref = run(model, lengths, [1, 9]), run(reference, lengths, [1, 9])
     for name in set(ref[2]) ^ set(fast[2]):
         # No global keys: the global bias table takes no part; one side reports no gradient for
@@ -166,11 +170,12 @@ def test_install_keeps_parameters_and_remove_restores_hf():
         install_fast_t5_attention(model, block=0)
 
 
-@pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_cached_step_with_fast_attention_equals_windowed_hf(family):
+@pytest.mark.parametrize("family, local_sdpa", [(f, False) for f in FAST_FAMILIES] + [("longt5-tglobal", True)],
+                         ids=[*FAST_FAMILIES, "longt5-tglobal-sdpa"])
+def test_cached_step_with_fast_attention_equals_windowed_hf(family, local_sdpa):
     """CachedSeq2Seq (cached mode, groups of 2 windows) with the fast attention installed: same
     loss and gradients as plain windowed HF (dropout on except attention probabilities)."""
-    model, reference = pair(family)
+    model, reference = pair(family, local_sdpa=local_sdpa)
     assert_cached_step_matches(model, reference, [3 * WINDOW + 5, WINDOW + 2], [7, 4], CachedConfig(window=WINDOW, group_windows=2))
 
 
@@ -240,18 +245,33 @@ def test_encoder_gradient_checkpointing_is_validated():
         CachedConfig(encoder_gradient_checkpointing="yes")
 
 
-@pytest.mark.parametrize("kernel, use_flex", [("flex", True), ("blocked", False)])
-def test_the_t5_attention_kernel_setting_reaches_every_replaced_module(kernel, use_flex):
+@pytest.mark.parametrize("kernel, use_flex, local_sdpa", [("flex", True, False), ("blocked", False, False), ("local_sdpa", True, True)])
+def test_the_t5_attention_kernel_setting_reaches_every_replaced_module(kernel, use_flex, local_sdpa):
     """``t5_attention_kernel``: "blocked" keeps CUDA on our blocked code instead of flex_attention
-    (on CPU both run it: which one CUDA takes is the GPU check's to see)."""
+    (on CPU both run it: which one CUDA takes is the GPU check's to see); "local_sdpa" puts
+    LongT5's encoder layers on ``local_sdpa`` and leaves the decoder's on flex."""
     model = make_model("longt5-tglobal")
     CachedSeq2Seq(model, CachedConfig(window=WINDOW, fast_t5_attention=True, keep_attention_dropout=False, t5_attention_kernel=kernel))
     settings = [module._cached_ds_settings for module, _ in attention_targets(model)]
-    assert settings and all(s.use_flex is use_flex for s in settings)
+    assert settings and all(s.use_flex is use_flex and s.local_sdpa is local_sdpa for s in settings)
+
+
+def test_local_sdpa_runs_one_sdpa_call_per_longt5_encoder_layer():
+    """The encoder's local / transient-global layers each make one SDPA call, and the blocked
+    kernel is not used there."""
+    from op_meters import OpsSeen
+
+    model, _ = pair("longt5-tglobal", local_sdpa=True)
+    ids, mask, _ = random_batch([23, 14], [6, 4], model.config.pad_token_id)
+    with OpsSeen() as ops:
+        model.get_encoder()(input_ids=ids, attention_mask=mask)
+    # on CPU, SDPA with a bias that needs a gradient runs its math kernel, which decomposes into
+    # one softmax; the blocked kernel's online softmax would show as amax
+    assert ops.counts["_safe_softmax"] == model.config.num_layers and "amax" not in ops.counts, ops.counts
 
 
 def test_an_unknown_t5_attention_kernel_names_the_field():
-    with pytest.raises(ValueError, match=r"t5_attention_kernel must be one of \('flex', 'blocked'\), got 'triton'"):
+    with pytest.raises(ValueError, match=r"t5_attention_kernel must be one of \('flex', 'blocked', 'local_sdpa'\), got 'triton'"):
         CachedConfig(t5_attention_kernel="triton")
 
 

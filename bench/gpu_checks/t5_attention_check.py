@@ -72,7 +72,9 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check(family: str, use_flex: bool, lengths=LENGTHS) -> dict:
+def check(family: str, kernel: str, lengths=LENGTHS) -> dict:
+    """``kernel``: "flex", "blocked" or "local_sdpa" (LongT5's encoder layers on SDPA over
+    blocks, its efficient kernel with a bias gradient; the decoder's on flex)."""
     import torch
 
     from cached_ds import flex_t5
@@ -83,7 +85,8 @@ def check(family: str, use_flex: bool, lengths=LENGTHS) -> dict:
     model = tiny(family).cuda().train()
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("eager")
-    install_fast_t5_attention(model, block=64, use_flex=use_flex)
+    use_flex = kernel != "blocked"
+    install_fast_t5_attention(model, block=64, use_flex=use_flex, local_sdpa=kernel == "local_sdpa")
     calls = flex_t5.calls
     outs, grads = step(model, lengths)
     flex_calls = flex_t5.calls - calls
@@ -122,12 +125,13 @@ def main() -> None:
     if result.get("cuda"):
         # The last case repeats a flex one at new lengths: its compiled kernels go automatic-dynamic
         # (symbolic sizes, forward and backward), as every later document length will.
-        cases = [("t5", True, None), ("longt5-local", True, None), ("longt5-tglobal", True, None), ("t5", False, None),
-                 ("longt5-tglobal", False, None), ("longt5-tglobal", True, (213, 130))]
-        for family, use_flex, lengths in cases:
-            name = f"{family}-{'flex' if use_flex else 'blocked'}" + (f"-lengths{lengths[0]}" if lengths else "")
+        cases = [("t5", "flex", None), ("longt5-local", "flex", None), ("longt5-tglobal", "flex", None), ("t5", "blocked", None),
+                 ("longt5-tglobal", "blocked", None), ("longt5-tglobal", "flex", (213, 130)),
+                 ("longt5-local", "local_sdpa", None), ("longt5-tglobal", "local_sdpa", None)]
+        for family, kernel, lengths in cases:
+            name = f"{family}-{kernel}" + (f"-lengths{lengths[0]}" if lengths else "")
             try:
-                result[name] = check(family, use_flex, lengths or LENGTHS)
+                result[name] = check(family, kernel, lengths or LENGTHS)
             except Exception as error:  # noqa: BLE001
                 result[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:1500],
                                 "trace": traceback.format_exc(limit=6)[-1500:]}
