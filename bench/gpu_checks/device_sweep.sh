@@ -70,10 +70,14 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 1 --no_breakdown --
 # LongT5-tglobal-large ([t5-speed]): the speed ratio (>= 5x hf_ds_gc) needs the lengths where HF
 # still fits: 16K and 64K (1.24x and 2.12x on the H200), both profiled, to see how much of
 # `cached`'s step is flex attention with the T5 bias (its largest op at 16K) and how much the
-# device idles; then the 4M target with streaming cross-attention (24 decoder layers would
-# keep about 100 KiB of K/V per token).
+# device idles; each with the encoder's attention on SDPA over blocks instead of flex
+# (--local_sdpa_t5_attention, cached_ds/local_sdpa.py: new, its CUDA exactness is a case of
+# t5_attention_check.py in the same session); then the 4M target with streaming
+# cross-attention (24 decoder layers would keep about 100 KiB of K/V per token).
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --profile --no_breakdown
+--tokens 16384 --methods cached --local_sdpa_t5_attention --profile --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --warmup 1 --steps 1 --profile --no_breakdown
+--tokens 65536 --methods cached --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached"
@@ -86,7 +90,9 @@ while IFS= read -r line; do
     line=${line//\$BLOCK/$BLOCK}  # a PLAN given in single quotes may name $BLOCK and $LONG too
     line=${line//\$LONG/$LONG}
     if [ -n "${PLAIN:-}" ] && [[ $line == *--cross_attention_block* ]]; then line="$line --plain_cross_attention"; fi
-    if [ -n "${BLOCKED_T5:-}" ] && [[ "$line ${SWEEP_ARGS:-}" == *--fast_t5_attention* ]]; then line="$line --blocked_t5_attention"; fi
+    if [ -n "${BLOCKED_T5:-}" ] && [[ "$line ${SWEEP_ARGS:-}" == *--fast_t5_attention* ]] && [[ $line != *--local_sdpa_t5_attention* ]]; then
+        line="$line --blocked_t5_attention"  # flex failed its check; the SDPA lines use no flex in the encoder
+    fi
     if [ -n "${PRINT_PLAN:-}" ]; then echo "plan: $line"; continue; fi  # PRINT_PLAN=1: list the lines, run none
     [ -n "$line" ] && sweep $line </dev/null  # the plan's remaining lines are this loop's stdin
 done <<< "$PLAN"
