@@ -26,10 +26,11 @@ from .host_offload import prefetched, rows_to_device
 class WindowGroup:
     """Windows encoded together: ``input_ids``/``attention_mask`` are (windows, group_len).
 
-    A group of whole windows in a row of one document (all but a document's last group) holds a
-    view of the batch's ids and a broadcast mask of ones, not copies: copies of every group's ids
-    and mask would be 16 more bytes per document token on the device, growing with the document
-    beside its fused states ([decoder-memory]: nothing else may grow)."""
+    A group whose windows follow each other in one document, all of the group's length, holds
+    a view of the batch's ids and a broadcast mask of ones; only a group that pads a shorter
+    window or crosses into the next document copies. Copies of every group's ids and mask would
+    be 16 more bytes per document token on the device, growing with the document beside its
+    fused states ([decoder-memory]: nothing else may grow)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
