@@ -62,6 +62,18 @@ def test_left_padding_is_refused_not_truncated(wrapped):
         wrapped(ids, mask.flip(1), labels=labels)
 
 
+@pytest.mark.parametrize("damage", ["hole", "two"])
+def test_a_mask_that_is_not_ones_then_zeros_is_refused(wrapped, damage):
+    """A zero inside the document, or a value other than 0/1, is not a right-padded mask either."""
+    ids, mask, labels = random_batch([20, 12], [3, 3], 1)
+    if damage == "hole":
+        mask[0, 5] = 0
+    else:
+        mask[1, 3] = 2
+    with pytest.raises(ValueError, match="right-padded"):
+        wrapped(ids, mask, labels=labels)
+
+
 def test_one_dimensional_ids(wrapped):
     ids, _, labels = random_batch([20], [3], 1)
     with pytest.raises(ValueError, match=r"must be 2-D.*unsqueeze\(0\)"):
