@@ -55,9 +55,10 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # plan stopped copying ids and masks (2M and 4M; 6196 B/token before, 6144 the floor), the
 # offloaded reach and growth (4M, 16M: never measured), 512K profiled (the 300K tok/s target),
 # and the rest. A step costs about 5.7 s per million tokens (H200), so lines of 2M and more take
-# one step with no warm-up (the peak memory is the figure there) and no breakdown step.
+# one step with no warm-up (the peak memory is the figure there) and no breakdown step. 256K
+# takes the median of 3 steps: two runs of one and two timed steps gave 0.94x and 1.01x.
 LONG="--steps 1 --no_breakdown"
-BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 1 --no_breakdown --profile
+BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --profile
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
