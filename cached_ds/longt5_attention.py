@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers.models.longt5 import modeling_longt5 as hf_longt5
 
-from .local_sdpa import local_sdpa_attention
 from .t5_attention import (
     Layout,
     OffsetBias,
@@ -83,7 +82,7 @@ def local_attention_forward(self, hidden_states, mask=None, position_bias=None, 
         settings.block, position_bias.offsets, key_valid=_key_padding_from_local_mask(mask, self.block_len, length),
         radius=self.local_radius, block_masks=position_bias.block_masks,
     )
-    out = local_sdpa_attention(q, k, v, layout) if settings.local_sdpa else attention(q, k, v, layout, use_flex=settings.use_flex)
+    out = attention(q, k, v, layout, use_flex=settings.use_flex, local_sdpa=settings.local_sdpa)
     return self.o(out.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)), position_bias
 
 
@@ -112,10 +111,7 @@ def transient_global_attention_forward(self, hidden_states, mask=None, position_
     settings = self._cached_ds_settings
     layout = Layout(settings.block, position_bias.offsets, key_valid=mask > 0, radius=self.local_radius, side=extra["side"],
                     block_masks=position_bias.block_masks)
-    if settings.local_sdpa:
-        out = local_sdpa_attention(q, k, v, layout, side_k, side_v, extra["table"])
-    else:
-        out = attention(q, k, v, layout, side_k, side_v, extra["table"], use_flex=settings.use_flex)
+    out = attention(q, k, v, layout, side_k, side_v, extra["table"], use_flex=settings.use_flex, local_sdpa=settings.local_sdpa)
     return self.o(out.transpose(1, 2).reshape(batch, length, -1)), position_bias
 
 

@@ -229,9 +229,15 @@ class BlockedBiasAttention(torch.autograd.Function):
         )
 
 
-def attention(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None, use_flex: bool = True):
+def attention(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None, use_flex: bool = True,
+              local_sdpa: bool = False):
     """Blocked attention; on CUDA, ``flex_attention`` when ``use_flex`` (its Triton kernels need
-    head dimensions of 16 or more), LongT5's global keys included."""
+    head dimensions of 16 or more), LongT5's global keys included. ``local_sdpa``: LongT5's
+    banded layouts (``radius``) run ``local_sdpa`` instead, on any device."""
+    if local_sdpa and layout.radius is not None:
+        from .local_sdpa import local_sdpa_attention  # here: local_sdpa imports this module
+
+        return local_sdpa_attention(q, k, v, layout, side_k, side_v, side_table)
     if use_flex and q.is_cuda and q.shape[-1] >= 16:
         out = try_flex(q, k, v, layout, side_k, side_v, side_table)
         if out is not None:
