@@ -32,7 +32,6 @@ No DeepSpeed, logging or CLI in here: engines integrate by wrapping ``loss.backw
 from __future__ import annotations
 
 import contextlib
-import weakref
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch import nn
 from . import families
 from .fused_states import FusedStates, fuse
 from .gradient_sink import GradientSink, attach
+from .held_scope import HeldScope
 from .host_offload import mark_offloaded
 from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
@@ -196,7 +196,7 @@ class CachedEncoderFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no N-sized zeros when every decoder layer used the sink
         # Kept graphs hold the parameters as the scope gave them, so under a budget the scope
         # stays open until backward (decided by the budget alone, the same on every rank).
-        ctx.held = _HeldScope(scope()) if schedule.keep_bytes > 0 else None
+        ctx.held = HeldScope(scope()) if schedule.keep_bytes > 0 else None
         with contextlib.nullcontext() if ctx.held else scope():
             keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
             fused = encode_plan(model, weight, plan, ctx.rng_states, keeper, FusedStates(plan, on_host=schedule.offload_states))
@@ -240,18 +240,6 @@ class CachedEncoderFunction(torch.autograd.Function):
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
-
-
-class _HeldScope:
-    """A scope entered now and left by ``close()``, or when the graph holding it is freed without
-    a backward (a forward whose loss was never backpropagated)."""
-
-    def __init__(self, scope):
-        scope.__enter__()
-        self._finalizer = weakref.finalize(self, scope.__exit__, None, None, None)
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor, bool]:

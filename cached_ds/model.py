@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
+from .held_scope import HeldScope, closed_after_backward
 from .shared_beam_generation import generate_shared
 from .streaming_cross_attention import (
     compact_key_mask,
@@ -82,6 +83,9 @@ class CachedSeq2Seq(nn.Module):
         self.sync_group_count: Callable[[int], int] | None = None
         # Entered around every pass over the window groups (ZeRO-3 keeps the encoder gathered there).
         self.encoder_scope: Callable[[], ContextManager] = contextlib.nullcontext
+        # Entered before the decoder's forward and left when its backward is over (ZeRO-3 keeps the
+        # decoder gathered for the whole step there); None: nothing to hold.
+        self.decoder_scope: Callable[[], ContextManager] | None = None
         # Window groups whose encoder graph the last training forward kept (``keep_graphs_bytes``)
         # instead of recomputing it in backward, and the bytes they hold.
         self.last_kept_groups = 0
@@ -122,14 +126,21 @@ class CachedSeq2Seq(nn.Module):
         mask = plan.decoder_mask
         if mask is not None and streams_every_layer(self.model):
             mask = compact_key_mask(mask)
-        return self.model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=fused),
-            attention_mask=mask,
-            labels=labels,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            use_cache=False,
-        )
+        held = HeldScope(self.decoder_scope()) if self.decoder_scope is not None else None
+        try:
+            output = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=fused),
+                attention_mask=mask,
+                labels=labels,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                use_cache=False,
+            )
+        except BaseException:
+            if held is not None:
+                held.close()
+            raise
+        return output if held is None else _held_until_backward(output, held)
 
     @torch.no_grad()
     def encode_long(
@@ -145,6 +156,18 @@ class CachedSeq2Seq(nn.Module):
         (``shared_beam_generation``) instead of HF's one per beam."""
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.config.cross_attention_block, **generate_kwargs)
+
+
+def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:
+    """The decoder's scope stays open until a backward through the loss or the logits is over
+    (whichever the caller backpropagates; both is fine: it closes once); with nothing to
+    backpropagate (no autograd), it closes now."""
+    differentiable = [name for name in ("loss", "logits") if getattr(output, name, None) is not None and output[name].requires_grad]
+    if not differentiable:
+        held.close()
+    for name in differentiable:
+        output[name] = closed_after_backward(output[name], held)
+    return output
 
 
 def _settle_attention_dropout(modules: list[nn.Module], keep: bool) -> None:

@@ -62,9 +62,9 @@ def documents(windows_per_rank: list[int], pad: int):
 
 
 def two_rank_config(stage_config: str, **cached) -> dict:
-    """``keep_encoder_gathered`` is off unless a case asks for it (the shipped ZeRO-3 config turns it on)."""
+    """``keep_encoder_gathered`` and ``keep_decoder_gathered`` are off unless a case asks (the shipped ZeRO-3 config turns them on)."""
     if stage_config.startswith("zero3"):
-        cached = {"keep_encoder_gathered": False, **cached}
+        cached = {"keep_encoder_gathered": False, "keep_decoder_gathered": False, **cached}
     config = resolved_config(stage_config, world=2, cached={"window": WINDOW, "group_windows": 1, "group_tokens": None, **cached})
     if stage_config == "zero3":  # release parameters after every use, as at real model sizes
         config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_max_live_parameters=0)
@@ -126,7 +126,7 @@ def communication_case(stage_config: str, groups: int, counter: CollectiveCounte
         engine.backward(engine(ids, mask, labels=labels).loss)
         engine.step()
     counter.active = False
-    suffix = "-keep_encoder_gathered" if cached.get("keep_encoder_gathered") else ""
+    suffix = "".join(f"-{key}" for key, value in cached.items() if value)
     return {"case": f"comm-{stage_config}{suffix}-groups{groups}", "reductions": counter.total("reduce"),
             "gathers": counter.total("gather"), "counts": dict(counter.counts)}
 
@@ -173,11 +173,17 @@ def main(out: str) -> None:
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, keep_graphs_bytes=budget))
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, cross_attention_block=5,
                                  offload_gradient_cache=True, offload_encoder_states=True))
+    # the decoder gathered from its forward to the end of its backward, checkpointing's recompute
+    # included, and with streaming cross-attention's ZeRO-3 leaf modules inside it
+    results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, keep_decoder_gathered=True,
+                                 decoder_gradient_checkpointing=True))
+    results.append(gradient_case("zero3", [2, 4], rank, keep_decoder_gathered=True, cross_attention_block=5))
     for stage in ("zero2", "zero3"):
         for groups in (2, 8):
             results.append(communication_case(stage, groups, counter, rank))
     for groups in (2, 8):
         results.append(communication_case("zero3", groups, counter, rank, keep_encoder_gathered=True))
+    results.append(communication_case("zero3", 2, counter, rank, keep_encoder_gathered=True, keep_decoder_gathered=True))
     results.append(loss_split_case(rank))
     if rank == 0:
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in results))

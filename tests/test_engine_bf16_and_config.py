@@ -56,9 +56,12 @@ def test_cached_section_must_be_an_object():
         EngineSettings.from_section([1, 2])
 
 
-def test_keep_encoder_gathered_needs_zero3():
-    with pytest.raises(ValueError, match="keep_encoder_gathered\" needs ZeRO stage 3 .*stage 2"):
-        initialize(make_model("bart"), resolved_config("zero2", cached={"keep_encoder_gathered": True}))
+@pytest.mark.parametrize("key", ["keep_encoder_gathered", "keep_decoder_gathered"])
+def test_keeping_gathered_needs_zero3_and_a_bool(key):
+    with pytest.raises(ValueError, match=f"{key}\" needs ZeRO stage 3 .*stage 2"):
+        initialize(make_model("bart"), resolved_config("zero2", cached={key: True}))
+    with pytest.raises(ValueError, match=f'"cached.{key}" must be true or false, got 1'):
+        EngineSettings.from_section({key: 1})
 
 
 def test_layerdrop_refused_under_zero3():
@@ -140,3 +143,53 @@ def test_kept_gathered_encoder_runs_without_zero3_module_hooks():
     assert len(seen) == 2 * 4  # the no-grad pass and the recompute, one call per window group
     assert not any(seen)
     assert (list(q_proj._forward_pre_hooks), list(q_proj._forward_hooks)) == before
+
+
+def zero3_hooks_on(module, zero3) -> bool:
+    return bool(zero3 & set(module._forward_pre_hooks)) and bool(zero3 & set(module._forward_hooks))
+
+
+@pytest.mark.parametrize("family, tied", [("bart", True), ("t5", True), ("bart", False)])
+def test_kept_gathered_decoder_runs_without_zero3_module_hooks_until_its_backward_ends(family, tied):
+    """keep_decoder_gathered: the decoder and the LM head stay gathered, with ZeRO-3's module hooks
+    off, from the decoder's forward through its backward (decoder checkpointing's recompute
+    included: nothing would gather them there), then are partitioned with the hooks back in order.
+    A tied LM head is the shared embedding, which stays with ZeRO-3 (the encoder uses it too)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from cached_ds.deepspeed_engine import _zero3_module_hook_ids
+
+    model = make_model(family, **({} if tied else {"tie_word_embeddings": False}))
+    ids, mask, labels = random_batch([2 * WINDOW + 3], [5], model.config.pad_token_id)
+    cached = {"window": WINDOW, "group_windows": 1, "group_tokens": None, "keep_decoder_gathered": True,
+              "decoder_gradient_checkpointing": True}
+    engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
+    zero3 = _zero3_module_hook_ids(engine)
+    hf_model = engine.module.model
+    ffn = hf_model.get_decoder().layers[0].fc1 if family == "bart" else hf_model.get_decoder().block[0].layer[-1].DenseReluDense.wo
+    head = hf_model.get_output_embeddings()
+    assert (head.weight is hf_model.get_input_embeddings().weight) == tied
+    watched = [ffn] + ([] if tied else [head])
+    seen = []
+    probe = ffn.register_forward_pre_hook(lambda module, args: seen.append(zero3_hooks_on(module, zero3)))
+    before = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched]
+    assert all(zero3_hooks_on(m, zero3) for m in watched)
+
+    def gathered():
+        return {p.ds_status for m in watched for p in m.parameters()}
+
+    for step in range(2):  # the second step finds the same state: nothing leaked from the first
+        loss = engine(ids, mask, labels=labels).loss
+        assert gathered() == {ZeroParamStatus.AVAILABLE}
+        engine.backward(loss)
+        assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}
+        engine.step()
+        assert [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched] == before
+    probe.remove()
+    assert seen == [False] * 4  # forward and checkpointing's recompute, two steps
+
+    with torch.no_grad():  # nothing to backpropagate: released when the forward returns
+        engine(ids, mask, labels=labels)
+    assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}
+    engine(ids, mask, labels=labels)  # a loss never backpropagated: released with its graph
+    assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}

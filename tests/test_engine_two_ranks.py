@@ -30,6 +30,9 @@ def results(tmp_path_factory):
     "zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]",  # some groups kept, the rest recomputed
     # streaming cross-attention (ZeRO-3 leaf modules) with the gradient cache and states in host memory
     "zero3-keep_encoder_gathered-cross_attention_block-offload_gradient_cache-offload_encoder_states-windows[2, 4]",
+    # the decoder kept gathered through its backward: with checkpointing, and around streaming's leaf modules
+    "zero3-keep_encoder_gathered-keep_decoder_gathered-decoder_gradient_checkpointing-windows[2, 4]",
+    "zero3-keep_decoder_gathered-cross_attention_block-windows[2, 4]",
     "loss-split-gas1-2ranks",  # token-level mean over the global batch (see test_loss_normalisation.py)
 ])
 def test_two_rank_gradients_equal_the_mean_reference(results, case):
@@ -57,3 +60,10 @@ def test_zero3_gathers_grow_with_groups_unless_the_encoder_stays_gathered(result
     kept2, kept8 = results["comm-zero3-keep_encoder_gathered-groups2"], results["comm-zero3-keep_encoder_gathered-groups8"]
     assert kept2["gathers"] == kept8["gathers"], (kept2["counts"], kept8["counts"])
     assert kept8["gathers"] < results["comm-zero3-groups8"]["gathers"]
+
+
+def test_a_gathered_decoder_takes_fewer_gathers_than_per_submodule_ones(results):
+    encoder_only = results["comm-zero3-keep_encoder_gathered-groups2"]
+    both = results["comm-zero3-keep_encoder_gathered-keep_decoder_gathered-groups2"]
+    assert both["reductions"] == encoder_only["reductions"], (both["counts"], encoder_only["counts"])
+    assert both["gathers"] < encoder_only["gathers"], (both["counts"], encoder_only["counts"])

@@ -199,7 +199,8 @@ def test_a_forward_without_backward_releases_the_held_encoder(distributed):
     engine, *_ = initialize(model, resolved_config("zero3", cached={**CACHED_ONE_WINDOW, "keep_graphs_bytes": EVERY_GROUP}))
     encoder = engine.module.model.get_encoder()
     ids, mask, labels = random_batch([3 * WINDOW], [4], model.config.pad_token_id)
-    hold = lambda: encoder.__dict__["_cached_ds_gathered"].holders  # noqa: E731
+    # the engine's _GatheredModules for the encoder, whose scope the core enters
+    hold = lambda: engine.module.encoder_scope.__self__.holders  # noqa: E731
     loss = engine(ids, mask, labels=labels).loss
     assert hold() == 1 and engine.module.last_kept_groups == 3
     # A second step while the first graph lives; the first is then freed unused. The second's
