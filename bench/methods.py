@@ -68,7 +68,7 @@ def enable_hf_checkpointing(model: nn.Module) -> None:
 def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, group_tokens: int, extra: dict | None = None):
     """A DeepSpeed engine whose ``engine(input_ids=, attention_mask=, labels=)`` returns HF's output.
     ``extra``: more "cached" settings for ``cached`` (``cross_attention_block``, ``fast_t5_attention``,
-    ``keep_graphs_bytes``)."""
+    ``keep_graphs_bytes``, ``keep_decoder_gathered``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hf_ds_gc":
@@ -99,8 +99,9 @@ def build_engine(method: str, model: nn.Module, ds_config: dict, window: int, gr
     }
     if method == "cached":
         cached.update(extra or {})
-        if ds_config["zero_optimization"]["stage"] == 3:
-            cached["keep_encoder_gathered"] = True
+        if ds_config["zero_optimization"]["stage"] == 3:  # as the shipped zero3.json; ``extra`` may say otherwise
+            cached.setdefault("keep_encoder_gathered", True)
+            cached.setdefault("keep_decoder_gathered", True)
     engine, *_ = initialize(model, {**ds_config, "cached": cached})
     return engine
 

@@ -48,10 +48,13 @@ def ds_config(stage: int, dtype: str, hidden: int) -> dict:
 
 
 def cached_settings(spec: dict) -> dict:
-    """The spec's extra "cached" settings: its kernels, and its graph budget in bytes."""
+    """The spec's extra "cached" settings: its kernels, its graph budget in bytes, and whether
+    the decoder stays under ZeRO-3's per-submodule gathers (an A/B of keep_decoder_gathered)."""
     settings = dict(spec.get("kernels") or {})
     if spec.get("keep_graphs_gib"):
         settings["keep_graphs_bytes"] = int(spec["keep_graphs_gib"] * GIB)
+    if spec.get("zero3_decoder_hooks"):
+        settings["keep_decoder_gathered"] = False
     return settings
 
 

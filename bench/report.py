@@ -43,6 +43,8 @@ def label(point: dict) -> str:
     extras = [f"{k}={v}" if v is not True else k for k, v in sorted((point.get("kernels") or {}).items())]
     if point.get("keep_graphs_gib"):
         extras.append(f"keep_graphs={point['keep_graphs_gib']:g}GiB")
+    if point.get("zero3_decoder_hooks"):
+        extras.append("zero3_decoder_hooks")
     return "+".join([point["method"], *extras])
 
 

@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
                         help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
+    parser.add_argument("--zero3_decoder_hooks", action="store_true",
+                        help="cached, ZeRO-3: leave the decoder to ZeRO-3's per-submodule gathers and hooks (keep_decoder_gathered off), for an A/B")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--no_breakdown", action="store_true",
@@ -165,7 +167,8 @@ def main(argv=None) -> Path:
                     steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
                     profile=args.profile,
                     kernels=kernels(args) if method == "cached" else {},
-                    keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)))
+                    keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
+                    zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached")
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}
