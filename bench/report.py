@@ -38,9 +38,11 @@ def _tokens(n: int) -> str:
 
 
 def label(point: dict) -> str:
-    """The method, with the cached kernels and graph budget it ran with
-    (``cached+cross_attention_block=4096+keep_graphs=40GiB``)."""
+    """The method, with the cached kernels, graph budget and window-group size it ran with
+    (``cached+cross_attention_block=4096+keep_graphs=40GiB+groups=65536``)."""
     extras = [f"{k}={v}" if v is not True else k for k, v in sorted((point.get("kernels") or {}).items())]
+    if point.get("group_tokens_set") and point["method"] != "hf_ds_gc":  # hf_ds_gc encodes every window at once
+        extras.append(f"groups={point['group_tokens']}")
     if point.get("keep_graphs_gib"):
         extras.append(f"keep_graphs={point['keep_graphs_gib']:g}GiB")
     if point.get("zero3_decoder_hooks"):

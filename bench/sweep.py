@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3])
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--window", type=int, default=None, help="encoder window (default: the model's position limit; LongT5 4096)")
-    parser.add_argument("--group_tokens", type=int, default=16384, help="CachED window-group size in tokens")
+    parser.add_argument("--group_tokens", type=int, default=16384,
+                        help="CachED window-group size in tokens (another than the default is named in the row's label)")
     parser.add_argument("--cross_attention_block", type=int, default=None, help="cached: streaming cross-attention key block (default: HF's module)")
     parser.add_argument("--plain_cross_attention", action="store_true",
                         help="cached: streaming cross-attention on plain PyTorch ops, not fused SDPA kernels (cross_attention_kernel)")
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "--smoke" in argv:  # the smoke settings are defaults: flags given beside --smoke still win
         parser.set_defaults(**{k: ",".join(map(str, v)) if k == "tokens" else v for k, v in SMOKE.items()})
     args = parser.parse_args(argv)
+    args.group_tokens_set = args.group_tokens != parser.get_default("group_tokens")  # the smoke's own default too
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -164,6 +166,7 @@ def main(argv=None) -> Path:
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
         spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
+                    group_tokens_set=args.group_tokens_set,
                     steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
                     profile=args.profile,
                     kernels=kernels(args) if method == "cached" else {},

@@ -144,3 +144,18 @@ def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
     assert rows == ["| bart-large | cached | 2M → 4M | 6.00 | 6144 |",
                     "| bart-large | cached+cross_attention_block=8192 | 4M → 16M | 0.12 | 128 |"]
     assert growth_table([point("cached", 2**20, None)]) == ""  # CPU runs have no GPU memory
+
+
+def test_a_group_size_other_than_the_default_is_named_in_the_label():
+    """Rows of one method at one length that differ only in ``--group_tokens`` must not share a
+    label (the 256K plan runs ``cached`` with 16K and 64K groups); the smoke's own default is none."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import label
+    from sweep import parse_args
+
+    assert parse_args(["--group_tokens", "65536"]).group_tokens_set
+    assert not parse_args([]).group_tokens_set and not parse_args(["--smoke"]).group_tokens_set
+    point = {"method": "cached", "group_tokens": 65536, "group_tokens_set": True, "kernels": {"cross_attention_block": 4096}}
+    assert label(point) == "cached+cross_attention_block=4096+groups=65536"
+    assert label({**point, "method": "hf_ds_gc", "kernels": {}}) == "hf_ds_gc"  # it encodes every window at once
+    assert label({**point, "group_tokens_set": False}) == "cached+cross_attention_block=4096"

@@ -51,37 +51,50 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults), the
 # open questions first (results/2026-11-27-nvidia-h200*/NOTES.md). 256K comes back profiled for
 # both methods: the profiles so far counted each kernel twice, so how long the device idles in
-# a `cached` step is still unknown. Then the growth per token with streaming after the window
-# plan stopped copying ids and masks (2M and 4M; 6196 B/token before, 6144 the floor), the
-# offloaded reach and growth (4M, 16M: never measured), 512K profiled (the 300K tok/s target),
+# a `cached` step is still unknown. Then the two levers on `cached`'s extra launches at 256K
+# (16 groups run twice; `hf_ds_gc` runs 256 windows as one batch): groups of 64K tokens (4x
+# fewer encoder calls and fp32 gradient sums, about 3x the recompute memory), and a 40 GiB budget
+# of encoder graphs kept from the forward (no recompute for the groups it holds). Then the growth
+# per token with streaming after the window plan stopped copying ids and masks (2M and 4M; 6196
+# B/token before, 6144 the floor), the offloaded reach and growth (4M, 16M: never measured),
+# 512K profiled (the 300K tok/s target), 64K with and without a budget that holds every group,
 # and the rest. A step costs about 5.7 s per million tokens (H200), so lines of 2M and more take
 # one step with no warm-up (the peak memory is the figure there) and no breakdown step. 256K
 # takes the median of 3 steps: two runs of one and two timed steps gave 0.94x and 1.01x.
 LONG="--steps 1 --no_breakdown"
 BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --profile
+--tokens 262144 --methods cached --group_tokens 65536 --steps 3 --no_breakdown
+--tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
 --tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 524288 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile
 --tokens 65536 --methods hf_ds_gc,cached
+--tokens 65536 --methods cached --keep_graphs_gib 40
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc --warmup 1
 --tokens 262144 --methods full,full_gc
 --tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600"
 # LongT5-tglobal-large ([t5-speed]): the speed ratio (>= 5x hf_ds_gc) needs the lengths where HF
-# still fits: 16K and 64K (1.24x and 2.12x on the H200), both profiled, to see how much of
-# `cached`'s step is flex attention with the T5 bias (its largest op at 16K) and how much the
-# device idles; each with the encoder's attention on SDPA over blocks instead of flex
-# (--local_sdpa_t5_attention, cached_ds/local_sdpa.py: new, its CUDA exactness is a case of
-# t5_attention_check.py in the same session); then the 4M target with streaming
-# cross-attention (24 decoder layers would keep about 100 KiB of K/V per token).
-LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --profile --no_breakdown
---tokens 16384 --methods cached --local_sdpa_t5_attention --profile --no_breakdown
---tokens 65536 --methods hf_ds_gc,cached --warmup 1 --steps 1 --profile --no_breakdown
---tokens 65536 --methods cached --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
+# still fits: 16K and 64K (1.24x and 2.12x on the H200, with HF's cross-attention and decoder
+# checkpointing). Now `cached` streams the decoder's cross-attention: at 16K 0.36 s of decoder
+# forward and 0.70 s of decoder backward against 0.22 s of no-grad encode, where the decoder's
+# device work is tens of ms (1024 targets): HF's T5 cross-attention adds an N-sized zero bias
+# and an fp32 softmax per layer, and checkpointing runs it all twice under ZeRO-3's hooks
+# (the decoder now kept gathered: keep_decoder_gathered). Each length is profiled; 16K also
+# without streaming (the H200 sessions' setting), with ZeRO-3's decoder hooks back on (the A/B
+# of keep_decoder_gathered), and each with the encoder's attention on SDPA over blocks instead
+# of flex (--local_sdpa_t5_attention, cached_ds/local_sdpa.py; its CUDA exactness is a case of
+# t5_attention_check.py); then the 4M target with streaming.
+LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
+--tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
+--tokens 16384 --methods cached --no_breakdown
+--tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
+--tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
+--tokens 65536 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
---tokens 32768 --methods hf_ds_gc,cached"
+--tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
 case "$MODEL" in
     long-t5*) PLAN=${PLAN:-$LONGT5_PLAN}; SWEEP_ARGS=${SWEEP_ARGS-"--fast_t5_attention"} ;;
     *) PLAN=${PLAN:-$BART_PLAN} ;;
