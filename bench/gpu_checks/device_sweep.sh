@@ -54,24 +54,25 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # a `cached` step is still unknown. Then the two levers on `cached`'s extra launches at 256K
 # (16 groups run twice; `hf_ds_gc` runs 256 windows as one batch): groups of 64K tokens (4x
 # fewer encoder calls and fp32 gradient sums, about 3x the recompute memory), and a 40 GiB budget
-# of encoder graphs kept from the forward (no recompute for the groups it holds). Then the growth
+# of encoder graphs kept from the forward (no recompute for the groups it holds); 64K (0.83x in
+# the first session) with and without a budget that holds all 4 groups. Then the growth
 # per token with streaming after the window plan stopped copying ids and masks (2M and 4M; 6196
 # B/token before, 6144 the floor), the offloaded reach and growth (4M, 16M: never measured),
-# 512K profiled (the 300K tok/s target), 64K with and without a budget that holds every group,
-# and the rest. A step costs about 5.7 s per million tokens (H200), so lines of 2M and more take
-# one step with no warm-up (the peak memory is the figure there) and no breakdown step. 256K
+# 512K profiled (the 300K tok/s target), and the rest. A step costs about 5.7 s per million
+# tokens (H200), so lines of 2M and more take one step with no warm-up (the peak memory is the
+# figure there) and no breakdown step. 256K
 # takes the median of 3 steps: two runs of one and two timed steps gave 0.94x and 1.01x.
 LONG="--steps 1 --no_breakdown"
 BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --profile
 --tokens 262144 --methods cached --group_tokens 65536 --steps 3 --no_breakdown
 --tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
+--tokens 65536 --methods hf_ds_gc,cached
+--tokens 65536 --methods cached --keep_graphs_gib 40
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
 --tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 524288 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile
---tokens 65536 --methods hf_ds_gc,cached
---tokens 65536 --methods cached --keep_graphs_gib 40
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc --warmup 1
 --tokens 262144 --methods full,full_gc
 --tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600"
