@@ -36,8 +36,8 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from . import families
@@ -176,7 +176,7 @@ def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _Gath
 
 def _decoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _GatheredModules:
     """ZeRO-3: the same for the decoder and an untied LM head, held by the core from the
-    decoder's forward to the end of its backward (``held_scope``): one bucketed all-gather per
+    decoder's forward to the end of its backward (``held_scope``): one flat all-gather per
     micro-batch instead of one per submodule in the forward, again in decoder checkpointing's
     recompute and again in the backward, and none of ZeRO-3's hooks on those submodules. With
     the hooks lifted nothing would gather the parameters for the backward, so they stay until it
