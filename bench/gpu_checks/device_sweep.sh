@@ -82,17 +82,17 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 # forward and 0.70 s of decoder backward against 0.22 s of no-grad encode, where the decoder's
 # device work is tens of ms (1024 targets): HF's T5 cross-attention adds an N-sized zero bias
 # and an fp32 softmax per layer, and checkpointing runs it all twice under ZeRO-3's hooks
-# (the decoder now kept gathered: keep_decoder_gathered). Each length is profiled; 16K also
-# without streaming (the H200 sessions' setting), with ZeRO-3's decoder hooks back on (the A/B
-# of keep_decoder_gathered), and each with the encoder's attention on SDPA over blocks instead
-# of flex (--local_sdpa_t5_attention, cached_ds/local_sdpa.py; its CUDA exactness is a case of
-# t5_attention_check.py); then the 4M target with streaming.
+# (the decoder now kept gathered: keep_decoder_gathered). Both lengths profiled first, then each
+# with the encoder's attention on SDPA over blocks instead of flex (--local_sdpa_t5_attention,
+# cached_ds/local_sdpa.py; its CUDA exactness is a case of t5_attention_check.py); then 16K
+# without streaming (the H200 sessions' setting) and with ZeRO-3's decoder hooks back on (the
+# A/B of keep_decoder_gathered); then the 4M target with streaming.
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
+--tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
+--tokens 65536 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
---tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
---tokens 65536 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
