@@ -90,6 +90,27 @@ def test_engine_matches_reference(config, family, gas, clip):
         torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("config, extra, deepspeed_checkpointing", [
+    ("zero3_offload", {"keep_encoder_gathered": True, "keep_decoder_gathered": True}, False),  # partitions in host memory
+    ("zero3", {}, True),  # zero3.json keeps the decoder gathered; deepspeed.checkpointing recomputes its layers
+], ids=["zero3_offload-both-gathered", "zero3-deepspeed-checkpointing"])
+def test_kept_gathered_decoder_matches_reference(config, extra, deepspeed_checkpointing):
+    """keep_decoder_gathered where ZeRO-3 keeps the partitions in host memory, and under
+    DeepSpeed's own (reentrant) activation checkpointing of the decoder, which recomputes each
+    layer inside the backward, with gradient accumulation."""
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart")
+    batches = micro_batches(model, 2)
+    ref_grads = reference_gradients(copy.deepcopy(model), batches)
+    ds_config = resolved_config(config, gas=2, cached={**CACHED, **extra})
+    if deepspeed_checkpointing:
+        ds_config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False}
+    engine, *_ = initialize(model, ds_config)
+    assert engine.module.decoder_scope is not None
+    assert_grads_match(train_step(engine, batches), ref_grads)
+
+
 class NaiveCachedEncoder(CachedEncoderFunction):
     """The naive CachED (as the official code does it): one ordinary nested backward per window
     group, so every group accumulates into ``.grad`` and fires DeepSpeed's gradient hooks."""
