@@ -9,7 +9,9 @@ autograd is done with the graph.
     output.loss = closed_after_backward(output.loss, held)
     output.loss.backward()                        # left when this backward finishes
 
-A forward whose graph is freed without a backward (the loss dropped) leaves the scope then.
+A forward whose graph is freed without a backward (the loss dropped) leaves the scope then. A
+second backward through the same graph (``retain_graph=True``) is refused with an error naming
+the setting, rather than running on what the scope no longer holds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class HeldScope:
     def close(self) -> None:
         self._finalizer()
 
+    @property
+    def is_open(self) -> bool:
+        return self._finalizer.alive
+
 
 class _CloseAfterBackward(torch.autograd.Function):
     """Identity whose backward asks autograd to close ``held`` when the whole backward it runs
@@ -42,6 +48,12 @@ class _CloseAfterBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.held.is_open:  # before any node below runs on what the scope no longer holds
+            raise RuntimeError(
+                "a second backward through one forward (retain_graph=True): the scope held for its backward was "
+                "left after the first one (under DeepSpeed ZeRO-3, keep_decoder_gathered released the decoder's "
+                'parameters); run one backward per forward, or set "keep_decoder_gathered": false in the "cached" section'
+            )
         torch.autograd.Variable._execution_engine.queue_callback(ctx.held.close)
         return None, grad
 

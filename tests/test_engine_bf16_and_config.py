@@ -193,3 +193,16 @@ def test_kept_gathered_decoder_runs_without_zero3_module_hooks_until_its_backwar
     assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}
     engine(ids, mask, labels=labels)  # a loss never backpropagated: released with its graph
     assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}
+
+
+def test_a_second_backward_through_a_kept_gathered_decoder_is_refused_by_name():
+    """After the first backward the decoder's parameters are released; a second one through the
+    same graph would run on empty partitions (a shape error naming nothing): it is refused first."""
+    model = make_model("bart")
+    ids, mask, labels = random_batch([2 * WINDOW], [5], model.config.pad_token_id)
+    cached = {"window": WINDOW, "group_windows": 1, "group_tokens": None, "keep_decoder_gathered": True}
+    engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
+    loss = engine(ids, mask, labels=labels).loss
+    engine.backward(loss, retain_graph=True)
+    with pytest.raises(RuntimeError, match='second backward through one forward.*"keep_decoder_gathered": false'):
+        engine.backward(loss)
