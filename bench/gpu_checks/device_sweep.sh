@@ -85,12 +85,14 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 # (the decoder now kept gathered: keep_decoder_gathered). Both lengths profiled first, then each
 # with the encoder's attention on SDPA over blocks instead of flex (--local_sdpa_t5_attention,
 # cached_ds/local_sdpa.py; its CUDA exactness is a case of t5_attention_check.py); then 16K
-# without streaming (the H200 sessions' setting) and with ZeRO-3's decoder hooks back on (the
-# A/B of keep_decoder_gathered); then the 4M target with streaming.
+# with its one window group's encoder graph kept from the forward (no recompute: 3 encoder passes
+# where hf_ds_gc's checkpointing runs 4), without streaming (the H200 sessions' setting) and with
+# ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered); then the 4M target.
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
 --tokens 65536 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --warmup 1 --steps 1 --profile --no_breakdown
+--tokens 16384 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40 --no_breakdown
 --tokens 16384 --methods cached --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
