@@ -208,8 +208,11 @@ def measure(spec: dict) -> dict:
               "parameters": sum(p.numel() for p in model.parameters())}
     flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
     encoder = model.get_encoder()
-    engine = build_engine(spec["method"], model, ds_config(spec["zero_stage"], spec["dtype"], config.d_model),
-                          window, spec["group_tokens"], cached_settings(spec))
+    zero_config = ds_config(spec["zero_stage"], spec["dtype"], config.d_model)
+    if spec.get("reduce_bucket_size"):  # an A/B of the "auto" value, for every method alike
+        zero_config["zero_optimization"]["reduce_bucket_size"] = spec["reduce_bucket_size"]
+    engine = build_engine(spec["method"], model, zero_config, window, spec["group_tokens"], cached_settings(spec))
+    result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, "auto" resolved
     batch = random_document(spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)

@@ -47,6 +47,8 @@ def label(point: dict) -> str:
         extras.append(f"keep_graphs={point['keep_graphs_gib']:g}GiB")
     if point.get("zero3_decoder_hooks"):
         extras.append("zero3_decoder_hooks")
+    if point.get("reduce_bucket_size"):
+        extras.append(f"bucket={point['reduce_bucket_size']}")
     return "+".join([point["method"], *extras])
 
 
@@ -65,12 +67,14 @@ def _status(point: dict) -> str:
 
 
 def table(points: list[dict]) -> str:
-    """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and model."""
-    baseline = {(p["model"], p["tokens"]): p.get("tokens_per_s") for p in points if p["method"] == BASELINE and not p.get("oom")}
+    """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and
+    model, with the same DeepSpeed config (``reduce_bucket_size``: an A/B changes it for both)."""
+    baseline = {(p["model"], p["tokens"], p.get("reduce_bucket_size")): p.get("tokens_per_s")
+                for p in points if p["method"] == BASELINE and not p.get("oom")}
     rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
-        base = baseline.get((p["model"], p["tokens"]))
+        base = baseline.get((p["model"], p["tokens"], p.get("reduce_bucket_size")))
         ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
         saved = p.get("encoder_saved_peak_bytes")
         rows.append("| " + " | ".join([

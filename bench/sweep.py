@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cached: the gradient cache and fused states in host memory (needs --cross_attention_block)")
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
                         help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
+    parser.add_argument("--reduce_bucket_size", type=int, default=None,
+                        help="every method: ZeRO's reduce_bucket_size in elements instead of the config's \"auto\" (hidden², "
+                             "HF's value), for an A/B; rows are then labelled bucket=N and compared with hf_ds_gc's of the same size")
     parser.add_argument("--zero3_decoder_hooks", action="store_true",
                         help="cached, ZeRO-3: leave the decoder to ZeRO-3's per-submodule gathers and hooks (keep_decoder_gathered off), for an A/B")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
@@ -171,7 +174,7 @@ def main(argv=None) -> Path:
                     profile=args.profile,
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
-                    zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached")
+                    zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size)
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}

@@ -55,7 +55,10 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # (16 groups run twice; `hf_ds_gc` runs 256 windows as one batch): groups of 64K tokens (4x
 # fewer encoder calls and fp32 gradient sums, about 3x the recompute memory), and a 40 GiB budget
 # of encoder graphs kept from the forward (no recompute for the groups it holds); 64K (0.83x in
-# the first session) with and without a budget that holds all 4 groups. Then the growth
+# the first session) with and without a budget that holds all 4 groups, and both methods with
+# a 5e7-element reduce bucket instead of "auto"'s hidden² (1M for BART-large and LongT5-large:
+# one ZeRO-3 flush per large parameter, and the host waits on the GPU whenever 3 flushes are
+# pending, stage3.py max_param_reduce_events = 2). Then the growth
 # per token with streaming after the window plan stopped copying ids and masks (2M and 4M; 6196
 # B/token before, 6144 the floor), the offloaded reach and growth (4M, 16M: never measured),
 # 512K profiled (the 300K tok/s target), and the rest. A step costs about 5.7 s per million
@@ -68,6 +71,7 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 --tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached
 --tokens 65536 --methods cached --keep_graphs_gib 40
+--tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 50000000
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
@@ -87,7 +91,8 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 # cached_ds/local_sdpa.py; its CUDA exactness is a case of t5_attention_check.py); then 16K
 # with its one window group's encoder graph kept from the forward (no recompute: 3 encoder passes
 # where hf_ds_gc's checkpointing runs 4), without streaming (the H200 sessions' setting) and with
-# ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered); then the 4M target.
+# ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered), and both methods with a
+# 5e7-element reduce bucket (as in the BART plan); then the 4M target.
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
@@ -95,6 +100,7 @@ LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $B
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40 --no_breakdown
 --tokens 16384 --methods cached --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
+--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --reduce_bucket_size 50000000 --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
