@@ -62,7 +62,7 @@ class EngineSettings:
     keep_decoder_gathered: ZeRO-3 only. Gather the decoder's and the LM head's parameters once
         per micro-batch, from the decoder's forward to the end of its backward, instead of per
         submodule in the forward, the checkpointing recompute and the backward; costs their
-        parameters on every rank for that time (0.8 GB for LongT5-large's decoder and head in bf16).
+        parameters on every rank for that time (0.8 GB for LongT5-large's decoder in bf16).
     """
 
     cached: CachedConfig
