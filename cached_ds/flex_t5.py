@@ -85,12 +85,12 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
 
     masked = causal or radius is not None or key_valid is not None or bool_mask is not None or side is not None
     block_mask = None
-    if masked:  # built once per forward of a stack: the later layers find it in layout.block_masks
-        store = layout.block_masks if layout.block_masks is not None else {}
-        shape = (batch, lq, k.shape[2])
-        if shape not in store:
-            store[shape] = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device)
-        block_mask = store[shape]
+    if masked:  # built once per forward of a stack: the later layers find it in layout.shared
+        store = layout.shared if layout.shared is not None else {}
+        key = ("flex_block_mask", batch, lq, k.shape[2])
+        if key not in store:
+            store[key] = create_block_mask(mask_mod, batch, None, lq, k.shape[2], device=q.device)
+        block_mask = store[key]
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     # a profiler span per kind of layout: the compiled kernels all carry the same names, so a
     # profile (bench/sweep.py --profile) tells encoder from decoder calls only by this

@@ -8,21 +8,23 @@ transient-global, every global key. HF runs that as eager fp32 einsums. Flex att
 which left it at about 5 TFLOP/s on an H200 (LongT5-large, 16K tokens; flex with a gathered T5
 bias trails fused SDPA: pytorch/pytorch#138493). Here each query block is one batch row of SDPA
 with its 3-block neighbourhood (plus the global keys) as keys, and the bias is a plain tensor:
-its local part depends only on key - query inside a block pair, so it is built once per call as
-(heads, block, 3·block) and broadcast over the blocks; key padding and the global keys' bias
-are per block. On CUDA, SDPA runs its memory-efficient kernel (the fused one that takes a bias
+its local part depends only on key - query inside a block pair (one (heads, block, 3·block)
+gather, broadcast over the blocks); key padding and the global keys' bias are per block. On CUDA, SDPA runs its memory-efficient kernel (the fused one that takes a bias
 needing a gradient); on CPU the same call runs SDPA's math kernel, forward and backward (tested
 against HF in CI).
 
     from cached_ds.t5_attention import install_fast_t5_attention
     install_fast_t5_attention(long_t5_model, local_sdpa=True)   # LongT5 encoder layers only
 
-Memory per call: K and V three times over (the neighbourhoods), the global keys once per block,
-and a (blocks, heads, block, 3·block + globals) bias in the input dtype; what SDPA saves for
-backward is these, per layer: for a 16K-token group of LongT5-large in bf16 about 0.7 GiB a
-layer, 17 GiB over 24 layers in CachED's recompute (flex saves only q, k, v and the output). With
-one global key per 16 tokens the global part grows with the window's square (heads × L × L/16,
-as HF's own): 32 MiB per layer for a 4096-token window of LongT5-large in bf16.
+Memory: per call, K and V three times over (the neighbourhoods) and the global keys once per
+block; once per forward of the stack, a (blocks, heads, block, 3·block + globals) bias in the
+input dtype. The bias depends only on the mask and the first layer's tables, which HF gives
+every layer, so the first layer builds it and the others reuse it (``Layout.shared``); autograd
+sums the layers' gradients into it. What SDPA saves for backward, for a 16K-token group of
+LongT5-large in bf16: about 0.3 GiB a layer plus the bias's 0.33 GiB once, 8 GiB over the
+recompute's 24 layers (17 GiB when every layer built its own bias; flex saves only q, k, v and
+the output). With one global key per 16 tokens the global part grows with the window's square
+(heads × L × L/16, as HF's own): 32 MiB for a 4096-token window of LongT5-large in bf16.
 Padding queries (no key to attend) get finite don't-care outputs, as in HF.
 """
 
@@ -45,11 +47,6 @@ def local_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     block = layout.radius + 1
     blocks = -(-length // block)
     tail = blocks * block - length
-    masked = torch.finfo(q.dtype).min / 2  # finite: a padding query with nothing to attend stays finite
-
-    def by_block(x: torch.Tensor) -> torch.Tensor:  # (batch, heads, L, n) -> (batch * blocks, heads, block, n)
-        x = F.pad(x, (0, 0, 0, tail))
-        return x.view(batch, heads, blocks, block, x.shape[-1]).transpose(1, 2).reshape(batch * blocks, heads, block, x.shape[-1])
 
     def neighbourhoods(x: torch.Tensor) -> torch.Tensor:  # (batch, heads, L, d) -> (batch * blocks, heads, 3 * block, d)
         x = F.pad(x, (0, 0, block, tail + block))  # one empty block before the first and after the last
@@ -57,26 +54,54 @@ def local_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
         return windows.permute(0, 2, 1, 4, 3).reshape(batch * blocks, heads, 3 * block, x.shape[-1])
 
     keys, values = neighbourhoods(k), neighbourhoods(v)
-    valid = layout.key_valid if layout.key_valid is not None else torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    edge = valid.new_zeros(batch, block)
-    valid = torch.cat([edge, valid, valid.new_zeros(batch, tail), edge], 1).unfold(1, 3 * block, block)  # (batch, blocks, 3 * block)
-    relative = torch.arange(3 * block, device=q.device)[None, :] - block - torch.arange(block, device=q.device)[:, None]
-    allowed = (relative.abs() <= layout.radius) & valid[:, :, None, :]  # (batch, blocks, block, 3 * block)
-    if layout.offsets is not None:  # offsets[key - query + L - 1]; out-of-range ones only reach masked keys
-        local = layout.offsets[(relative + length - 1).clamp(0, layout.offsets.shape[0] - 1)].permute(2, 0, 1).to(q.dtype)
-    else:
-        local = q.new_zeros(heads, block, 3 * block)
-    bias = torch.where(allowed[:, :, None], local, masked).reshape(batch * blocks, heads, block, 3 * block)
-
     side = layout.side if side_k is not None else None
     if side is not None:  # every block's queries also see every global key (none in inputs under one global block:
         # still joined, empty, so the global projections get their zero gradients as HF gives them)
         count = side_k.shape[2]
         keys = torch.cat([keys, side_k[:, None].expand(-1, blocks, -1, -1, -1).reshape(batch * blocks, heads, count, dim)], 2)
         values = torch.cat([values, side_v[:, None].expand(-1, blocks, -1, -1, -1).reshape(batch * blocks, heads, count, dim)], 2)
-        global_bias = side_table[side.bucket_ids(0, length)].permute(0, 3, 1, 2).to(q.dtype)  # (batch, heads, L, G)
-        global_bias = torch.where(side.allowed(0, length), global_bias, masked)
-        bias = torch.cat([bias, by_block(global_bias)], 3)
-    out = F.scaled_dot_product_attention(by_block(q), keys, values, attn_mask=bias, scale=1.0)
+    # The bias depends on the mask and the first layer's tables only, which every layer of the
+    # stack shares: built by the first layer, reused by the others (``layout.shared``), so SDPA's
+    # backward keeps one copy, not one per layer, and autograd sums the layers' gradients into it.
+    store = layout.shared if layout.shared is not None else {}
+    key = ("local_sdpa_bias", batch, heads, length, q.dtype, side is not None)
+    if key not in store:
+        store[key] = _dense_bias(layout, side_table if side is not None else None, batch, heads, length, q.dtype, q.device)
+    bias = store[key]
+    out = F.scaled_dot_product_attention(_by_block(q, block), keys, values, attn_mask=bias, scale=1.0)
     out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)
     return out[:, :, :length]
+
+
+def _by_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(batch, heads, L, n) -> (batch * blocks, heads, block, n), the last block zero-padded."""
+    batch, heads, length, n = x.shape
+    blocks = -(-length // block)
+    x = F.pad(x, (0, 0, 0, blocks * block - length))
+    return x.view(batch, heads, blocks, block, n).transpose(1, 2).reshape(batch * blocks, heads, block, n)
+
+
+def _dense_bias(layout: Layout, side_table: torch.Tensor | None, batch: int, heads: int, length: int, dtype: torch.dtype,
+                device) -> torch.Tensor:
+    """(batch * blocks, heads, block, 3 * block [+ globals]): the relative bias of each query
+    block against its neighbourhood (and the global keys), a large finite negative where masked."""
+    block = layout.radius + 1
+    blocks = -(-length // block)
+    tail = blocks * block - length
+    masked = torch.finfo(dtype).min / 2  # finite: a padding query with nothing to attend stays finite
+    valid = layout.key_valid if layout.key_valid is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+    edge = valid.new_zeros(batch, block)
+    valid = torch.cat([edge, valid, valid.new_zeros(batch, tail), edge], 1).unfold(1, 3 * block, block)  # (batch, blocks, 3 * block)
+    relative = torch.arange(3 * block, device=device)[None, :] - block - torch.arange(block, device=device)[:, None]
+    allowed = (relative.abs() <= layout.radius) & valid[:, :, None, :]  # (batch, blocks, block, 3 * block)
+    if layout.offsets is not None:  # offsets[key - query + L - 1]; out-of-range ones only reach masked keys
+        local = layout.offsets[(relative + length - 1).clamp(0, layout.offsets.shape[0] - 1)].permute(2, 0, 1).to(dtype)
+    else:
+        local = torch.zeros(heads, block, 3 * block, dtype=dtype, device=device)
+    bias = torch.where(allowed[:, :, None], local, masked).reshape(batch * blocks, heads, block, 3 * block)
+    if side_table is None:
+        return bias
+    side = layout.side
+    global_bias = side_table[side.bucket_ids(0, length)].permute(0, 3, 1, 2).to(dtype)  # (batch, heads, L, G)
+    global_bias = torch.where(side.allowed(0, length), global_bias, masked)
+    return torch.cat([bias, _by_block(global_bias, block)], 3)

@@ -80,7 +80,7 @@ def local_attention_forward(self, hidden_states, mask=None, position_bias=None, 
     settings = self._cached_ds_settings
     layout = Layout(
         settings.block, position_bias.offsets, key_valid=_key_padding_from_local_mask(mask, self.block_len, length),
-        radius=self.local_radius, block_masks=position_bias.block_masks,
+        radius=self.local_radius, shared=position_bias.shared,
     )
     out = attention(q, k, v, layout, use_flex=settings.use_flex, local_sdpa=settings.local_sdpa)
     return self.o(out.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)), position_bias
@@ -110,7 +110,7 @@ def transient_global_attention_forward(self, hidden_states, mask=None, position_
     side_k, side_v = project_heads(self, self.k, global_inputs), project_heads(self, self.v, global_inputs)
     settings = self._cached_ds_settings
     layout = Layout(settings.block, position_bias.offsets, key_valid=mask > 0, radius=self.local_radius, side=extra["side"],
-                    block_masks=position_bias.block_masks)
+                    shared=position_bias.shared)
     out = attention(q, k, v, layout, side_k, side_v, extra["table"], use_flex=settings.use_flex, local_sdpa=settings.local_sdpa)
     return self.o(out.transpose(1, 2).reshape(batch, length, -1)), position_bias
 

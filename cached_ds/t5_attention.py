@@ -61,7 +61,8 @@ class Layout:
     mask: HF's 4-D mask broadcastable to (batch, 1, Lq, Lk): bool (True attends) or additive.
     key_valid: (batch, Lk) bool, keys that exist. causal: key <= query. radius: |key - query| <= radius.
     side: extra global keys (LongT5 transient-global), see ``SideKeys``.
-    block_masks: where ``flex_t5`` keeps the block masks it built, for the next layer to reuse.
+    shared: what the layers of a stack share in one forward, built by the first that needs it and
+        reused by the others: ``flex_t5``'s block masks, ``local_sdpa``'s dense bias.
     """
 
     block: int
@@ -71,7 +72,7 @@ class Layout:
     causal: bool = False
     radius: int | None = None
     side: SideKeys | None = None
-    block_masks: dict | None = None  # flex block masks shared by a stack's layers in one forward (OffsetBias)
+    shared: dict | None = None  # by (kind, shapes...): one store per stack forward (OffsetBias)
 
 
 @dataclass
@@ -280,9 +281,10 @@ class OffsetBias:
     query_length: int
     key_length: int
     extra: dict | None = None  # LongT5 transient-global: the global bias and block ids
-    # flex block masks by shape, built by the first layer and reused by the others: HF gives every
-    # layer of a stack the same mask, and building one is costly (``create_block_mask``)
-    block_masks: dict = field(default_factory=dict)
+    # what the layers share (Layout.shared): HF gives every layer of a stack the same mask and
+    # bias, so a flex block mask (costly: ``create_block_mask``) or local_sdpa's dense bias (saved
+    # for backward: once, not once per layer) is built by the first layer and reused by the others
+    shared: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, module: nn.Module, query_length: int, key_length: int) -> OffsetBias:
@@ -359,7 +361,7 @@ def t5_self_attention_forward(
     if mask is not None:
         mask = mask.expand(batch, 1, length, k.shape[2])
     layout = Layout(settings.block, position_bias.offsets, mask=mask, causal=bool(getattr(self, "is_causal", self.is_decoder)),
-                    block_masks=position_bias.block_masks)
+                    shared=position_bias.shared)
     out = attention(q, k, v, layout, use_flex=settings.use_flex)
     out = self.o(out.transpose(1, 2).reshape(batch, length, -1))
     return out, position_bias, None

@@ -270,6 +270,30 @@ def test_local_sdpa_runs_one_sdpa_call_per_longt5_encoder_layer():
     assert ops.counts["_safe_softmax"] == model.config.num_layers and "amax" not in ops.counts, ops.counts
 
 
+def test_local_sdpa_builds_its_bias_once_per_forward_and_every_layer_reuses_it(monkeypatch):
+    """The dense bias (what SDPA saves for backward besides K and V) depends on the mask and the
+    first layer's tables only: one per forward of the stack, not one per layer. SDPA is spied on,
+    not replaced; the gradients still equal HF's (test_fast_attention_equals_hf_eager)."""
+    from cached_ds import local_sdpa
+
+    masks = []
+    real = local_sdpa.F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(local_sdpa.F, "scaled_dot_product_attention", spy)
+    model, _ = pair("longt5-tglobal", local_sdpa=True)
+    ids, mask, _ = random_batch([23, 14], [6, 4], model.config.pad_token_id)
+    for _ in range(2):
+        model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    layers = model.config.num_layers
+    assert len(masks) == 2 * layers and masks[0].requires_grad
+    first, second = masks[:layers], masks[layers:]
+    assert all(m is first[0] for m in first) and all(m is second[0] for m in second) and first[0] is not second[0]
+
+
 def test_an_unknown_t5_attention_kernel_names_the_field():
     with pytest.raises(ValueError, match=r"t5_attention_kernel must be one of \('flex', 'blocked', 'local_sdpa'\), got 'triton'"):
         CachedConfig(t5_attention_kernel="triton")
@@ -325,7 +349,7 @@ def test_flex_forward_with_transient_global_keys_equals_the_blocked_kernel_on_cp
 
 def test_a_stacks_layers_share_one_flex_block_mask_per_forward(monkeypatch):
     """Building a flex block mask evaluates the mask over every (query, key) pair, so the first
-    layer of a stack builds it and the others reuse it (``OffsetBias.block_masks``): every fast
+    layer of a stack builds it and the others reuse it (``OffsetBias.shared``): every fast
     layer of one forward is handed the same store, and a second forward a fresh one. The
     attention is spied on, not replaced: the outputs still come from it."""
     from cached_ds import longt5_attention, t5_attention
@@ -334,7 +358,7 @@ def test_a_stacks_layers_share_one_flex_block_mask_per_forward(monkeypatch):
     real = t5_attention.attention
 
     def spy(q, k, v, layout, *args, **kwargs):
-        stores.append(layout.block_masks)
+        stores.append(layout.shared)
         return real(q, k, v, layout, *args, **kwargs)
 
     monkeypatch.setattr(t5_attention, "attention", spy)
@@ -353,7 +377,7 @@ def test_a_stacks_layers_share_one_flex_block_mask_per_forward(monkeypatch):
 
 
 def test_flex_reuses_the_block_mask_a_layout_carries():
-    """Two layers' calls with one ``block_masks`` store: the second reads the mask the first
+    """Two layers' calls with one ``shared`` store: the second reads the mask the first
     built (one entry, the same object), and its output equals a call that builds its own."""
     from dataclasses import replace
 
@@ -361,7 +385,7 @@ def test_flex_reuses_the_block_mask_a_layout_carries():
 
     q, k, v, layout = flex_inputs(40)
     store = {}
-    shared = replace(layout, block_masks=store)
+    shared = replace(layout, shared=store)
     with torch.no_grad():
         flex_bias_attention(q, k, v, shared)
         built = next(iter(store.values()))
