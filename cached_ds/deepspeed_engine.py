@@ -135,10 +135,11 @@ def attach(engine, settings: EngineSettings) -> None:
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
             wrapped.sync_group_count = _max_over_ranks
+        hook_ids = _zero3_module_hook_ids(engine)
         if settings.keep_encoder_gathered:
-            wrapped.encoder_scope = _encoder_gathered(wrapped.model, _zero3_module_hook_ids(engine)).scope
+            wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids).scope
         if settings.keep_decoder_gathered:
-            wrapped.decoder_scope = _decoder_gathered(wrapped.model, _zero3_module_hook_ids(engine)).scope
+            wrapped.decoder_scope = _decoder_gathered(wrapped.model, hook_ids).scope
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
     checkpointing = engine.config.get("activation_checkpointing")
     if checkpointing:

@@ -9,9 +9,10 @@ which left it at about 5 TFLOP/s on an H200 (LongT5-large, 16K tokens; flex with
 bias trails fused SDPA: pytorch/pytorch#138493). Here each query block is one batch row of SDPA
 with its 3-block neighbourhood (plus the global keys) as keys, and the bias is a plain tensor:
 its local part depends only on key - query inside a block pair (one (heads, block, 3·block)
-gather, broadcast over the blocks); key padding and the global keys' bias are per block. On CUDA, SDPA runs its memory-efficient kernel (the fused one that takes a bias
-needing a gradient); on CPU the same call runs SDPA's math kernel, forward and backward (tested
-against HF in CI).
+gather, broadcast over the blocks); key padding and the global keys' bias are per block. On
+CUDA, SDPA runs its memory-efficient kernel (the fused one that takes a bias needing a
+gradient); on CPU the same call runs SDPA's math kernel, forward and backward (tested against
+HF in CI).
 
     from cached_ds.t5_attention import install_fast_t5_attention
     install_fast_t5_attention(long_t5_model, local_sdpa=True)   # LongT5 encoder layers only
