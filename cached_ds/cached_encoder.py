@@ -99,9 +99,12 @@ def replayed(rng: RngState, autocast: AutocastState, device: torch.device) -> It
 
 
 def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> torch.Tensor:
-    """One HF encoder call over a group's stacked windows (positions restart in every window)."""
-    embeds = families.embed(model, group.input_ids, weight)
-    return model.get_encoder()(inputs_embeds=embeds, attention_mask=group.encoder_mask).last_hidden_state
+    """One HF encoder call over a group's stacked windows (positions restart in every window).
+    A plan in host memory (``windows``) has the group's ids and mask copied to the encoder's
+    device here, without waiting when they are pinned; one group's at a time."""
+    ids, mask = (None if t is None else t.to(weight.device, non_blocking=True) for t in (group.input_ids, group.encoder_mask))
+    embeds = families.embed(model, ids, weight)
+    return model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
 
 def encode_plan(

@@ -49,7 +49,7 @@ class FusedStates:
             wait_for_host(self.device)  # only the last group's copy is still running
         if self.plan.has_padding:  # rows no group writes
             padding = (self.plan.fused_mask == 0)[..., None]
-            fused.masked_fill_(padding.cpu() if self.on_host else padding, 0)  # no boolean indexing: a sync on a GPU
+            fused.masked_fill_(padding.to(fused.device), 0)  # no boolean indexing: a sync on a GPU
         return mark_offloaded(fused) if self.on_host else fused
 
 

@@ -6,6 +6,10 @@
     loss.backward()                                                # exact CachED gradients
     summary_ids = model.generate(input_ids, attention_mask, num_beams=4, max_new_tokens=256)
 
+``input_ids`` and ``attention_mask`` may stay in host memory (pinned, beside a GPU), as the
+trainer keeps them: each window group's ids go to the device when it is encoded, so a long
+document's ids cost the device nothing (``windows``). Labels go to the model's device.
+
 It is an ``nn.Module``, so ``deepspeed.initialize(model=CachedSeq2Seq(...))`` wraps it like any
 other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as usual).
 """
@@ -116,16 +120,17 @@ class CachedSeq2Seq(nn.Module):
         if not encode_only:
             _check_labels(labels, input_ids)
         plan = self.plan(input_ids, attention_mask)
+        device = families.input_embedding(self.model).weight.device
         if encode_only:
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
-            return BaseModelOutput(last_hidden_state=fused), plan.fused_mask
+            return BaseModelOutput(last_hidden_state=fused), plan.fused_mask.to(device)
         schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0,
                                  self.config.offload_gradient_cache, self.config.offload_encoder_states)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         mask = plan.decoder_mask
-        if mask is not None and streams_every_layer(self.model):
-            mask = compact_key_mask(mask)
+        if mask is not None:  # ids and mask may be in host memory (``windows``): the decoder's goes to its device
+            mask = compact_key_mask(mask, device) if streams_every_layer(self.model) else mask.to(device)
         held = HeldScope(self.decoder_scope()) if self.decoder_scope is not None else None
         try:
             output = self.model(

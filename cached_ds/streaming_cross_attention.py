@@ -580,7 +580,7 @@ def streams_every_layer(model: nn.Module) -> bool:
     )
 
 
-def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
+def compact_key_mask(mask: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """The (batch, N) encoder mask as a (batch, 1, 1, N) bool view for HF's decoder. Given the
     2-D mask, HF's mask builder makes a (batch, 1, target, N) mask in every decoder forward
     (1 byte per entry with sdpa, 4 with eager: a GiB per million tokens at 1024 targets);
@@ -589,9 +589,11 @@ def compact_key_mask(mask: torch.Tensor) -> torch.Tensor:
     under eager attention, so give it only to a decoder that streams every layer.
 
     A right-padded mask also carries its documents' lengths (``LENGTHS_TAG``), counted here
-    once, so no layer has to read them back from the device to pick its kernel calls."""
-    compact = mask.bool()[:, None, None, :]
-    lengths = _visible_lengths(compact[:, 0, 0, :], mask.shape[0], mask.shape[1])
+    once, so no layer has to read them back from the device to pick its kernel calls. A mask in
+    host memory is counted there (no sync at all) and moved to ``device`` as bool."""
+    keep = mask.bool()
+    lengths = _visible_lengths(keep, mask.shape[0], mask.shape[1])
+    compact = keep.to(device or keep.device)[:, None, None, :]
     if lengths is not None:
         set_tag(compact, LENGTHS_TAG, lengths)
     return compact
