@@ -34,7 +34,6 @@ def summarize(wrapped, tokenizer, documents: list[list[int]], batch_size: int = 
     """Summaries of token-id documents of any length (CachED windows, HF ``generate``)."""
     was_training = wrapped.training
     wrapped.eval()
-    device = next(wrapped.parameters()).device
     pad = tokenizer.pad_token_id
     outputs = []
     for start in range(0, len(documents), batch_size):
@@ -44,7 +43,7 @@ def summarize(wrapped, tokenizer, documents: list[list[int]], batch_size: int = 
         for row, doc in enumerate(batch):
             ids[row, : len(doc)] = torch.as_tensor(doc)
         mask = (torch.arange(longest)[None, :] < torch.tensor([len(d) for d in batch])[:, None]).long()
-        generated = wrapped.generate(ids.to(device), mask.to(device), **generate_kwargs)
+        generated = wrapped.generate(ids, mask, **generate_kwargs)  # the document stays in host memory (``windows``)
         outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
         if progress is not None:
             progress.update(len(batch))

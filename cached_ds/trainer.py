@@ -59,6 +59,20 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+DOCUMENT_KEYS = ("input_ids", "attention_mask")
+
+
+def placed(batch: dict, device: torch.device) -> dict:
+    """The batch as the model takes it: the documents' ids and mask in host memory, pinned beside
+    an accelerator so each window group's copy to it does not wait (``windows``); on the device
+    they would be 16 bytes per document token, growing with the document beside the fused states
+    ([decoder-memory]). Everything else (labels: summary-sized) on ``device``."""
+    def document(v: torch.Tensor) -> torch.Tensor:  # ids already on the device stay there
+        return v.pin_memory() if device.type != "cpu" and v.device.type == "cpu" and not v.is_pinned() else v
+
+    return {k: document(v) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
+
+
 def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, optimizer_step: bool = True) -> tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches with the loss normalised over the
     global batch; returns (summed loss, label tokens, document tokens), all global.
@@ -69,7 +83,7 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
     scale = engine.gradient_accumulation_steps() * world_size() / label_tokens
     summed = 0.0
     for batch in micro_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = placed(batch, device)
         logits = engine(**batch).logits
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
         if nan_fault:
