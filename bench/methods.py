@@ -118,8 +118,16 @@ def window_for(model: nn.Module, requested: int | None) -> int:
     return requested or families.default_window(model)
 
 
-def random_document(tokens: int, target_tokens: int, vocab: int, device, seed: int = 0) -> dict:
+def random_document(method: str, tokens: int, target_tokens: int, vocab: int, device, seed: int = 0) -> dict:
+    """One document and its summary, placed as ``method`` takes them: HF's models read the ids on
+    the device; cached_ds's keep the document in host memory, as its trainer does
+    (``cached_ds.trainer.placed``)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (1, tokens), generator=gen)
     labels = torch.randint(4, vocab, (1, target_tokens), generator=gen)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if method == "hf_ds_gc":
+        return {k: v.to(device) for k, v in batch.items()}
+    from cached_ds.trainer import placed  # here: sweep.py imports this module without cached_ds
+
+    return placed(batch, torch.device(device))

@@ -213,7 +213,7 @@ def measure(spec: dict) -> dict:
         zero_config["zero_optimization"]["reduce_bucket_size"] = spec["reduce_bucket_size"]
     engine = build_engine(spec["method"], model, zero_config, window, spec["group_tokens"], cached_settings(spec))
     result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, "auto" resolved
-    batch = random_document(spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
+    batch = random_document(spec["method"], spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)
     synchronize()

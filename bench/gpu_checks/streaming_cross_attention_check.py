@@ -10,9 +10,9 @@ on the default block kernel, then in bf16 on each kernel alone (flash, memory-ef
 blocks); each case names the kernel it ran. Then a long one: BART-large's decoder shape over 256K keys
 in bf16, reporting the peak memory of the streamed backward against HF's, and a CachED step's
 peak with the gradient cache and fused states on the device and in host memory. And a CachED
-step with both in host memory (side-stream copies, the worker thread's adds) against the same
-step without offload: fp32, to 1e-6. Prints ONE JSON line; every case catches its own
-exception. About 30 s on an H200.
+step with both in host memory (side-stream copies, the worker thread's adds), and one with the
+documents' ids in pinned host memory, against the same step on the device: fp32, to 1e-6.
+Prints ONE JSON line; every case catches its own exception. About 30 s on an H200.
 
     python bench/gpu_checks/streaming_cross_attention_check.py
 """
@@ -194,14 +194,16 @@ def cached_step_memory(tokens: int = 262144) -> dict:
 
 
 def offload_exactness(tokens: int = 32768) -> dict:
-    """A CachED step (fp32, streaming cross-attention) with the gradient cache and the fused
-    states in host memory against the same step with both on the device: the side-stream copies
-    and the worker thread's host adds must change nothing (the same fp32 adds in the same order;
-    a block read before its copy landed would). Big enough that copies and compute overlap."""
+    """A CachED step (fp32, streaming cross-attention, a padded two-document batch) with the
+    gradient cache and the fused states in host memory, and one with the documents' ids and mask
+    in pinned host memory (as the trainer gives them), against the same step with everything on
+    the device. The side-stream copies, the worker thread's host adds and each group's copy of
+    its ids must change nothing (the same fp32 adds in the same order; a block read before its
+    copy landed would). Big enough that copies and compute overlap."""
     from cached_ds import CachedConfig, CachedSeq2Seq
 
     grads = {}
-    for name, offload in (("device", False), ("host", True)):
+    for name, offload, documents_on_host in (("device", False, False), ("host", True, False), ("host-documents", False, True)):
         torch.manual_seed(0)
         model = tiny("bart", d=512, layers=2, heads=8, positions=1024).to(DEVICE).train()
         wrapped = CachedSeq2Seq(model, CachedConfig(window=1024, group_tokens=4096, cross_attention_block=2048,
@@ -210,11 +212,17 @@ def offload_exactness(tokens: int = 32768) -> dict:
         mask = torch.ones_like(ids)
         mask[1, tokens - 1000 :] = 0
         labels = torch.randint(4, 96, (2, 256), device=DEVICE)
+        if documents_on_host:
+            ids, mask = (t.cpu().pin_memory() if DEVICE == "cuda" else t.cpu() for t in (ids, mask))
         wrapped(ids, mask, labels=labels).loss.backward()
         grads[name] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-    error = global_relative(grads["host"], grads["device"])
-    return {"param_grads": error, "same_params": sorted(grads["host"]) == sorted(grads["device"]),
-            "ok": error <= 1e-6 and sorted(grads["host"]) == sorted(grads["device"])}
+    result = {}
+    for name in ("host", "host-documents"):
+        error = global_relative(grads[name], grads["device"])
+        same = sorted(grads[name]) == sorted(grads["device"])
+        result[name] = {"param_grads": error, "same_params": same}
+    result["ok"] = all(r["param_grads"] <= 1e-6 and r["same_params"] for r in result.values())
+    return result
 
 
 def main() -> None:
