@@ -55,9 +55,10 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # (16 groups run twice; `hf_ds_gc` runs 256 windows as one batch): groups of 64K tokens (4x
 # fewer encoder calls and fp32 gradient sums, about 3x the recompute memory), and a 40 GiB budget
 # of encoder graphs kept from the forward (no recompute for the groups it holds); 64K (0.83x in
-# the first session), profiled: there `cached`'s decoder backward alone took 0.473 s against
-# 0.528 s for all of `hf_ds_gc`'s backward, and 0.447 s at 256K, so about 0.4 s of it does not
-# grow with the document; then with a budget that holds all 4 groups, and both methods with
+# the first session), profiled: `cached` was 0.18 s slower per step, and its breakdown (decoder
+# backward 0.473 s, recompute 0.308 s, against 0.528 s for all of `hf_ds_gc`'s backward; the
+# decoder backward was 0.447 s at 256K) cannot say which part is the excess; then with a budget
+# that holds all 4 groups, and both methods with
 # a 5e7-element reduce bucket instead of "auto"'s hidden² (1M for BART-large and LongT5-large:
 # one ZeRO-3 flush per large parameter, and the host waits on the GPU whenever 3 flushes are
 # pending, stage3.py max_param_reduce_events = 2). Then the growth
