@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 
 from flops import step_flops  # noqa: E402
+from memory_sites import traced_step  # noqa: E402
 from methods import attn_implementation, build_engine, random_document, window_for, without_attention_dropout  # noqa: E402
 
 GIB = 2**30
@@ -239,6 +240,11 @@ def measure(spec: dict) -> dict:
         result["encoder_saved_peak_bytes"] = encoder_saved_peak(engine, encoder, batch)
     if spec.get("profile"):
         result["profile"] = profile_step(engine, batch)
+    if spec.get("memory_trace") and device.type == "cuda":
+        try:  # what is live at the peak, by site: one more step, its host slowed by the trace
+            result["peak_sites"] = traced_step(lambda: train_step(engine, batch))
+        except Exception as error:  # noqa: BLE001 - a failed trace must not cost the point
+            result["peak_sites_error"] = f"{type(error).__name__}: {error}"[:300]
     return result
 
 

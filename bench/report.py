@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
+from memory_sites import site_growth  # noqa: E402
 
 BASELINE = "hf_ds_gc"
 
@@ -116,6 +117,28 @@ def growth_table(points: list[dict]) -> str:
     return "\n".join(["| model | method | between | GiB per 2²⁰ tokens | bytes per token |", "|---|---|---|---:|---:|", *rows]) + "\n"
 
 
+def memory_site_tables(points: list[dict], top: int = 8) -> str:
+    """Per method traced at two or more lengths (``--memory_trace``): what each source line added
+    to the step's peak per document token between consecutive traced lengths, and the largest
+    sites live at the longest one's peak."""
+    parts = []
+    for model, method in sorted({(p["model"], label(p)) for p in points if p.get("peak_sites")}):
+        traced = sorted((p for p in points if (p["model"], label(p)) == (model, method) and p.get("peak_sites")), key=lambda p: p["tokens"])
+        rows = [f"### {model} {method}", ""]
+        for shorter, longer in zip(traced, traced[1:]):
+            tokens = (shorter["tokens"], longer["tokens"])
+            rows += [f"Added per token, {_tokens(tokens[0])} → {_tokens(tokens[1])}:", "", "| site | bytes per token |", "|---|---:|"]
+            rows += [f"| `{name}` | {per_token:,.1f} |" for name, per_token in site_growth(shorter["peak_sites"], longer["peak_sites"], tokens)]
+            rows.append("")
+        last = traced[-1]["peak_sites"]
+        rows += [f"Live at the peak of {_tokens(traced[-1]['tokens'])} (traced peak {last['traced_peak_gib']:.2f} GiB"
+                 + (", trace truncated: peak unreliable" if last.get("truncated") else "") + "):", "",
+                 "| site | GiB | allocations |", "|---|---:|---:|"]
+        rows += [f"| `{s['site']}` | {s['gib']:.3f} | {s['allocations']} |" for s in last["sites"][:top]]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
 def plot(points: list[dict], folder: Path) -> list[Path]:
     gpu = any(p.get("peak_allocated_gib") is not None for p in points)
     memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
@@ -174,8 +197,10 @@ def write_report(folder: Path) -> None:
     points = read_points(folder)
     growth = growth_table(points)
     profiles = profile_tables(points)
+    sites = memory_site_tables(points)
     text = (f"# Sweep results: {folder.name}\n\n{table(points)}\n## Time per step\n\n{breakdown_table(points)}\n"
             + (f"## Memory growth\n\n{growth}\n" if growth else "")
+            + (f"## Memory at the peak, by source line\n\n{sites}\n" if sites else "")
             + (f"## Profiles\n\n{profiles}\n" if profiles else "")
             + "![memory](memory.png)\n![throughput](throughput.png)\n")
     _write_atomic(folder / "table.md", text.encode())

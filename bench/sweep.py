@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--saved_tensor_meter", action="store_true", help="also record the encoder's saved-tensor peak (one more step)")
     parser.add_argument("--profile", action="store_true",
                         help="one more step under torch.profiler: top ops by device time and the device's busy share (table.md)")
+    parser.add_argument("--memory_trace", action="store_true",
+                        help="CUDA: one more step under the allocator's trace; what is live at its peak, by source line, and "
+                             "what each line adds per token between traced lengths (memory_sites.py, table.md)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<device>)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny-bart, 2 lengths, all methods, fp32")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -171,7 +174,7 @@ def main(argv=None) -> Path:
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
                     group_tokens_set=args.group_tokens_set,
                     steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
-                    profile=args.profile,
+                    profile=args.profile, memory_trace=args.memory_trace,
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
                     zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size)

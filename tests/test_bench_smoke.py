@@ -188,3 +188,57 @@ def test_a_reduce_bucket_ab_reaches_every_engine(smoke, tmp_path):
     points = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
     assert {(p["method"], p["zero_reduce_bucket_size"]) for p in points} == {("hf_ds_gc", 100000), ("cached", 100000)}
     assert "| tiny-bart | cached+bucket=100000 | 1K |" in (tmp_path / "table.md").read_text()
+
+
+def _alloc(addr, size, *files):
+    frames = [{"filename": f"/site-packages/{name}", "line": line, "name": fn} for name, line, fn in files]
+    return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+
+BART_LINE = ("transformers/models/bart/modeling_bart.py", 120, "forward")
+OUR_LINE = ("cached_ds/cached_encoder.py", 110, "encode_group")
+TORCH_LINE = ("torch/nn/functional.py", 2500, "linear")
+
+
+def test_peak_sites_replays_the_allocator_trace_to_its_peak():
+    """A block counts until its ``free_requested``, when the allocator's ``allocated_bytes``
+    (the points' peak figure) drops, and frees of blocks from before the trace are ignored: the
+    peak here is 220 bytes with blocks 2-4 live, not the 230 a release only at
+    ``free_completed`` gives (block 1 still held by another stream)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_sites import peak_sites
+
+    entries = [_alloc(1, 100, TORCH_LINE, BART_LINE, OUR_LINE),
+               {"action": "free_completed", "addr": 999, "size": 1000},  # allocated before the trace
+               _alloc(2, 50, TORCH_LINE, OUR_LINE),
+               {"action": "free_requested", "addr": 1, "size": 100},
+               _alloc(3, 80, TORCH_LINE, BART_LINE, OUR_LINE),
+               {"action": "free_completed", "addr": 1, "size": 100},
+               _alloc(4, 90, OUR_LINE)]
+    result = peak_sites(entries)
+    assert result["traced_peak_gib"] * 2**30 == 220
+    sites = {s["site"]: (round(s["gib"] * 2**30), s["allocations"]) for s in result["sites"]}
+    assert sites == {"cached_ds/cached_encoder.py:110 encode_group": (140, 2),
+                     "bart/modeling_bart.py:120 forward <- cached_ds/cached_encoder.py:110 encode_group": (80, 1)}
+    assert peak_sites(entries, top=1)["other_gib"] * 2**30 == 80
+
+
+def test_memory_site_table_names_what_each_line_adds_per_token():
+    """Between two traced lengths, a site that holds 2 GiB more per 2**20 tokens added 2048 bytes
+    per token; a site that did not grow is not listed."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_sites import site_growth
+    from report import memory_site_tables
+
+    def traced(tokens, states_gib):
+        sites = [{"site": "fused_states.py:37 add", "gib": states_gib, "allocations": 1},
+                 {"site": "streaming_cross_attention.py:176 blocks", "gib": 1.5, "allocations": 4}]
+        return {"model": "bart-large", "method": "cached", "tokens": tokens,
+                "peak_sites": {"traced_peak_gib": states_gib + 1.5, "sites": sites, "other_gib": 0.25}}
+
+    shorter, longer = traced(2**21, 4.0), traced(2**22, 8.0)
+    assert site_growth(shorter["peak_sites"], longer["peak_sites"], (2**21, 2**22)) == [("fused_states.py:37 add", 2048.0)]
+    table = memory_site_tables([shorter, longer, {"model": "bart-large", "method": "hf_ds_gc", "tokens": 2**18}])
+    assert "| `fused_states.py:37 add` | 2,048.0 |" in table
+    assert "2M → 4M" in table and "streaming_cross_attention.py:176 blocks` | 1.500 | 4 |" in table
+    assert table.count("### ") == 1  # untraced points get no section

@@ -62,8 +62,10 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # a 5e7-element reduce bucket instead of "auto"'s hidden² (1M for BART-large and LongT5-large:
 # one ZeRO-3 flush per large parameter, and the host waits on the GPU whenever 3 flushes are
 # pending, stage3.py max_param_reduce_events = 2). Then the growth
-# per token with streaming after the window plan stopped copying ids and masks (2M and 4M; 6196
-# B/token before, 6144 the floor), the offloaded reach and growth (4M, 16M: never measured),
+# per token with streaming after the window plan stopped copying ids and masks and the documents
+# stayed in host memory (2M and 4M; 6196 B/token before, 6144 the floor), each with one more step
+# under the allocator's trace (--memory_trace: table.md lists what each source line adds per
+# token between the two), the offloaded reach and growth (4M, 16M: never measured),
 # 512K profiled (the 300K tok/s target), and the rest. A step costs about 5.7 s per million
 # tokens (H200), so lines of 2M and more take one step with no warm-up (the peak memory is the
 # figure there) and no breakdown step. 256K
@@ -75,8 +77,8 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 --tokens 65536 --methods hf_ds_gc,cached --profile
 --tokens 65536 --methods cached --keep_graphs_gib 40
 --tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 50000000
---tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
---tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG
+--tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
+--tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
 --tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 524288 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile
