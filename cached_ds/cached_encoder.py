@@ -44,7 +44,7 @@ from . import families
 from .fused_states import FusedStates, fuse
 from .gradient_sink import GradientSink, attach
 from .held_scope import HeldScope
-from .host_offload import mark_offloaded
+from .host_offload import mark_offloaded, to_device
 from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
 
@@ -101,8 +101,8 @@ def replayed(rng: RngState, autocast: AutocastState, device: torch.device) -> It
 def encode_group(model: nn.Module, weight: torch.Tensor, group: WindowGroup) -> torch.Tensor:
     """One HF encoder call over a group's stacked windows (positions restart in every window).
     A plan in host memory (``windows``) has the group's ids and mask copied to the encoder's
-    device here, without waiting when they are pinned; one group's at a time."""
-    ids, mask = (None if t is None else t.to(weight.device, non_blocking=True) for t in (group.input_ids, group.encoder_mask))
+    device here, one group's at a time, without the host waiting (``to_device``)."""
+    ids, mask = (None if t is None else to_device(t, weight.device) for t in (group.input_ids, group.encoder_mask))
     embeds = families.embed(model, ids, weight)
     return model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .host_offload import host_empty, mark_offloaded, rows_to_host, wait_for_host
+from .host_offload import host_empty, mark_offloaded, rows_to_host, to_device, wait_for_host
 from .windows import WindowPlan
 
 
@@ -49,7 +49,7 @@ class FusedStates:
             wait_for_host(self.device)  # only the last group's copy is still running
         if self.plan.has_padding:  # rows no group writes
             padding = (self.plan.fused_mask == 0)[..., None]
-            fused.masked_fill_(padding.to(fused.device), 0)  # no boolean indexing: a sync on a GPU
+            fused.masked_fill_(to_device(padding, fused.device), 0)  # no boolean indexing: a sync on a GPU
         return mark_offloaded(fused) if self.on_host else fused
 
 

@@ -15,6 +15,10 @@ one per direction, so it runs while the compute stream works on the neighbouring
 - the recompute: group i+1's slice of the cache comes over while group i is recomputed
   (``WindowPlan.split_gradient``).
 
+The documents' token ids are N-sized too, and always stay in host memory: ``placed`` keeps a
+batch's ids and mask there (pinned), and each window group's ids go over when the group is
+encoded (``to_device``, ``cached_encoder.encode_group``).
+
 The copies move row ranges (``WindowGroup.runs``), not index lists: an indexed copy would run on
 the host. Pinned buffers come from PyTorch's caching host allocator, which rounds each request up
 to a power of two and keeps freed blocks for the next step (no re-pinning per step, but up to 2×
@@ -67,6 +71,30 @@ def host_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     Not zero-filled: at 16M tokens the two N-sized buffers are 96 GiB, seconds of memset per
     step; their users write every row before reading it."""
     return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+
+
+DOCUMENT_KEYS = ("input_ids", "attention_mask")
+
+
+def placed(batch: dict, device: torch.device) -> dict:
+    """The batch as ``CachedSeq2Seq`` takes it: the documents' ids and mask in host memory,
+    pinned beside an accelerator (ids already on a device stay there); everything else (labels:
+    summary-sized) on ``device``. On the device the documents would cost 16 bytes per token,
+    growing with the document beside the fused states ([decoder-memory])."""
+    def document(v: torch.Tensor) -> torch.Tensor:
+        return v.pin_memory() if device.type != "cpu" and v.device.type == "cpu" and not v.is_pinned() else v
+
+    return {k: document(v) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting for the device. From host memory the
+    copy reads pinned memory (pinned here if it is not: a copy from pageable memory waits until
+    the device has done everything queued before it, so the host could not run ahead), and the
+    caching host allocator keeps that block until the copy has read it. Already there: itself."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def mark_offloaded(tensor: torch.Tensor, owner=None) -> torch.Tensor:

@@ -7,8 +7,9 @@
     summary_ids = model.generate(input_ids, attention_mask, num_beams=4, max_new_tokens=256)
 
 ``input_ids`` and ``attention_mask`` may stay in host memory (pinned, beside a GPU), as the
-trainer keeps them: each window group's ids go to the device when it is encoded, so a long
-document's ids cost the device nothing (``windows``). Labels go to the model's device.
+trainer keeps them (``host_offload.placed``): each window group's ids go to the device when it
+is encoded, so a long document's ids cost the device nothing (``windows``); a padded batch's
+key mask goes to the decoder's device. Labels go to the model's device.
 
 It is an ``nn.Module``, so ``deepspeed.initialize(model=CachedSeq2Seq(...))`` wraps it like any
 other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as usual).
@@ -30,6 +31,7 @@ from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .held_scope import HeldScope, closed_after_backward
+from .host_offload import to_device
 from .shared_beam_generation import generate_shared
 from .streaming_cross_attention import (
     compact_key_mask,
@@ -123,14 +125,16 @@ class CachedSeq2Seq(nn.Module):
         device = families.input_embedding(self.model).weight.device
         if encode_only:
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
-            return BaseModelOutput(last_hidden_state=fused), plan.fused_mask.to(device)
+            # generate reads it on the device; unpadded, a broadcast one (a copy would be 8 B per token)
+            ones = torch.ones((), dtype=torch.long, device=device).expand(plan.fused_mask.shape)
+            return BaseModelOutput(last_hidden_state=fused), to_device(plan.fused_mask, device) if plan.has_padding else ones
         schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0,
                                  self.config.offload_gradient_cache, self.config.offload_encoder_states)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         mask = plan.decoder_mask
         if mask is not None:  # ids and mask may be in host memory (``windows``): the decoder's goes to its device
-            mask = compact_key_mask(mask, device) if streams_every_layer(self.model) else mask.to(device)
+            mask = compact_key_mask(mask, device) if streams_every_layer(self.model) else to_device(mask, device)
         held = HeldScope(self.decoder_scope()) if self.decoder_scope is not None else None
         try:
             output = self.model(

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from .block_attention import BlockKernel, block_kernel
-from .host_offload import is_offloaded, prefetched, rows_to_device
+from .host_offload import is_offloaded, prefetched, rows_to_device, to_device
 from .tensor_tags import get_tag, set_tag
 from .gradient_sink import (
     GradientSink,
@@ -590,10 +590,11 @@ def compact_key_mask(mask: torch.Tensor, device: torch.device | None = None) -> 
 
     A right-padded mask also carries its documents' lengths (``LENGTHS_TAG``), counted here
     once, so no layer has to read them back from the device to pick its kernel calls. A mask in
-    host memory is counted there (no sync at all) and moved to ``device`` as bool."""
+    host memory is counted there, with no wait for the device, and goes to ``device`` as bool
+    (``to_device``: nor does the copy wait)."""
     keep = mask.bool()
     lengths = _visible_lengths(keep, mask.shape[0], mask.shape[1])
-    compact = keep.to(device or keep.device)[:, None, None, :]
+    compact = to_device(keep, device or keep.device)[:, None, None, :]
     if lengths is not None:
         set_tag(compact, LENGTHS_TAG, lengths)
     return compact

@@ -35,6 +35,7 @@ from .distributed import all_reduce_sum, barrier, init_process_group, rank, worl
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
+from .host_offload import placed
 from .model_zoo import load_model
 from .run_config import RunConfig
 
@@ -57,20 +58,6 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-DOCUMENT_KEYS = ("input_ids", "attention_mask")
-
-
-def placed(batch: dict, device: torch.device) -> dict:
-    """The batch as the model takes it: the documents' ids and mask in host memory, pinned beside
-    an accelerator so each window group's copy to it does not wait (``windows``); on the device
-    they would be 16 bytes per document token, growing with the document beside the fused states
-    ([decoder-memory]). Everything else (labels: summary-sized) on ``device``."""
-    def document(v: torch.Tensor) -> torch.Tensor:  # ids already on the device stay there
-        return v.pin_memory() if device.type != "cpu" and v.device.type == "cpu" and not v.is_pinned() else v
-
-    return {k: document(v) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
 
 
 def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, optimizer_step: bool = True) -> tuple[float, float, float]:

@@ -7,10 +7,10 @@ Each group also holds the row ranges (``runs``) that move its encoder output bet
 layout and the fused (batch, tokens, hidden) tensor the decoder attends to
 (``fused_states.FusedStates``) — and the gradient back the other way (``split_gradient``).
 
-The plan lives where the batch's ids do. Kept in host memory (pinned beside a GPU), the ids of a
-multi-million-token document cost the device nothing: ``cached_encoder.encode_group`` copies
-each group's ids to the encoder's device when it encodes the group, and the model moves the
-decoder's key mask there once per step.
+The plan lives where the batch's ids do. Kept in host memory (``host_offload.placed``), the ids
+of a multi-million-token document cost the device nothing: ``cached_encoder.encode_group``
+copies each group's ids to the encoder's device when it encodes the group, and the model moves
+a padded batch's key mask to the decoder's device once per step.
 
     >>> plan = WindowPlan.build(ids, mask, window=1024, group_windows=8, pad_token_id=1)
     >>> [encode(g.input_ids, g.attention_mask) for g in plan.groups]
@@ -35,8 +35,8 @@ class WindowGroup:
     a view of the batch's ids and a broadcast mask of ones; only a group that pads a shorter
     window or crosses into the next document copies. Copies of every group's ids and mask would
     be 16 more bytes per document token, growing with the document beside its fused states
-    ([decoder-memory]: nothing else may grow); copies are made where the ids are, pinned if they
-    are (see the module docstring)."""
+    ([decoder-memory]: nothing else may grow); copies are made where the ids are (see the
+    module docstring)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -137,7 +137,7 @@ class WindowPlan:
         missing = num_groups - len(self.groups)
         if missing <= 0:
             return self
-        ids = torch.full((1, 1), pad_token_id, dtype=torch.long, **_beside(self.fused_mask))
+        ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=self.fused_mask.device)
         stand_in = WindowGroup(ids, torch.ones_like(ids), padding=True, has_padding=False)
         return WindowPlan([stand_in] * missing + self.groups, self.fused_mask, self.has_padding)
 
@@ -174,21 +174,14 @@ def _group(input_ids: torch.Tensor, members: list[tuple[int, int, int]], pad_tok
         ids = input_ids[doc, start : start + count * group_len].reshape(count, group_len)
         mask = torch.ones((), dtype=torch.long, device=input_ids.device).expand(count, group_len)
         return WindowGroup(ids, mask, ((0, doc * longest + start, count * group_len),), has_padding=False)
-    ids = torch.full((count, group_len), pad_token_id, dtype=input_ids.dtype, **_beside(input_ids))
-    mask = torch.zeros((count, group_len), dtype=torch.long, **_beside(input_ids))
+    ids = input_ids.new_full((count, group_len), pad_token_id)
+    mask = torch.zeros((count, group_len), dtype=torch.long, device=input_ids.device)
     runs = []
     for row, (doc, start, length) in enumerate(members):
         ids[row, :length] = input_ids[doc, start : start + length]
         mask[row, :length] = 1
         runs.append((row * group_len, doc * longest + start, length))
     return WindowGroup(ids, mask, _merged(runs), has_padding=any(length < group_len for _, _, length in members))
-
-
-def _beside(tensor: torch.Tensor) -> dict:
-    """Where a plan's new tensors go: ``tensor``'s device, and pinned if ``tensor`` is pinned
-    host memory. A copy to the GPU from pageable memory waits for it (``.to`` synchronises, and
-    CUDA stages the bytes), so the host could no longer queue work ahead of the device."""
-    return {"device": tensor.device, "pin_memory": tensor.device.type == "cpu" and tensor.is_pinned()}
 
 
 def _merged(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
