@@ -121,13 +121,15 @@ def window_for(model: nn.Module, requested: int | None) -> int:
 def random_document(method: str, tokens: int, target_tokens: int, vocab: int, device, seed: int = 0) -> dict:
     """One document and its summary, placed as ``method`` takes them: HF's models read the ids on
     the device; cached_ds's keep the document in host memory, as its trainer does
-    (``cached_ds.trainer.placed``)."""
+    (``cached_ds.host_offload.placed``)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (1, tokens), generator=gen)
     labels = torch.randint(4, vocab, (1, target_tokens), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     if method == "hf_ds_gc":
         return {k: v.to(device) for k, v in batch.items()}
-    from cached_ds.trainer import placed  # here: sweep.py imports this module without cached_ds
+    # here: sweep.py imports this module without cached_ds; and not through cached_ds.trainer,
+    # which needs datasets and rouge-score, which the GPU machine lacks
+    from cached_ds.host_offload import placed
 
     return placed(batch, torch.device(device))

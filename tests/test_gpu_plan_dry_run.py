@@ -127,3 +127,40 @@ def test_every_line_of_the_default_plans_parses(model, failed_checks, tmp_path):
             assert args.cross_attention_block == 32768 and args.plain_cross_attention == failed_checks
         # flex failed: lines on flex take the blocked code; the SDPA lines have no flex in the encoder
         assert args.blocked_t5_attention == (failed_checks and t5 and not args.local_sdpa_t5_attention)
+
+
+LACKING_ON_THE_GPU_MACHINE = '''
+import sys
+
+
+class Lacking:  # ../shared/device/wheelhouse.sh: the GPU machine has neither, and the plan installs neither
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("datasets", "rouge_score"):
+            raise ModuleNotFoundError(f"No module named {name!r} (the GPU machine lacks it)")
+
+
+sys.meta_path.insert(0, Lacking())
+'''
+
+
+def test_a_bench_point_needs_nothing_the_gpu_machine_lacks(tmp_path):
+    """The GPU machine has no datasets or rouge-score and the plan installs only DeepSpeed's
+    wheels: a sweep of cached_ds's methods must import neither (one did, through
+    ``cached_ds.trainer``, and would have failed every such point of a GPU session). The
+    sweep and its point processes run with both imports refused (a ``sitecustomize``)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(LACKING_ON_THE_GPU_MACHINE)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/sweep.py"), "--model", "tiny-bart", "--tokens", "1024",
+                           "--methods", "cached,full", "--target_tokens", "64", "--group_tokens", "512", "--steps", "1",
+                           "--warmup", "0", "--no_breakdown", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=launcher_env(PYTHONPATH=f"{tmp_path / 'site'}:{ROOT}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    logs = "".join(path.read_text() for path in (out / "logs").glob("*.log"))
+    assert [p["method"] for p in points] == ["cached", "full"], logs[-3000:]
+    assert all(p.get("tokens_per_s") and not p.get("error") for p in points), logs[-3000:]
+    check = subprocess.run([sys.executable, "-c", "import datasets"], capture_output=True, text=True,
+                           env=launcher_env(PYTHONPATH=str(tmp_path / "site")))
+    assert "the GPU machine lacks it" in check.stderr  # the refusal itself works
