@@ -135,6 +135,8 @@ def memory_site_tables(points: list[dict], top: int = 8) -> str:
                  + (", trace truncated: peak unreliable" if last.get("truncated") else "") + "):", "",
                  "| site | GiB | allocations |", "|---|---:|---:|"]
         rows += [f"| `{s['site']}` | {s['gib']:.3f} | {s['allocations']} |" for s in last["sites"][:top]]
+        if len(last["sites"]) > top:
+            rows.append(f"| {len(last['sites']) - top} other sites | {sum(s['gib'] for s in last['sites'][top:]):.3f} | |")
         parts.append("\n".join(rows) + "\n")
     return "\n".join(parts)
 

@@ -202,25 +202,26 @@ TORCH_LINE = ("torch/nn/functional.py", 2500, "linear")
 
 def test_peak_sites_replays_the_allocator_trace_to_its_peak():
     """A block counts until its ``free_requested``, when the allocator's ``allocated_bytes``
-    (the points' peak figure) drops, and frees of blocks from before the trace are ignored: the
-    peak here is 220 bytes with blocks 2-4 live, not the 230 a release only at
-    ``free_completed`` gives (block 1 still held by another stream)."""
+    (the points' peak figure) drops, and a block from before the trace lowers the total when it
+    is freed: the peak here is 180 bytes, at block 4, with blocks 2-4 live. Releasing only at
+    ``free_completed`` would put it at 230 (block 3); ignoring the old block's free, at 220."""
     sys.path.insert(0, str(ROOT / "bench"))
     from memory_sites import peak_sites
 
     entries = [_alloc(1, 100, TORCH_LINE, BART_LINE, OUR_LINE),
-               {"action": "free_completed", "addr": 999, "size": 1000},  # allocated before the trace
+               {"action": "free_requested", "addr": 999, "size": 40},  # allocated before the trace
+               {"action": "free_completed", "addr": 999, "size": 40},
                _alloc(2, 50, TORCH_LINE, OUR_LINE),
                {"action": "free_requested", "addr": 1, "size": 100},
                _alloc(3, 80, TORCH_LINE, BART_LINE, OUR_LINE),
                {"action": "free_completed", "addr": 1, "size": 100},
                _alloc(4, 90, OUR_LINE)]
     result = peak_sites(entries)
-    assert result["traced_peak_gib"] * 2**30 == 220
-    sites = {s["site"]: (round(s["gib"] * 2**30), s["allocations"]) for s in result["sites"]}
-    assert sites == {"cached_ds/cached_encoder.py:110 encode_group": (140, 2),
-                     "bart/modeling_bart.py:120 forward <- cached_ds/cached_encoder.py:110 encode_group": (80, 1)}
-    assert peak_sites(entries, top=1)["other_gib"] * 2**30 == 80
+    assert result["traced_peak_gib"] * 2**30 == 180
+    sites = [(s["site"], round(s["gib"] * 2**30), s["allocations"]) for s in result["sites"]]
+    assert sites == [("cached_ds/cached_encoder.py:110 encode_group", 140, 2),
+                     ("bart/modeling_bart.py:120 forward <- cached_ds/cached_encoder.py:110 encode_group", 80, 1)]
+    assert peak_sites([_alloc(5, 8)])["sites"][0]["site"] == "<C++ backward: no Python frame>"
 
 
 def test_memory_site_table_names_what_each_line_adds_per_token():
@@ -234,7 +235,7 @@ def test_memory_site_table_names_what_each_line_adds_per_token():
         sites = [{"site": "fused_states.py:37 add", "gib": states_gib, "allocations": 1},
                  {"site": "streaming_cross_attention.py:176 blocks", "gib": 1.5, "allocations": 4}]
         return {"model": "bart-large", "method": "cached", "tokens": tokens,
-                "peak_sites": {"traced_peak_gib": states_gib + 1.5, "sites": sites, "other_gib": 0.25}}
+                "peak_sites": {"traced_peak_gib": states_gib + 1.5, "sites": sites}}
 
     shorter, longer = traced(2**21, 4.0), traced(2**22, 8.0)
     assert site_growth(shorter["peak_sites"], longer["peak_sites"], (2**21, 2**22)) == [("fused_states.py:37 add", 2048.0)]
