@@ -151,6 +151,10 @@ def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
     """The ``top`` host-side ops by self device time (CPU: host time), each phase's host time,
     how busy the device was over the step's wall time (low: the GPU waits on Python, e.g.
     hooks), and the library's labelled spans (``cached_ds:...``) with their inclusive times.
+    And the host's side: its ops by self host time (``host_top``: CUDA launches, Python-heavy
+    ops) and the calls in which it waited for the device (``host_waits``: synchronisations, and
+    copies, which wait inside the call when they read pageable memory). A device that idles
+    while the host waits in a sync has lost the host's lead: every launch after it is late.
 
     On CUDA the profiler lists every kernel twice: under the op that launched it (its self
     device time) and as a device-side event of its own; a ``record_function`` span too, once on
@@ -165,10 +169,18 @@ def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
     host = [e for e in events if e.device_type == DeviceType.CPU]
     phases = {e.key.split(":")[1]: e.cpu_time_total / 1e6 for e in host if e.key.startswith("step:")}
     time_of = device_us if cuda else (lambda event: event.self_cpu_time_total)
-    ops = sorted((e for e in host if not e.key.startswith(("step:", "cached_ds:"))), key=time_of, reverse=True)
+    ops = [e for e in host if not e.key.startswith(("step:", "cached_ds:"))]
+    by_device = sorted((e for e in ops if time_of(e) > 0), key=time_of, reverse=True)
     summary = {"wall_s": wall, "phase_host_s": phases, "ops_counted_by": "device time" if cuda else "host time",
                "top": [{"name": e.key, "calls": e.count, "self_ms": time_of(e) / 1e3, "host_ms": e.self_cpu_time_total / 1e3}
-                       for e in ops[:top]]}
+                       for e in by_device[:top]]}
+
+    def host_ms(selected):
+        return [{"name": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3}
+                for e in sorted(selected, key=lambda e: e.self_cpu_time_total, reverse=True)]
+
+    summary["host_top"] = host_ms(ops)[:top]
+    summary["host_waits"] = host_ms(e for e in ops if "Synchronize" in e.key or e.key.startswith("cudaMemcpy"))
     # spans the library labels (``record_function("cached_ds:...")``), with the device time of
     # everything launched inside them: compiled kernels share names across call sites
     summary["spans"] = [{"name": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3,

@@ -188,6 +188,12 @@ def profile_tables(points: list[dict], top: int = 12) -> str:
                 f"Host time per phase: {phases}. Ops by {prof['ops_counted_by']}:", "",
                 "| op | calls | self ms | host ms |", "|---|---:|---:|---:|"]
         rows += [f"| `{op['name'][:80]}` | {op['calls']} | {op['self_ms']:.1f} | {op['host_ms']:.1f} |" for op in prof["top"][:top]]
+        waits = prof.get("host_waits")
+        if waits:
+            rows += ["", "Host waiting on the device: " + ", ".join(f"`{w['name']}` {w['calls']}× {w['host_ms']:.1f} ms" for w in waits) + "."]
+        if prof.get("host_top"):  # where the host's own time goes (launches, Python-heavy ops)
+            rows += ["", "| op by self host time | calls | host ms |", "|---|---:|---:|"]
+            rows += [f"| `{op['name'][:80]}` | {op['calls']} | {op['host_ms']:.1f} |" for op in prof["host_top"][: top // 2]]
         if prof.get("spans"):  # cached_ds's labelled spans, everything inside them counted
             rows += ["", "| span | calls | host ms | device ms |", "|---|---:|---:|---:|"]
             rows += [f"| `{span['name']}` | {span['calls']} | {span['host_ms']:.1f} | {_fmt(span.get('device_ms'))} |" for span in prof["spans"]]

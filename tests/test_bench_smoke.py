@@ -112,9 +112,10 @@ def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
     mm.append_kernel("gemm_kernel", 0, 300)
     flex = event(6, "triton_flex", 350, 400)  # a compiled kernel's host-side record, under a library span
     flex.append_kernel("triton_flex", 0, 50)
+    sync = event(8, "cudaStreamSynchronize", 720, 980)  # the host waiting: no device time of its own
     events = EventList([event(1, "step:forward", 0, 1000), mm, event(3, "gemm_kernel", 150, 450, DeviceType.CUDA),
                         event(4, "step:forward", 100, 900, DeviceType.CUDA), event(5, "cached_ds:flex_t5:band", 300, 700),
-                        flex, event(7, "triton_flex", 460, 510, DeviceType.CUDA)], use_device="cuda")
+                        flex, event(7, "triton_flex", 460, 510, DeviceType.CUDA), sync], use_device="cuda")
     events._build_tree()
     summary = profile_summary(events.key_averages(), wall=2.0, cuda=True)
     assert summary["phase_host_s"] == {"forward": 1000e-6}
@@ -122,10 +123,13 @@ def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
                               {"name": "triton_flex", "calls": 1, "self_ms": 0.05, "host_ms": 0.05}]
     assert summary["device_busy_s"] == 350e-6
     assert summary["spans"] == [{"name": "cached_ds:flex_t5:band", "calls": 1, "host_ms": 0.4, "device_ms": 0.05}]
+    assert summary["host_waits"] == [{"name": "cudaStreamSynchronize", "calls": 1, "host_ms": 0.26}]
+    assert [op["name"] for op in summary["host_top"]] == ["cudaStreamSynchronize", "aten::mm", "triton_flex"]
     from report import profile_tables
 
     table = profile_tables([{"model": "long-t5-tglobal-large", "method": "cached", "tokens": 16384, "profile": summary}])
     assert "device busy 0.000 s (0%)" in table and "| `cached_ds:flex_t5:band` | 1 | 0.4 | 0.1 |" in table
+    assert "Host waiting on the device: `cudaStreamSynchronize` 1× 0.3 ms." in table
 
 
 def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
