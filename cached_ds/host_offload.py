@@ -15,9 +15,9 @@ one per direction, so it runs while the compute stream works on the neighbouring
 - the recompute: group i+1's slice of the cache comes over while group i is recomputed
   (``WindowPlan.split_gradient``).
 
-The documents' token ids are N-sized too, and always stay in host memory: ``placed`` keeps a
-batch's ids and mask there (pinned), and each window group's ids go over when the group is
-encoded (``to_device``, ``cached_encoder.encode_group``).
+The documents' token ids are N-sized too. The trainer keeps them in host memory (``placed``:
+a batch's ids and mask, pinned), and each window group's ids go over when the group is encoded
+(``to_device``, ``cached_encoder.encode_group``).
 
 The copies move row ranges (``WindowGroup.runs``), not index lists: an indexed copy would run on
 the host. Pinned buffers come from PyTorch's caching host allocator, which rounds each request up

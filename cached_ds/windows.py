@@ -137,7 +137,8 @@ class WindowPlan:
         missing = num_groups - len(self.groups)
         if missing <= 0:
             return self
-        ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=self.fused_mask.device)
+        device = self.fused_mask.device
+        ids = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
         stand_in = WindowGroup(ids, torch.ones_like(ids), padding=True, has_padding=False)
         return WindowPlan([stand_in] * missing + self.groups, self.fused_mask, self.has_padding)
 
