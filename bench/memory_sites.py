@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 GIB = 2**30
-MAX_ENTRIES = 2_000_000  # a BART-large step at 4M tokens makes a few hundred thousand
+MAX_ENTRIES = 2_000_000  # a BART-large step at 4M tokens: a few hundred thousand, by a rough count
 OURS = ("cached_ds/", "bench/")
 
 
 def traced_step(run: Callable[[], object]) -> dict:
     """Run one step (``run()``) with the allocator's history recorded (Python stacks only: about
-    2 µs per allocation; C++ stacks would take minutes to symbolise) and return ``peak_sites``
-    of its trace. CUDA only."""
+    2 µs per allocation, by torch's docs; C++ stacks cost more to record and to symbolise) and
+    return ``peak_sites`` of its trace. CUDA only."""
     import torch
 
     torch.cuda.synchronize()
