@@ -78,11 +78,12 @@ DOCUMENT_KEYS = ("input_ids", "attention_mask")
 
 def placed(batch: dict, device: torch.device) -> dict:
     """The batch as ``CachedSeq2Seq`` takes it: the documents' ids and mask in host memory,
-    pinned beside an accelerator (ids already on a device stay there); everything else (labels:
-    summary-sized) on ``device``. On the device the documents would cost 16 bytes per token,
-    growing with the document beside the fused states ([decoder-memory])."""
+    pinned beside a GPU, as ``host_empty`` and ``to_device`` pin (ids already on a device stay
+    there); everything else (labels: summary-sized) on ``device``. On the device the documents
+    would cost 16 bytes per token, growing with the document beside the fused states
+    ([decoder-memory])."""
     def document(v: torch.Tensor) -> torch.Tensor:
-        return v.pin_memory() if device.type != "cpu" and v.device.type == "cpu" and not v.is_pinned() else v
+        return v.pin_memory() if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned() else v
 
     return {k: document(v) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
 

@@ -125,9 +125,11 @@ class CachedSeq2Seq(nn.Module):
         device = families.input_embedding(self.model).weight.device
         if encode_only:
             fused = encode_windows(self.model, plan, scope=self.encoder_scope)
-            # generate reads it on the device; unpadded, a broadcast one (a copy would be 8 B per token)
-            ones = torch.ones((), dtype=torch.long, device=device).expand(plan.fused_mask.shape)
-            return BaseModelOutput(last_hidden_state=fused), to_device(plan.fused_mask, device) if plan.has_padding else ones
+            if plan.has_padding:  # generate reads the mask on the device
+                mask = to_device(plan.fused_mask, device)
+            else:  # a broadcast one: a copy would be 8 B per token
+                mask = torch.ones((), dtype=torch.long, device=device).expand(plan.fused_mask.shape)
+            return BaseModelOutput(last_hidden_state=fused), mask
         schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0,
                                  self.config.offload_gradient_cache, self.config.offload_encoder_states)
         fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
