@@ -74,7 +74,16 @@ def train_step(engine, batch) -> float:
 class PhaseClock:
     """Where one step's time goes, from the encoder's forward hooks (synchronised, so it is run on
     a step of its own, apart from the timed ones). For ``cached`` the encoder runs in forward
-    without autograd and again inside backward (the recompute), which splits the backward."""
+    without autograd and again inside backward (the recompute), which splits the backward, and
+    each window group's share of the recompute is clocked (``recompute_group_s``, in order).
+
+    A hook on the input embedding's accumulated gradient marks where the model's backward ends:
+    the tied embedding is the last parameter autograd reaches, for every method. What follows is
+    the engine's end of backward (``epilogue_s``: ZeRO's last bucket, its partitioning), kept
+    out of the last group's time. That group is where ``cached`` delivers every encoder
+    parameter's gradient, so every ZeRO reduction of the encoder falls inside it, after one
+    group's compute (``hf_ds_gc`` spreads them over the whole encoder backward): a last group
+    much slower than the others is that reduction's host time, not hidden by device work."""
 
     def __init__(self, encoder: torch.nn.Module):
         self.encoder, self.marks = encoder, []
@@ -90,8 +99,11 @@ class PhaseClock:
         self._mark(f"{name}:end")
 
     def run(self, engine, batch) -> dict:
+        embedding = self.encoder.get_input_embeddings().weight
         handles = [self.encoder.register_forward_pre_hook(lambda *_: self._mark("encoder:start")),
                    self.encoder.register_forward_hook(lambda *_: self._mark("encoder:end"))]
+        if embedding.requires_grad:
+            handles.append(embedding.register_post_accumulate_grad_hook(lambda _: self._mark("embedding_grad")))
         try:
             with self.phase("forward"):
                 loss = engine(**batch).loss
@@ -114,6 +126,8 @@ class PhaseClock:
                 times[section]["encoder"].append([t, None])
             elif name == "encoder:end":
                 times[section]["encoder"][-1][1] = t
+            elif name == "embedding_grad":
+                times[section]["embedding_grad"] = t
             elif name.endswith(":end"):
                 times[section]["end"] = t
         forward, backward = times["forward"], times["backward"]
@@ -121,10 +135,14 @@ class PhaseClock:
         result = {"encoder_forward_s": encode, "decoder_forward_s": forward["end"] - forward["start"] - encode,
                   "backward_s": backward["end"] - backward["start"],
                   "optimizer_s": times["optimizer"]["end"] - times["optimizer"]["start"]}
+        model_end = backward.get("embedding_grad", backward["end"])
+        result["epilogue_s"] = backward["end"] - model_end
         if backward["encoder"]:  # cached: decoder backward, then the recompute + encoder backward
-            first = backward["encoder"][0][0]
-            result["decoder_backward_s"] = first - backward["start"]
-            result["recompute_backward_s"] = backward["end"] - first
+            starts = [start for start, _ in backward["encoder"]]
+            result["decoder_backward_s"] = starts[0] - backward["start"]
+            result["recompute_backward_s"] = backward["end"] - starts[0]
+            # a group's encoder pass, its backward and its gradient sums: up to the next group's pass
+            result["recompute_group_s"] = [b - a for a, b in zip(starts, [*starts[1:], model_end])]
         return result
 
 

@@ -37,8 +37,14 @@ def test_every_method_and_length_has_a_well_formed_point(smoke):
         assert p["step_s"] > 0 and abs(p["tokens_per_s"] - p["tokens"] / p["step_s"]) < 1e-6 * p["tokens_per_s"]
         assert len(p["step_times"]) == 2 and all(l == l for l in p["losses"])  # finite, not NaN
         parts = p["breakdown"]
+        groups = parts.pop("recompute_group_s", None)
         assert all(v >= 0 for v in parts.values())
-        assert ("recompute_backward_s" in parts) == (p["method"] == "cached")
+        assert ("recompute_backward_s" in parts) == (p["method"] == "cached") == (groups is not None)
+        assert 0 < parts["epilogue_s"] < parts["backward_s"]  # 0: the embedding-gradient mark never came
+        if groups is not None:  # one clocked share per window group (512 tokens each), which with the
+            # decoder's backward and the engine's epilogue make up the whole backward
+            assert len(groups) == p["tokens"] // 512 and min(groups) > 0
+            assert sum(groups) + parts["decoder_backward_s"] + parts["epilogue_s"] == pytest.approx(parts["backward_s"], rel=1e-9)
 
 
 def test_table_and_plots_are_written(smoke):
