@@ -9,6 +9,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from cached_ds.ds_config import REDUCE_BUCKET_FLOOR
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"method": str, "model": str, "tokens": int, "zero_stage": int, "dtype": str, "device": str,
             "step_s": float, "tokens_per_s": float, "oom": bool, "attn_implementation": str}
@@ -190,7 +192,7 @@ def test_a_reduce_bucket_ab_is_labelled_and_compared_with_its_own_baseline():
 
 def test_a_reduce_bucket_ab_reaches_every_engine(smoke, tmp_path):
     _, points = smoke
-    assert {p["zero_reduce_bucket_size"] for p in points} == {64 * 64}  # "auto": hidden² of tiny-bart (d_model 64)
+    assert {p["zero_reduce_bucket_size"] for p in points} == {REDUCE_BUCKET_FLOOR}  # "auto" for tiny-bart: hidden² is below the floor
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "hf_ds_gc,cached", "--tokens", "1024",
                            "--steps", "1", "--warmup", "0", "--no_breakdown", "--reduce_bucket_size", "100000", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)

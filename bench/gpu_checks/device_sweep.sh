@@ -58,10 +58,11 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # the first session), profiled: `cached` was 0.18 s slower per step, and its breakdown (decoder
 # backward 0.473 s, recompute 0.308 s, against 0.528 s for all of `hf_ds_gc`'s backward; the
 # decoder backward was 0.447 s at 256K) cannot say which part is the excess; then with a budget
-# that holds all 4 groups, and both methods with
-# a 5e7-element reduce bucket instead of "auto"'s hidden² (1M for BART-large and LongT5-large:
-# one ZeRO-3 flush per large parameter, and the host waits on the GPU whenever 3 flushes are
-# pending, stage3.py max_param_reduce_events = 2). Then the growth
+# that holds all 4 groups, and both methods with HF's hidden² reduce bucket (1M elements for
+# BART-large and LongT5-large), which the sessions so far ran: "auto" now gives 5e7
+# (cached_ds.ds_config.reduce_bucket_size: 387 ZeRO-3 flushes per step become 9; the host waits
+# on the GPU whenever 3 are pending, stage3.py max_param_reduce_events = 2, and `cached` makes
+# every encoder flush in its last window group, which the breakdown now clocks apart). Then the growth
 # per token with streaming after the window plan stopped copying ids and masks and the documents
 # stayed in host memory (2M and 4M; 6196 B/token before, 6144 the floor), each with one more step
 # under the allocator's trace (--memory_trace: table.md lists what each source line adds per
@@ -76,7 +77,7 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 --tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --profile
 --tokens 65536 --methods cached --keep_graphs_gib 40
---tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 50000000
+--tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 1048576
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
@@ -96,8 +97,8 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --
 # cached_ds/local_sdpa.py; its CUDA exactness is a case of t5_attention_check.py); then 16K
 # with its one window group's encoder graph kept from the forward (no recompute: 3 encoder passes
 # where hf_ds_gc's checkpointing runs 4), without streaming (the H200 sessions' setting) and with
-# ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered), and both methods with a
-# 5e7-element reduce bucket (as in the BART plan); then the 4M target.
+# ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered), and both methods with HF's
+# hidden² reduce bucket (as in the BART plan); then the 4M target.
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
@@ -105,7 +106,7 @@ LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $B
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40 --no_breakdown
 --tokens 16384 --methods cached --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
---tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --reduce_bucket_size 50000000 --no_breakdown
+--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --reduce_bucket_size 1048576 --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
