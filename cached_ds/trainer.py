@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
+import signal
 import time
 from dataclasses import replace
 from functools import partial
@@ -60,10 +62,13 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, optimizer_step: bool = True) -> tuple[float, float, float]:
+def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, kill_fault: bool = False,
+               optimizer_step: bool = True) -> tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches with the loss normalised over the
     global batch; returns (summed loss, label tokens, document tokens), all global.
-    ``optimizer_step=False`` stops at the accumulation boundary with the gradients in place."""
+    ``optimizer_step=False`` stops at the accumulation boundary with the gradients in place.
+    Tests only: ``nan_fault`` makes the loss NaN, ``kill_fault`` SIGKILLs the process between the
+    first backward and its optimizer step."""
     device = engine.device
     label_tokens = all_reduce_sum(sum(int((b["labels"] != -100).sum()) for b in micro_batches))
     doc_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
@@ -78,6 +83,8 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
         if check is not None:
             check(loss_sum)
         engine.backward(loss_sum * scale)
+        if kill_fault:
+            os.kill(os.getpid(), signal.SIGKILL)
         if optimizer_step or not engine.is_gradient_accumulation_boundary():
             engine.step()
         summed += float(loss_sum.detach())
@@ -282,7 +289,8 @@ class Trainer:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
         summed, label_tokens, doc_tokens = train_step(self.engine, micro_batches, check=self._stop_unless_finite,
-                                                      nan_fault=injected_fault("nan_loss", self.step + 1))
+                                                      nan_fault=injected_fault("nan_loss", self.step + 1),
+                                                      kill_fault=injected_fault("kill_mid_step", self.step + 1))
         elapsed = time.perf_counter() - started
         norm = self.engine.get_global_grad_norm()
         return {"step": self.step + 1, "loss": summed / label_tokens, "lr": lr,
