@@ -243,7 +243,7 @@ def measure(spec: dict) -> dict:
     if spec.get("reduce_bucket_size"):  # an A/B of the "auto" value, for every method alike
         zero_config["zero_optimization"]["reduce_bucket_size"] = spec["reduce_bucket_size"]
     engine = build_engine(spec["method"], model, zero_config, window, spec["group_tokens"], cached_settings(spec))
-    result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, "auto" resolved
+    result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, the config's or an A/B's
     batch = random_document(spec["method"], spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)

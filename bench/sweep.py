@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep_graphs_gib", type=float, default=None,
                         help="cached: device memory (GiB) for encoder graphs kept from the forward instead of recomputed (keep_graphs_bytes)")
     parser.add_argument("--reduce_bucket_size", type=int, default=None,
-                        help="every method: ZeRO's reduce_bucket_size in elements instead of the config's \"auto\" (hidden², at "
-                             "least 5e7: cached_ds.ds_config.reduce_bucket_size), for an A/B (HF's value: hidden²); rows are then labelled bucket=N and compared with hf_ds_gc's of the same size")
+                        help="every method: ZeRO's reduce_bucket_size in elements instead of the config's (5e7 in the shipped "
+                             "configs; HF's \"auto\" is hidden²), for an A/B; rows are then labelled bucket=N and compared with hf_ds_gc's of the same size")
     parser.add_argument("--zero3_decoder_hooks", action="store_true",
                         help="cached, ZeRO-3: leave the decoder to ZeRO-3's per-submodule gathers and hooks (keep_decoder_gathered off), for an A/B")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")

@@ -1,10 +1,11 @@
 """DeepSpeed JSON configs: loading with precise errors, and HF-style ``"auto"`` resolution.
 
 ``"auto"`` is filled the way Hugging Face's Trainer does: batch sizes from the run's flags and
-world size, optimizer and scheduler values from the flags, ``stage3_prefetch_bucket_size =
-0.9·hidden²`` and ``stage3_param_persistence_threshold = 10·hidden``. Two are not HF's values
-(see each function): ``reduce_bucket_size`` is hidden² but at least 5e7 elements, and
-``stage3_max_reuse_distance`` is hidden².
+world size, optimizer and scheduler values from the flags, ``reduce_bucket_size = hidden²``,
+``stage3_prefetch_bucket_size = 0.9·hidden²``, ``stage3_param_persistence_threshold = 10·hidden``,
+and ``stage3_max_reuse_distance = hidden²`` (``reuse_distance``: not HF's value, see there).
+The shipped configs set ``reduce_bucket_size`` to 5e7 instead of "auto" (docs/engine.md, "ZeRO's
+reduce bucket": hidden² makes every weight matrix a ZeRO flush of its own).
 """
 
 from __future__ import annotations
@@ -89,34 +90,11 @@ def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, worl
         "warmup_num_steps": max(1, warmup_steps),
         "total_num_steps": max(total_steps, warmup_steps + 1),
         "bf16.enabled": bf16,
-        "reduce_bucket_size": reduce_bucket_size(hidden_size),
+        "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": 10 * hidden_size,
         "stage3_max_reuse_distance": reuse_distance(hidden_size),
     }
-
-
-REDUCE_BUCKET_FLOOR = 50_000_000  # elements: 95 MiB in bf16
-
-
-def reduce_bucket_size(hidden_size: int) -> int:
-    """ZeRO's ``reduce_bucket_size``: HF's hidden², but at least ``REDUCE_BUCKET_FLOOR`` elements.
-
-    ZeRO reduces gradients a bucket at a time (a flush: copies, the reduce-scatter, the
-    partitioning, in Python), and with hidden² (1M elements for d_model 1024) every weight matrix
-    fills a bucket of its own: 387 flushes per step for BART-large, 553 for LongT5-large, against
-    9 and 16 at 5e7. Each flush costs the host about the same whatever its size, and ZeRO-3 lets
-    only two run ahead of the device: the host waits on the third (``max_param_reduce_events = 2``
-    in ``stage3.py``; deepspeedai/DeepSpeed#7945 proposed making it configurable). That cost shows
-    wherever the backward has little device work per parameter: the decoder's backward, whose
-    targets are short (CachED's took 0.47 s at 64K tokens and 0.45 s at 256K on an H200, with
-    the hidden² bucket: it did not grow with the document), and CachED's last window group,
-    where every encoder gradient is delivered at once (``cached_encoder``: one reduction per
-    step). Not yet measured on a GPU: ``bench/sweep.py --reduce_bucket_size 1048576`` is the
-    A/B against hidden². The price is the bucket, allocated
-    once per communication dtype. DeepSpeed's own default is 5e8 (954 MiB in bf16); above the
-    floor a model keeps hidden²."""
-    return max(hidden_size * hidden_size, REDUCE_BUCKET_FLOOR)
 
 
 def reuse_distance(hidden_size: int) -> int:

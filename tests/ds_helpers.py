@@ -45,6 +45,8 @@ def resolved_config(name: str, *, gas: int = 1, micro: int = 1, world: int = 1, 
     }
     values["warmup_min_lr"] = LR  # a constant rate the reference can use
     config = resolve_auto(config, values)
+    if "reduce_bucket_size" in config["zero_optimization"]:  # the shipped 5e7 would make one bucket of a tiny model
+        config["zero_optimization"]["reduce_bucket_size"] = values["reduce_bucket_size"]
     config["optimizer"]["params"]["torch_adam"] = True
     config["zero_allow_untested_optimizer"] = True
     if "offload_optimizer" in config["zero_optimization"]:

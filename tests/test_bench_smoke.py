@@ -9,8 +9,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from cached_ds.ds_config import REDUCE_BUCKET_FLOOR
-
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"method": str, "model": str, "tokens": int, "zero_stage": int, "dtype": str, "device": str,
             "step_s": float, "tokens_per_s": float, "oom": bool, "attn_implementation": str}
@@ -180,19 +178,19 @@ def test_a_reduce_bucket_ab_is_labelled_and_compared_with_its_own_baseline():
     from report import label, table
     from sweep import parse_args
 
-    assert parse_args(["--reduce_bucket_size", "50000000"]).reduce_bucket_size == 50_000_000
+    assert parse_args(["--reduce_bucket_size", "1048576"]).reduce_bucket_size == 1_048_576
     rows = [{"model": "m", "tokens": 16384, "method": method, "tokens_per_s": speed, "reduce_bucket_size": bucket}
             for method, speed, bucket in [("hf_ds_gc", 100.0, None), ("cached", 150.0, None),
-                                          ("hf_ds_gc", 120.0, 50_000_000), ("cached", 240.0, 50_000_000)]]
-    assert label(rows[3]) == "cached+bucket=50000000" and label(rows[2]) == "hf_ds_gc+bucket=50000000"
+                                          ("hf_ds_gc", 120.0, 1_048_576), ("cached", 240.0, 1_048_576)]]
+    assert label(rows[3]) == "cached+bucket=1048576" and label(rows[2]) == "hf_ds_gc+bucket=1048576"
     text = table(rows)
     assert "| m | cached | 16K | – | – | – | – | 150 | 1.50× |" in text
-    assert "| m | cached+bucket=50000000 | 16K | – | – | – | – | 240 | 2.00× |" in text
+    assert "| m | cached+bucket=1048576 | 16K | – | – | – | – | 240 | 2.00× |" in text
 
 
 def test_a_reduce_bucket_ab_reaches_every_engine(smoke, tmp_path):
     _, points = smoke
-    assert {p["zero_reduce_bucket_size"] for p in points} == {REDUCE_BUCKET_FLOOR}  # "auto" for tiny-bart: hidden² is below the floor
+    assert {p["zero_reduce_bucket_size"] for p in points} == {50_000_000}  # the shipped zero3.json's
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "hf_ds_gc,cached", "--tokens", "1024",
                            "--steps", "1", "--warmup", "0", "--no_breakdown", "--reduce_bucket_size", "100000", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)

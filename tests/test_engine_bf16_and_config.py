@@ -10,7 +10,7 @@ from reference import windowed_hf_step
 from tiny_models import make_model, random_batch
 
 from cached_ds.deepspeed_engine import EngineSettings, initialize
-from cached_ds.ds_config import AUTO_FIELDS, REDUCE_BUCKET_FLOOR, auto_values, load_config, resolve_auto, unresolved_auto
+from cached_ds.ds_config import AUTO_FIELDS, auto_values, load_config, resolve_auto, unresolved_auto
 
 WINDOW = 16
 BOUND = 0.01
@@ -72,23 +72,18 @@ def test_layerdrop_refused_under_zero3():
 def test_unresolved_auto_fields_are_named():
     """A shipped config straight from its file still has HF-style "auto" values: DeepSpeed
     itself would fail on them with a type error that names no field."""
-    with pytest.raises(ValueError, match=r'still has "auto" in \[.*\'train_batch_size\'.*\'zero_optimization\.reduce_bucket_size\'.*resolve_auto'):
+    with pytest.raises(ValueError, match=r'still has "auto" in \[.*\'train_batch_size\'.*\'zero_optimization\.stage3_prefetch_bucket_size\'.*resolve_auto'):
         initialize(make_model("bart"), CONFIGS / "zero3.json")
 
 
-def test_auto_reduce_bucket_is_hidden_squared_but_not_below_the_floor():
-    """hidden² would give every weight matrix a ZeRO flush of its own (ds_config.reduce_bucket_size):
-    a width-1024 model gets the floor, one wide enough keeps hidden²; the shipped config takes it."""
-    def bucket(hidden):
-        return auto_values(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0,
-                           warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=hidden)["reduce_bucket_size"]
-
-    assert bucket(1024) == REDUCE_BUCKET_FLOOR == 50_000_000
-    assert bucket(8192) == 8192 * 8192 > REDUCE_BUCKET_FLOOR
-    shipped = resolve_auto(load_config(CONFIGS / "zero3.json"), auto_values(
-        micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0,
-        warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=1024))
-    assert shipped["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_FLOOR
+def test_shipped_configs_reduce_in_5e7_buckets_while_auto_stays_hfs():
+    """hidden² would give every weight matrix a ZeRO flush of its own (docs/engine.md, "ZeRO's
+    reduce bucket"): the shipped configs set 5e7; "auto" in a user's config is still HF's hidden²."""
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+        assert load_config(CONFIGS / f"{name}.json")["zero_optimization"]["reduce_bucket_size"] == 50_000_000, name
+    values = auto_values(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0,
+                         warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=1024)
+    assert resolve_auto({"zero_optimization": {"reduce_bucket_size": "auto"}}, values)["zero_optimization"]["reduce_bucket_size"] == 1024**2
 
 
 def test_deepspeeds_own_auto_fields_are_left_to_it():

@@ -59,8 +59,8 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # backward 0.473 s, recompute 0.308 s, against 0.528 s for all of `hf_ds_gc`'s backward; the
 # decoder backward was 0.447 s at 256K) cannot say which part is the excess; then with a budget
 # that holds all 4 groups, and both methods with HF's hidden² reduce bucket (1M elements for
-# BART-large and LongT5-large), which the sessions so far ran: "auto" now gives 5e7
-# (cached_ds.ds_config.reduce_bucket_size: 387 ZeRO-3 flushes per step become 9; the host waits
+# BART-large and LongT5-large), which the sessions so far ran; the shipped configs now set 5e7
+# (docs/engine.md: 387 ZeRO-3 flushes per step become 9; the host waits
 # on the GPU whenever 3 are pending, stage3.py max_param_reduce_events = 2, and `cached` makes
 # every encoder flush in its last window group, which the breakdown now clocks apart). Then the growth
 # per token with streaming after the window plan stopped copying ids and masks and the documents
