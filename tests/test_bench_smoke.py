@@ -138,6 +138,31 @@ def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
     assert "Host waiting on the device: `cudaStreamSynchronize` 1× 0.3 ms." in table
 
 
+def test_the_breakdown_splits_cached_recompute_by_window_group():
+    """``PhaseClock.split`` on marks as a step writes them (seconds): the groups run from one
+    encoder call to the next, the last up to the embedding's gradient; after it, the epilogue.
+    Groups whose graph was kept make no encoder call in backward (none of them is clocked), and a
+    frozen embedding leaves no mark (no epilogue; the last group runs to the end)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from point import PhaseClock
+
+    def split(*backward):
+        clock = PhaseClock(encoder=None)
+        clock.marks = [("forward:start", 0.0), ("encoder:start", 0.5), ("encoder:end", 1.5), ("forward:end", 2.0),
+                       ("backward:start", 2.0), *backward, ("optimizer:start", 9.0), ("optimizer:end", 9.5)]
+        return clock.split()
+
+    parts = split(("encoder:start", 3.0), ("encoder:end", 3.5), ("encoder:start", 4.0), ("encoder:end", 4.5),
+                  ("encoder:start", 5.0), ("encoder:end", 5.5), ("embedding_grad", 7.5), ("backward:end", 8.0))
+    assert parts == pytest.approx({"encoder_forward_s": 1.0, "decoder_forward_s": 1.0, "backward_s": 6.0, "optimizer_s": 0.5,
+                                   "epilogue_s": 0.5, "decoder_backward_s": 1.0, "recompute_backward_s": 5.0,
+                                   "recompute_group_s": [1.0, 1.0, 2.5]})
+    frozen = split(("encoder:start", 3.0), ("encoder:end", 3.5), ("backward:end", 8.0))
+    assert frozen["epilogue_s"] == 0 and frozen["recompute_group_s"] == [5.0]
+    hf = split(("embedding_grad", 7.0), ("backward:end", 8.0))  # no encoder call in backward
+    assert hf["epilogue_s"] == 1.0 and "recompute_group_s" not in hf and "decoder_backward_s" not in hf
+
+
 def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
     sys.path.insert(0, str(ROOT / "bench"))
     from report import growth_table

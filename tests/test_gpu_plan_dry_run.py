@@ -75,7 +75,7 @@ def test_the_one_call_session_lists_both_plans_and_leaves_few_files(tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bart, long = ((tmp_path / name).read_text() for name in ("bart.log", "long.log"))
-    assert "plan: --tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --profile" in bart
+    assert "plan: --tokens 262144 --methods hf_ds_gc,cached --steps 3 --profile" in bart
     assert "plan: --tokens 16777216 --methods cached --cross_attention_block 32768 --offload" in bart
     assert "plan: --tokens 16384 --methods hf_ds_gc,cached --cross_attention_block 32768 --profile" in long and "16777216" not in long
     assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8

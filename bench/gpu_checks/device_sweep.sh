@@ -70,9 +70,10 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # 512K profiled (the 300K tok/s target), and the rest. A step costs about 5.7 s per million
 # tokens (H200), so lines of 2M and more take one step with no warm-up (the peak memory is the
 # figure there) and no breakdown step. 256K
-# takes the median of 3 steps: two runs of one and two timed steps gave 0.94x and 1.01x.
+# takes the median of 3 steps: two runs of one and two timed steps gave 0.94x and 1.01x; its
+# first line keeps the breakdown step (about 2 s a method), which now clocks each window group.
 LONG="--steps 1 --no_breakdown"
-BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --no_breakdown --profile
+BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --profile
 --tokens 262144 --methods cached --group_tokens 65536 --steps 3 --no_breakdown
 --tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --profile
