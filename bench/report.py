@@ -90,8 +90,8 @@ def table(points: list[dict]) -> str:
 
 def breakdown_table(points: list[dict]) -> str:
     """Each phase of one clocked step (``point.PhaseClock``); for ``cached`` also its recompute's
-    window groups: the median of all but the last, and the last, which also runs every ZeRO reduction of the
-    encoder's gradients (a last group far above the median: their host time is not hidden)."""
+    window groups: the median of all but the last, and the last, which also runs every ZeRO
+    reduction of the encoder's gradients (far above the median: their host time is not hidden)."""
     keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "recompute_backward_s", "backward_s", "epilogue_s", "optimizer_s"]
     rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys)
             + " | other groups s (median) | last group s | kept groups |",
