@@ -240,7 +240,7 @@ def measure(spec: dict) -> dict:
     flops = step_flops(model, spec["tokens"], spec["target_tokens"], window)
     encoder = model.get_encoder()
     zero_config = ds_config(spec["zero_stage"], spec["dtype"], config.d_model)
-    if spec.get("reduce_bucket_size"):  # an A/B of the "auto" value, for every method alike
+    if spec.get("reduce_bucket_size"):  # an A/B of the config's value, for every method alike
         zero_config["zero_optimization"]["reduce_bucket_size"] = spec["reduce_bucket_size"]
     engine = build_engine(spec["method"], model, zero_config, window, spec["group_tokens"], cached_settings(spec))
     result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, the config's or an A/B's

@@ -82,10 +82,7 @@ def placed(batch: dict, device: torch.device) -> dict:
     there); everything else (labels: summary-sized) on ``device``. On the device the documents
     would cost 16 bytes per token, growing with the document beside the fused states
     ([decoder-memory])."""
-    def document(v: torch.Tensor) -> torch.Tensor:
-        return v.pin_memory() if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned() else v
-
-    return {k: document(v) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
+    return {k: _pinned_for(v, device) if k in DOCUMENT_KEYS else v.to(device) for k, v in batch.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -94,8 +91,16 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     the device has done everything queued before it, so the host could not run ahead), and the
     caching host allocator keeps that block until the copy has read it. Already there: itself."""
     if tensor.device.type == "cpu" and device.type == "cuda":
-        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+        return _pinned_for(tensor, device).to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def _pinned_for(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor bound for a CUDA ``device``, pinned (itself if it already is); anything
+    else as it is."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
 
 
 def mark_offloaded(tensor: torch.Tensor, owner=None) -> torch.Tensor:
