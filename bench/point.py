@@ -242,8 +242,11 @@ def measure(spec: dict) -> dict:
     zero_config = ds_config(spec["zero_stage"], spec["dtype"], config.d_model)
     if spec.get("reduce_bucket_size"):  # an A/B of the config's value, for every method alike
         zero_config["zero_optimization"]["reduce_bucket_size"] = spec["reduce_bucket_size"]
+    if spec.get("memory_efficient_linear") is not None:  # an A/B of zero3.json's false, for every method alike
+        zero_config["zero_optimization"]["memory_efficient_linear"] = spec["memory_efficient_linear"]
     engine = build_engine(spec["method"], model, zero_config, window, spec["group_tokens"], cached_settings(spec))
     result["zero_reduce_bucket_size"] = engine.zero_reduce_bucket_size()  # what the engine runs with, the config's or an A/B's
+    result["linear_function"] = torch.nn.functional.linear.__name__  # ZeRO-3's wrapper ("zero3_linear_wrap") or torch's
     batch = random_document(spec["method"], spec["tokens"], spec["target_tokens"], config.vocab_size, engine.device)
     for _ in range(spec["warmup"]):
         train_step(engine, batch)

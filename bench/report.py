@@ -51,7 +51,15 @@ def label(point: dict) -> str:
         extras.append("zero3_decoder_hooks")
     if point.get("reduce_bucket_size"):
         extras.append(f"bucket={point['reduce_bucket_size']}")
+    if point.get("memory_efficient_linear"):
+        extras.append("mem_efficient_linear")
     return "+".join([point["method"], *extras])
+
+
+def zero_ab(point: dict) -> tuple:
+    """The DeepSpeed settings an A/B line changes for every method (``--reduce_bucket_size``,
+    ``--memory_efficient_linear``): a row is compared with the ``hf_ds_gc`` row of the same ones."""
+    return point.get("reduce_bucket_size"), bool(point.get("memory_efficient_linear"))
 
 
 def _fmt(value, digits=1) -> str:
@@ -70,13 +78,13 @@ def _status(point: dict) -> str:
 
 def table(points: list[dict]) -> str:
     """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and
-    model, with the same DeepSpeed config (``reduce_bucket_size``: an A/B changes it for both)."""
-    baseline = {(p["model"], p["tokens"], p.get("reduce_bucket_size")): p.get("tokens_per_s")
+    model, with the same DeepSpeed config (``zero_ab``: an A/B line changes it for both)."""
+    baseline = {(p["model"], p["tokens"], zero_ab(p)): p.get("tokens_per_s")
                 for p in points if p["method"] == BASELINE and not p.get("oom")}
     rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
-        base = baseline.get((p["model"], p["tokens"], p.get("reduce_bucket_size")))
+        base = baseline.get((p["model"], p["tokens"], zero_ab(p)))
         ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
         saved = p.get("encoder_saved_peak_bytes")
         rows.append("| " + " | ".join([

@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reduce_bucket_size", type=int, default=None,
                         help="every method: ZeRO's reduce_bucket_size in elements instead of the config's (5e7 in the shipped "
                              "configs; HF's \"auto\" is hidden²), for an A/B; rows are then labelled bucket=N and compared with hf_ds_gc's of the same size")
+    parser.add_argument("--memory_efficient_linear", action="store_true",
+                        help="every method: ZeRO-3's memory_efficient_linear on (DeepSpeed's default, a Python autograd Function "
+                             "for every linear; zero3.json sets it off), for an A/B; rows are then labelled mem_efficient_linear "
+                             "and compared with hf_ds_gc's of the same setting")
     parser.add_argument("--zero3_decoder_hooks", action="store_true",
                         help="cached, ZeRO-3: leave the decoder to ZeRO-3's per-submodule gathers and hooks (keep_decoder_gathered off), for an A/B")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
@@ -177,7 +181,8 @@ def main(argv=None) -> Path:
                     profile=args.profile, memory_trace=args.memory_trace,
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
-                    zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size)
+                    zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size,
+                    memory_efficient_linear=args.memory_efficient_linear or None)
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}

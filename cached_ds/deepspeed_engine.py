@@ -131,6 +131,7 @@ def attach(engine, settings: EngineSettings) -> None:
             "(the encoder's parameters resident from forward to backward); set it, or remove keep_graphs_bytes"
         )
     if stage == 3:
+        _linear_as_configured(engine)
         _check_zero3_model(wrapped.model)
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
@@ -146,6 +147,24 @@ def attach(engine, settings: EngineSettings) -> None:
         _use_deepspeed_checkpointing(engine, wrapped.model)
         if checkpointing.get("cpu_checkpointing") and has_streaming_cross_attention(wrapped.model):
             wrapped.config.offload_gradient_cache = True  # activations to the host: the gradient cache too
+
+
+def _linear_as_configured(engine) -> None:
+    """ZeRO-3's ``memory_efficient_linear`` (DeepSpeed's default: true) replaces
+    ``torch.nn.functional.linear`` for the whole process with a Python autograd Function
+    (``deepspeed/runtime/zero/linear.py``) that saves the parameter instead of torch's view of
+    its gathered storage, so ZeRO-3 can free that storage between forward and backward
+    (deepspeedai/DeepSpeed#8189 turned it on for models built outside ``zero.Init``, as ours
+    are). It costs a Python call per linear in forward and backward and, for 3-D inputs, its
+    bias as a separate kernel over the whole output. Nothing ever puts torch's function back
+    ("This will persist unless manually reset", ``partition_parameters.py``), so an engine
+    configured with false, built after one with true in the same process, would still run the
+    wrapper: here torch's own is restored when this engine's config says false."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None and not engine._config.zero_config.memory_efficient_linear:
+        torch.nn.functional.linear = original
 
 
 def _max_over_ranks(count: int) -> int:

@@ -196,33 +196,41 @@ def test_a_group_size_other_than_the_default_is_named_in_the_label():
     assert label({**point, "group_tokens_set": False}) == "cached+cross_attention_block=4096"
 
 
-def test_a_reduce_bucket_ab_is_labelled_and_compared_with_its_own_baseline():
-    """``--reduce_bucket_size`` changes the DeepSpeed config of every method in the line: its rows
-    say so, and ``vs hf_ds_gc`` divides by the hf_ds_gc row of the same bucket, not the default's."""
+def test_zero_config_abs_are_labelled_and_compared_with_their_own_baseline():
+    """``--reduce_bucket_size`` and ``--memory_efficient_linear`` change the DeepSpeed config of
+    every method in the line: its rows say so, and ``vs hf_ds_gc`` divides by the hf_ds_gc row
+    of the same settings, not the default's."""
     sys.path.insert(0, str(ROOT / "bench"))
     from report import label, table
     from sweep import parse_args
 
     assert parse_args(["--reduce_bucket_size", "1048576"]).reduce_bucket_size == 1_048_576
-    rows = [{"model": "m", "tokens": 16384, "method": method, "tokens_per_s": speed, "reduce_bucket_size": bucket}
-            for method, speed, bucket in [("hf_ds_gc", 100.0, None), ("cached", 150.0, None),
-                                          ("hf_ds_gc", 120.0, 1_048_576), ("cached", 240.0, 1_048_576)]]
+    assert parse_args(["--memory_efficient_linear"]).memory_efficient_linear and not parse_args([]).memory_efficient_linear
+    rows = [{"model": "m", "tokens": 16384, "method": method, "tokens_per_s": speed, "reduce_bucket_size": bucket,
+             "memory_efficient_linear": wrapper}
+            for method, speed, bucket, wrapper in [("hf_ds_gc", 100.0, None, None), ("cached", 150.0, None, None),
+                                                   ("hf_ds_gc", 120.0, 1_048_576, None), ("cached", 240.0, 1_048_576, None),
+                                                   ("hf_ds_gc", 80.0, None, True), ("cached", 100.0, None, True)]]
     assert label(rows[3]) == "cached+bucket=1048576" and label(rows[2]) == "hf_ds_gc+bucket=1048576"
+    assert label(rows[5]) == "cached+mem_efficient_linear"
     text = table(rows)
     assert "| m | cached | 16K | – | – | – | – | 150 | 1.50× |" in text
     assert "| m | cached+bucket=1048576 | 16K | – | – | – | – | 240 | 2.00× |" in text
+    assert "| m | cached+mem_efficient_linear | 16K | – | – | – | – | 100 | 1.25× |" in text
 
 
-def test_a_reduce_bucket_ab_reaches_every_engine(smoke, tmp_path):
+def test_zero_config_abs_reach_every_engine(smoke, tmp_path):
     _, points = smoke
     assert {p["zero_reduce_bucket_size"] for p in points} == {50_000_000}  # the shipped zero3.json's
+    assert {p["linear_function"] for p in points} == {"linear"}  # torch's: zero3.json turns ZeRO-3's wrapper off
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "hf_ds_gc,cached", "--tokens", "1024",
-                           "--steps", "1", "--warmup", "0", "--no_breakdown", "--reduce_bucket_size", "100000", "--out", str(tmp_path)],
+                           "--steps", "1", "--warmup", "0", "--no_breakdown", "--reduce_bucket_size", "100000", "--memory_efficient_linear", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     points = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
     assert {(p["method"], p["zero_reduce_bucket_size"]) for p in points} == {("hf_ds_gc", 100000), ("cached", 100000)}
-    assert "| tiny-bart | cached+bucket=100000 | 1K |" in (tmp_path / "table.md").read_text()
+    assert {p["linear_function"] for p in points} == {"zero3_linear_wrap"}  # and ZeRO-3's linear wrapper
+    assert "| tiny-bart | cached+bucket=100000+mem_efficient_linear | 1K |" in (tmp_path / "table.md").read_text()
 
 
 def _alloc(addr, size, *files):

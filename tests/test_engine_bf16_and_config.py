@@ -119,6 +119,21 @@ def test_shipped_configs_have_a_valid_cached_section(name):
     assert settings.cached.mode == "cached"
 
 
+def test_each_zero3_engine_runs_the_linear_its_config_asks_for():
+    """DeepSpeed swaps F.linear for its wrapper process-wide when a ZeRO-3 config leaves
+    memory_efficient_linear on, and never swaps it back: an engine that says false, built after
+    one that said true, gets torch's own again (zero3.json says false: the whole model stays
+    gathered through the step there, so the wrapper would save no memory, only time)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    assert load_config(CONFIGS / "zero3.json")["zero_optimization"]["memory_efficient_linear"] is False
+    assert "memory_efficient_linear" not in load_config(CONFIGS / "zero3_offload.json")["zero_optimization"]
+    for config, wrapped in [("zero3_offload", True), ("zero3", False), ("zero3_offload", True), ("zero2", True), ("zero3", False)]:
+        initialize(make_model("bart"), resolved_config(config))
+        assert (torch.nn.functional.linear.__name__ == "zero3_linear_wrap") is wrapped, config
+    assert torch.nn.functional.linear is InsertPostInitMethodToModuleSubClasses.linear_bk
+
+
 @pytest.mark.parametrize("given", [None, 123])
 def test_zero3_reuse_distance_is_bounded_unless_the_config_sets_it(given):
     """DeepSpeed's default 1e9 makes ZeRO-3's first traced step O(trace²) (ds_config.reuse_distance)."""

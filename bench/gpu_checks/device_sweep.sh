@@ -62,7 +62,9 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # BART-large and LongT5-large), which the sessions so far ran; the shipped configs now set 5e7
 # (docs/engine.md: 387 ZeRO-3 flushes per step become 9; the host waits
 # on the GPU whenever 3 are pending, stage3.py max_param_reduce_events = 2, and `cached` makes
-# every encoder flush in its last window group, which the breakdown now clocks apart). Then the growth
+# every encoder flush in its last window group, which the breakdown now clocks apart), and both
+# with ZeRO-3's linear wrapper back on (--memory_efficient_linear: DeepSpeed's default, which the
+# sessions so far ran; zero3.json now turns it off, docs/engine.md). Then the growth
 # per token with streaming after the window plan stopped copying ids and masks and the documents
 # stayed in host memory (2M and 4M; 6196 B/token before, 6144 the floor), each with one more step
 # under the allocator's trace (--memory_trace: table.md lists what each source line adds per
@@ -79,6 +81,7 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --profile
 --tokens 65536 --methods hf_ds_gc,cached --profile
 --tokens 65536 --methods cached --keep_graphs_gib 40
 --tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 1048576
+--tokens 65536 --methods hf_ds_gc,cached --memory_efficient_linear
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
@@ -99,7 +102,7 @@ BART_PLAN="--tokens 262144 --methods hf_ds_gc,cached --steps 3 --profile
 # with its one window group's encoder graph kept from the forward (no recompute: 3 encoder passes
 # where hf_ds_gc's checkpointing runs 4), without streaming (the H200 sessions' setting) and with
 # ZeRO-3's decoder hooks back on (the A/B of keep_decoder_gathered), and both methods with HF's
-# hidden² reduce bucket (as in the BART plan); then the 4M target.
+# hidden² reduce bucket and with the linear wrapper (as in the BART plan); then the 4M target.
 LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile --no_breakdown
 --tokens 65536 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --profile --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --profile --no_breakdown
@@ -108,6 +111,7 @@ LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $B
 --tokens 16384 --methods cached --no_breakdown
 --tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
 --tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --reduce_bucket_size 1048576 --no_breakdown
+--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --memory_efficient_linear --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
 --tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
