@@ -36,7 +36,7 @@ class DataArgs:
     summary_column: str = field(default="summary", metadata={"help": "column holding the reference summaries"})
     max_source_tokens: int | None = field(default=None, metadata={"help": "truncate sources to this many tokens (ablations only; default: whole documents)"})
     max_target_tokens: int | None = field(default=None, metadata={"help": "truncate summaries to this many tokens (default: none)"})
-    max_eval_documents: int | None = field(default=None, metadata={"help": "evaluate on at most this many documents"})
+    max_eval_documents: int | None = field(default=None, metadata={"help": "evaluate on at most this many documents (default: all)"})
 
     def validate(self) -> None:
         if self.dataset and (self.train_file or self.eval_file):
@@ -51,8 +51,8 @@ class DataArgs:
 
 @dataclass
 class CachedArgs:
-    window: int | None = field(default=None, metadata={"help": "tokens per encoder window (overrides the config's \"cached\" section)"})
-    group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (overrides the config)"})
+    window: int | None = field(default=None, metadata={"help": "tokens per encoder window (default: the config's \"cached\" section, else the model's learned positions (BART: 1024), or 4096 for LongT5 and 512 for T5)"})
+    group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (default: the config's \"cached\" section)"})
 
 
 @dataclass
@@ -185,10 +185,20 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after a flag's help, unless there is no default to show (``None``: the
+    help says what happens then) or the help already names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a Hugging Face encoder–decoder on whole long documents with CachED inside DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     parser.add_argument("--deepspeed", required=True, metavar="PATH", help="DeepSpeed JSON config (HF-style: takes the path), e.g. ds_configs/zero3.json")
     parser.add_argument("--preset", default="default", choices=PRESETS, help="size of the embedded default run (smoke: seconds, for tests)")

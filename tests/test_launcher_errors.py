@@ -177,3 +177,18 @@ def test_the_documents_an_epoch_leaves_out_are_reported(tmp_path, corpus, caplog
     with caplog.at_level("WARNING", logger="cached_ds"):
         Trainer(parse_args(flags(corpus, tmp_path, "--micro_batch_size", "3")))
     assert "each epoch leaves out 2 of 8 training documents (a step takes 3" in caplog.text
+
+
+def test_help_names_each_default_once_and_never_none():
+    """``--help`` adds argparse's ``(default: X)`` only where the help text does not already say
+    the default; a flag left unset (None) says in words what happens instead."""
+    from cached_ds.run_config import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = formatter._get_help_string(action) or ""
+        assert "(default: None)" not in shown and shown.count("default:") <= 1, shown
+    text = " ".join(parser.format_help().split())
+    assert "--lr LR peak learning rate" in text and "(default: 0.0003)" in text
+    assert "(default: none) (default: None)" not in text
