@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--blocked_t5_attention / --local_sdpa_t5_attention need --fast_t5_attention (they pick how that attention runs)")
     if args.blocked_t5_attention and args.local_sdpa_t5_attention:
         parser.error("--blocked_t5_attention and --local_sdpa_t5_attention are two choices of one kernel: give one")
+    if args.memory_efficient_linear and args.zero_stage != 3:
+        parser.error("--memory_efficient_linear is a ZeRO-3 setting: give it with --zero_stage 3")
     if args.offload and args.cross_attention_block is None:
         parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:

@@ -156,14 +156,18 @@ def _linear_as_configured(engine) -> None:
     its gathered storage, so ZeRO-3 can free that storage between forward and backward
     (deepspeedai/DeepSpeed#8189 turned it on for models built outside ``zero.Init``, as ours
     are). It costs a Python call per linear in forward and backward and, for 3-D inputs, its
-    bias as a separate kernel over the whole output. Nothing ever puts torch's function back
-    ("This will persist unless manually reset", ``partition_parameters.py``), so an engine
-    configured with false, built after one with true in the same process, would still run the
-    wrapper: here torch's own is restored when this engine's config says false."""
+    bias as a separate kernel over the whole output. Outside DeepCompile nothing puts torch's
+    function back ("This will persist unless manually reset", ``partition_parameters.py``), so
+    an engine configured with false, built after one with true in the same process, would still
+    run the wrapper: here torch's own is restored when this engine's config says false. The
+    setting is process-wide either way: an earlier engine that asked for the wrapper loses it
+    (more memory, same gradients). Only DeepSpeed's wrapper is undone, no other patch."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 
     original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
-    if original is not None and not engine._config.zero_config.memory_efficient_linear:
+    wrapped = torch.nn.functional.linear is zero3_linear_wrap
+    if wrapped and original is not None and not engine._config.zero_config.memory_efficient_linear:
         torch.nn.functional.linear = original
 
 

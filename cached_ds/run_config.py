@@ -52,7 +52,7 @@ class DataArgs:
 @dataclass
 class CachedArgs:
     window: int | None = field(default=None, metadata={"help": "tokens per encoder window (default: the config's \"cached\" section, else the model's learned positions (BART: 1024), or 4096 for LongT5 and 512 for T5)"})
-    group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (default: the config's \"cached\" section)"})
+    group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (default: the config's \"cached\" section, else 16384)"})
 
 
 @dataclass
@@ -190,7 +190,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     help says what happens then) or the help already names it."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -206,6 +206,8 @@ def test_zero_config_abs_are_labelled_and_compared_with_their_own_baseline():
 
     assert parse_args(["--reduce_bucket_size", "1048576"]).reduce_bucket_size == 1_048_576
     assert parse_args(["--memory_efficient_linear"]).memory_efficient_linear and not parse_args([]).memory_efficient_linear
+    with pytest.raises(SystemExit):  # a ZeRO-3 setting: other stages would run torch's linear under its label
+        parse_args(["--memory_efficient_linear", "--zero_stage", "2"])
     rows = [{"model": "m", "tokens": 16384, "method": method, "tokens_per_s": speed, "reduce_bucket_size": bucket,
              "memory_efficient_linear": wrapper}
             for method, speed, bucket, wrapper in [("hf_ds_gc", 100.0, None, None), ("cached", 150.0, None, None),

@@ -132,6 +132,17 @@ def test_each_zero3_engine_runs_the_linear_its_config_asks_for():
         initialize(make_model("bart"), resolved_config(config))
         assert (torch.nn.functional.linear.__name__ == "zero3_linear_wrap") is wrapped, config
     assert torch.nn.functional.linear is InsertPostInitMethodToModuleSubClasses.linear_bk
+    torch_linear = torch.nn.functional.linear
+
+    def someone_elses_linear(*args, **kwargs):
+        return torch_linear(*args, **kwargs)
+
+    torch.nn.functional.linear = someone_elses_linear  # not DeepSpeed's: left alone
+    try:
+        initialize(make_model("bart"), resolved_config("zero3"))
+        assert torch.nn.functional.linear is someone_elses_linear
+    finally:
+        torch.nn.functional.linear = torch_linear
 
 
 @pytest.mark.parametrize("given", [None, 123])
