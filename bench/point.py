@@ -227,7 +227,7 @@ def measure(spec: dict) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.get("seed", 0))
-    config = model_config(spec["model"])
+    config = model_config(spec.get("shipped_model", spec["model"]), **(spec.get("config_overrides") or {}))
     with device:  # random init straight on the device: seconds, not minutes, for BART-large
         model = hf.AutoModelForSeq2SeqLM.from_config(config)
     model.train()

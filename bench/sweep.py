@@ -4,6 +4,12 @@
     python bench/sweep.py --model long-t5-tglobal-large --tokens 16384,32768,65536
     python bench/sweep.py --smoke                                                 # CPU: tiny model, 2 lengths
 
+A deep, narrow proxy on CPU (BART-large's 12 + 12 layers at width 64: host time, not compute):
+
+    python bench/sweep.py --model bart-large --dtype fp32 --tokens 4096 --target_tokens 64 --window 512 \
+        --group_tokens 1024 --methods hf_ds_gc,cached --config_overrides \
+        d_model=64,encoder_ffn_dim=256,decoder_ffn_dim=256,encoder_attention_heads=4,decoder_attention_heads=4,vocab_size=1000
+
 Every (method, length) point runs in its own process (``point.py``): an out-of-memory error is
 recorded as ``oom`` and the method is not tried at longer lengths. Each point is appended to
 ``points.jsonl`` (a SLURM array task: ``points.task<k>.jsonl``) as it finishes and ``table.md``, ``memory.png`` and ``throughput.png`` are
@@ -39,6 +45,9 @@ SMOKE = dict(model="tiny-bart", tokens=[1024, 4096], target_tokens=64, dtype="fp
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bart-large", help="a shipped config (cached_ds/model_configs): bart-large, long-t5-tglobal-large, tiny-bart, tiny-long-t5")
+    parser.add_argument("--config_overrides", default=None, metavar="KEY=VALUE,...",
+                        help="change fields of the shipped config (numbers, true/false or text), e.g. d_model=64,encoder_ffn_dim=256 "
+                             "for a deep, narrow CPU proxy of a large model's host time; rows name the model with them")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--tokens", default=None, help="comma-separated document lengths (default: doubling 16K…16M)")
     parser.add_argument("--target_tokens", type=int, default=1024, help="summary tokens per document")
@@ -97,6 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--blocked_t5_attention / --local_sdpa_t5_attention need --fast_t5_attention (they pick how that attention runs)")
     if args.blocked_t5_attention and args.local_sdpa_t5_attention:
         parser.error("--blocked_t5_attention and --local_sdpa_t5_attention are two choices of one kernel: give one")
+    try:
+        args.config_overrides = config_overrides(args.model, args.config_overrides)
+    except ValueError as error:
+        parser.error(f"--config_overrides: {error}")
+    args.model_name = args.model + ("(" + ",".join(f"{k}={v}" for k, v in args.config_overrides.items()) + ")" if args.config_overrides else "")
     if args.memory_efficient_linear and args.zero_stage != 3:
         parser.error("--memory_efficient_linear is a ZeRO-3 setting: give it with --zero_stage 3")
     if args.offload and args.cross_attention_block is None:
@@ -108,6 +122,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.tokens) < 1:
         parser.error("--tokens must be positive")
     return args
+
+
+def config_overrides(model: str, text: str | None) -> dict:
+    """``KEY=VALUE,...`` as a dict, each key a field of ``model``'s config class (HF would take
+    any key silently, as an attribute nothing reads)."""
+    if not text:
+        return {}
+    from cached_ds.model_zoo import model_config  # here: --help and the plan's dry run need no transformers
+
+    overrides = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE items separated by commas, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    base = model_config(model)
+    unknown = sorted(set(overrides) - set(base.to_dict()))
+    if unknown:
+        raise ValueError(f"{unknown} are not fields of {model}'s config ({type(base).__name__})")
+    return overrides
 
 
 def device_name() -> str:
@@ -173,10 +210,10 @@ def main(argv=None) -> Path:
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"
     out.mkdir(parents=True, exist_ok=True)
-    failed_at = {label(p): p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model}
+    failed_at = {label(p): p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model_name}
     plan = [(tokens, method) for tokens in args.tokens for method in args.methods]
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
-        spec = dict(method=method, model=args.model, tokens=tokens, target_tokens=args.target_tokens,
+        spec = dict(method=method, model=args.model_name, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
                     group_tokens_set=args.group_tokens_set,
                     steps=args.steps, warmup=args.warmup, breakdown_step=not args.no_breakdown, saved_tensor_meter=args.saved_tensor_meter,
@@ -185,6 +222,8 @@ def main(argv=None) -> Path:
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
                     zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size,
                     memory_efficient_linear=args.memory_efficient_linear or None)
+        if args.config_overrides:  # ``model`` names the changed shape; point.py builds it from these
+            spec.update(shipped_model=args.model, config_overrides=args.config_overrides)
         name = label(spec)
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}

@@ -288,3 +288,29 @@ def test_memory_site_table_names_what_each_line_adds_per_token():
     assert "| `fused_states.py:37 add` | 2,048.0 |" in table
     assert "2M → 4M" in table and "streaming_cross_attention.py:176 blocks` | 1.500 | 4 |" in table
     assert table.count("### ") == 1  # untraced points get no section
+
+
+def test_config_overrides_change_the_shape_and_name_it(tmp_path):
+    """``--config_overrides`` builds the shipped config with other field values (a deep, narrow
+    CPU proxy of a large model); the rows name the changed shape; a key the config lacks fails."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sweep import parse_args
+
+    args = parse_args(["--model", "tiny-bart", "--config_overrides", "encoder_layers=3,activation_function=relu,scale_embedding=false"])
+    assert args.config_overrides == {"encoder_layers": 3, "activation_function": "relu", "scale_embedding": False}
+    assert args.model_name == "tiny-bart(encoder_layers=3,activation_function=relu,scale_embedding=False)"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "tiny-bart", "--config_overrides", "encoder_layer=3"])  # not a BartConfig field
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "1024",
+                           "--steps", "1", "--warmup", "0", "--no_breakdown", "--config_overrides", "encoder_layers=3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (point,) = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    from cached_ds.model_zoo import model_config
+
+    assert model_config("tiny-bart").encoder_layers == 2
+    assert point["model"] == "tiny-bart(encoder_layers=3)" and not point["oom"]
+    layer = 4 * (64 * 64 + 64) + 2 * 64 * 128 + 128 + 64 + 2 * 2 * 64  # attention, feed-forward, two layer norms
+    baseline = sum(p.numel() for p in __import__("transformers").AutoModelForSeq2SeqLM.from_config(model_config("tiny-bart")).parameters())
+    assert point["parameters"] == baseline + layer
+    assert "| tiny-bart(encoder_layers=3) | cached | 1K |" in (tmp_path / "table.md").read_text()
