@@ -143,6 +143,14 @@ def attach(engine, settings: EngineSettings) -> None:
             wrapped.decoder_scope = _decoder_gathered(wrapped.model, hook_ids).scope
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
     checkpointing = engine.config.get("activation_checkpointing")
+    if checkpointing and checkpointing.get("partition_activations"):
+        # Its backward rebuilds a layer's arguments from (tensor, size) pairs and loses count
+        # with the None arguments HF's decoder layers take: "got multiple values for argument
+        # 'encoder_attention_mask'" (checkpointing.py, get_partitioned_activations_for_backward).
+        raise ValueError(
+            '"activation_checkpointing.partition_activations" splits activations across model-parallel ranks '
+            "(Megatron) and breaks on HF's decoder layers; set it false (cpu_checkpointing works without it)"
+        )
     if checkpointing:
         _use_deepspeed_checkpointing(engine, wrapped.model)
         if checkpointing.get("cpu_checkpointing") and has_streaming_cross_attention(wrapped.model):
@@ -338,7 +346,32 @@ def _use_deepspeed_checkpointing(engine, model: nn.Module) -> None:
     for module in model.get_decoder().modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = deepspeed.checkpointing.checkpoint
+            module._gradient_checkpointing_func = _checkpoint_layer
+
+
+def _checkpoint_layer(function, *args):
+    """``deepspeed.checkpointing.checkpoint`` for one HF decoder layer, whose first argument is
+    its own input and the rest (encoder states, masks) are shared with every other layer.
+
+    With ``cpu_checkpointing`` DeepSpeed empties each checkpointed input's storage once the
+    layer's forward has run (``arg.data = torch.empty([])`` in ``get_cpu_activations_for_backward``
+    and, on GPUs, ``get_offloaded_activations_for_backward``), as Megatron's layers allow: there
+    an input belongs to one layer. Here the second layer then read emptied encoder states ("both
+    arguments to linear need to be at least 1D" in HF's cross-attention, an IndexError in
+    streaming cross-attention), on DeepSpeed's CPU accelerator and, by the same code, on GPUs.
+    The shared inputs are flagged ``no_checkpointing``, which ``is_activation_to_checkpoint``
+    honours: DeepSpeed keeps them as they are (they stay alive for the other layers anyway, and
+    copying N-sized encoder states to the host once per layer would cost N × layers).
+
+    On DeepSpeed's CPU accelerator the layer's own input is flagged too: activations are in host
+    memory already, and there the blocking path loses it (its copy "to the CPU" of a CPU tensor
+    is the tensor itself, which it then empties: ``get_cpu_activations_for_backward``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    for arg in args if get_accelerator().device_name() == "cpu" else args[1:]:
+        if torch.is_tensor(arg):
+            arg.no_checkpointing = True
+    return deepspeed.checkpointing.checkpoint(function, *args)
 
 
 def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None, tokenizer=None) -> Path:

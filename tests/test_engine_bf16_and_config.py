@@ -145,6 +145,15 @@ def test_each_zero3_engine_runs_the_linear_its_config_asks_for():
         torch.nn.functional.linear = torch_linear
 
 
+def test_partitioned_activations_are_refused_by_name():
+    """DeepSpeed's partition_activations mis-merges the None arguments of HF's decoder layers in
+    its backward ("got multiple values for argument"); refused before any step."""
+    config = resolved_config("zero3")
+    config["activation_checkpointing"] = {"partition_activations": True, "cpu_checkpointing": False}
+    with pytest.raises(ValueError, match=r'"activation_checkpointing.partition_activations" .* set it false'):
+        initialize(make_model("bart"), config)
+
+
 @pytest.mark.parametrize("given", [None, 123])
 def test_zero3_reuse_distance_is_bounded_unless_the_config_sets_it(given):
     """DeepSpeed's default 1e9 makes ZeRO-3's first traced step O(trace²) (ds_config.reuse_distance)."""

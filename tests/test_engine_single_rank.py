@@ -7,7 +7,7 @@ import pytest
 import torch
 from ds_helpers import reference_adamw_step, resolved_config, single_rank_distributed
 from reference import assert_grads_match, windowed_hf_step
-from tiny_models import make_model, random_batch
+from tiny_models import make_model, make_model_without_cross_attention_dropout, random_batch
 
 from cached_ds.cached_encoder import CachedEncoderFunction, _recompute
 
@@ -145,6 +145,27 @@ def test_naive_nested_backward_breaks_zero(config, monkeypatch):
     else:
         with pytest.raises(AssertionError, match="global relative gradient error"):
             assert_grads_match(train_step(engine, batches), ref_grads)
+
+
+@pytest.mark.parametrize("family, streaming", [("bart", False), ("bart", True), ("t5", True)],
+                         ids=["bart-hf-cross-attention", "bart-streaming", "t5-streaming"])
+def test_deepspeed_cpu_checkpointing_of_the_decoder_is_exact(family, streaming):
+    """DeepSpeed's cpu_checkpointing empties each checkpointed input once its layer has run; HF
+    passes the same encoder states and masks to every decoder layer, so the second layer read
+    emptied states until the engine marked the shared inputs (deepspeed_engine._checkpoint_layer).
+    With streaming cross-attention the gradient cache goes to the host too."""
+    from cached_ds.deepspeed_engine import initialize
+
+    layers = {"decoder_layers": 3} if family == "bart" else {"num_decoder_layers": 3}  # T5: position bias shared too
+    model = make_model_without_cross_attention_dropout(family, **layers)
+    batches = micro_batches(model, 2)
+    ref_grads = reference_gradients(copy.deepcopy(model), batches)
+    cached = {**CACHED, "cross_attention_block": 8} if streaming else CACHED
+    config = resolved_config("zero3", gas=2, cached=cached)
+    config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
+    engine, *_ = initialize(model, config)
+    assert engine.module.config.offload_gradient_cache == streaming
+    assert_grads_match(train_step(engine, batches), ref_grads)
 
 
 def test_deepspeed_activation_checkpointing_of_the_decoder():
