@@ -164,3 +164,20 @@ def test_a_bench_point_needs_nothing_the_gpu_machine_lacks(tmp_path):
     check = subprocess.run([sys.executable, "-c", "import datasets"], capture_output=True, text=True,
                            env=launcher_env(PYTHONPATH=str(tmp_path / "site")))
     assert "the GPU machine lacks it" in check.stderr  # the refusal itself works
+
+
+def test_the_engine_check_passes_on_cpu_with_what_the_gpu_machine_has(tmp_path):
+    """``engine_check.py`` (a DeepSpeed engine step against the plain-HF reference; on a GPU its
+    CUDA streams, pinned memory and DeepSpeed's asynchronous cpu_checkpointing) runs its cases
+    on the CPU accelerator here, importing nothing the GPU machine lacks, and every case passes."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(LACKING_ON_THE_GPU_MACHINE)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/engine_check.py")], capture_output=True, text=True,
+                          timeout=600, env=launcher_env(CHECK_DEVICE="cpu", PYTHONPATH=f"{tmp_path / 'site'}:{ROOT}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = {name: case for name, case in report.items() if isinstance(case, dict)}
+    assert set(cases) == {"engine-zero3", "engine-zero3-streaming-cpu-checkpointing", "engine-zero3_offload"}
+    assert all(case["ok"] for case in cases.values()), cases
+    assert cases["engine-zero3"]["linear"] == "linear" and cases["engine-zero3_offload"]["linear"] == "zero3_linear_wrap"
+    assert cases["engine-zero3-streaming-cpu-checkpointing"]["gradient_cache_offloaded"]

@@ -25,8 +25,8 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 [ -n "${PRINT_PLAN:-}" ] && { CHECKS=; BLOCK=${BLOCK:-32768}; }  # listing the plan runs nothing on the GPU
-if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths, before any timing
-    for check in ${CHECK_SCRIPTS:-streaming_cross_attention_check t5_attention_check}; do  # CHECK_SCRIPTS: a subset
+if [ -n "${CHECKS:-}" ]; then  # exactness of the CUDA kernel paths and of a CUDA engine step, before any timing
+    for check in ${CHECK_SCRIPTS:-streaming_cross_attention_check t5_attention_check engine_check}; do  # CHECK_SCRIPTS: a subset
         timeout 240 python3 "bench/gpu_checks/$check.py" | tee -a "$OUT/checks.jsonl"
     done
 fi
