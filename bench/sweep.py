@@ -106,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--blocked_t5_attention / --local_sdpa_t5_attention need --fast_t5_attention (they pick how that attention runs)")
     if args.blocked_t5_attention and args.local_sdpa_t5_attention:
         parser.error("--blocked_t5_attention and --local_sdpa_t5_attention are two choices of one kernel: give one")
+    shipped = sorted(path.stem for path in (HERE.parent / "cached_ds" / "model_configs").glob("*.json"))
+    if args.model not in shipped:
+        parser.error(f"--model {args.model!r} is not a shipped config; choose from {', '.join(shipped)} "
+                     "(or --config_overrides to change one's fields)")
     try:
         args.config_overrides = config_overrides(args.model, args.config_overrides)
     except ValueError as error:
@@ -129,7 +133,7 @@ def config_overrides(model: str, text: str | None) -> dict:
     any key silently, as an attribute nothing reads)."""
     if not text:
         return {}
-    from cached_ds.model_zoo import model_config  # here: --help and the plan's dry run need no transformers
+    from cached_ds.model_zoo import model_config  # here: a sweep without overrides imports no transformers
 
     overrides = {}
     for item in text.split(","):

@@ -301,6 +301,8 @@ def test_config_overrides_change_the_shape_and_name_it(tmp_path):
     assert args.model_name == "tiny-bart(encoder_layers=3,activation_function=relu,scale_embedding=False)"
     with pytest.raises(SystemExit):
         parse_args(["--model", "tiny-bart", "--config_overrides", "encoder_layer=3"])  # not a BartConfig field
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "bart-larg"])  # not a shipped config: an error now, not a failed point per length
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "1024",
                            "--steps", "1", "--warmup", "0", "--no_breakdown", "--config_overrides", "encoder_layers=3", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
