@@ -151,6 +151,15 @@ def attach(engine, settings: EngineSettings) -> None:
             '"activation_checkpointing.partition_activations" splits activations across model-parallel ranks '
             "(Megatron) and breaks on HF's decoder layers; set it false (cpu_checkpointing works without it)"
         )
+    if checkpointing and settings.cached.fast_t5_attention:
+        # The fast layers hand a non-tensor position bias (t5_attention.OffsetBias) from layer to
+        # layer; DeepSpeed's reentrant checkpoint builds it without autograd in layer 0 and the
+        # other layers' share of its gradient is lost (decoder position bias off by ~90%).
+        raise ValueError(
+            '"activation_checkpointing" (DeepSpeed\'s checkpointing of the decoder) is not exact with '
+            '"cached.fast_t5_attention"; remove the section and set "cached.decoder_gradient_checkpointing": true '
+            "(torch's non-reentrant checkpointing, exact with it)"
+        )
     if checkpointing:
         _use_deepspeed_checkpointing(engine, wrapped.model)
         if checkpointing.get("cpu_checkpointing") and has_streaming_cross_attention(wrapped.model):
@@ -363,12 +372,14 @@ def _checkpoint_layer(function, *args):
     honours: DeepSpeed keeps them as they are (they stay alive for the other layers anyway, and
     copying N-sized encoder states to the host once per layer would cost N × layers).
 
-    On DeepSpeed's CPU accelerator the layer's own input is flagged too: activations are in host
-    memory already, and there the blocking path loses it (its copy "to the CPU" of a CPU tensor
-    is the tensor itself, which it then empties: ``get_cpu_activations_for_backward``)."""
-    from deepspeed.accelerator import get_accelerator
+    Where DeepSpeed has no offload engine (its CPU accelerator: the blocking path) the layer's
+    own input is flagged too: activations are in host memory already, and that path loses it
+    (its copy "to the CPU" of a CPU tensor is the tensor itself, which it then empties:
+    ``get_cpu_activations_for_backward``)."""
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 
-    for arg in args if get_accelerator().device_name() == "cpu" else args[1:]:
+    blocking = ds_checkpointing._get_cpu_offload_engine() is None  # the path DeepSpeed's forward will take
+    for arg in args if blocking else args[1:]:
         if torch.is_tensor(arg):
             arg.no_checkpointing = True
     return deepspeed.checkpointing.checkpoint(function, *args)

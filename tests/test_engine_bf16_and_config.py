@@ -145,6 +145,18 @@ def test_each_zero3_engine_runs_the_linear_its_config_asks_for():
         torch.nn.functional.linear = torch_linear
 
 
+@pytest.mark.parametrize("cpu_checkpointing", [False, True])
+def test_deepspeed_checkpointing_with_fast_t5_attention_is_refused_by_name(cpu_checkpointing):
+    """The fast T5 layers pass their position bias between layers as a non-tensor, which
+    DeepSpeed's reentrant checkpoint builds without autograd in layer 0: the decoder's
+    relative_attention_bias gradient came out ~90% wrong. torch's non-reentrant checkpointing
+    (decoder_gradient_checkpointing) is exact with it (test_engine_attention_kernels)."""
+    config = resolved_config("zero3", cached={"window": 16, "fast_t5_attention": True})
+    config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": cpu_checkpointing}
+    with pytest.raises(ValueError, match=r'"activation_checkpointing" .* not exact with "cached.fast_t5_attention"; .*decoder_gradient_checkpointing'):
+        initialize(make_model("t5", dropout=0.0), config)
+
+
 def test_partitioned_activations_are_refused_by_name():
     """DeepSpeed's partition_activations mis-merges the None arguments of HF's decoder layers in
     its backward ("got multiple values for argument"); refused before any step."""
