@@ -168,6 +168,38 @@ def test_deepspeed_cpu_checkpointing_of_the_decoder_is_exact(family, streaming):
     assert_grads_match(train_step(engine, batches), ref_grads)
 
 
+@pytest.mark.parametrize("family, streaming", [("bart", False), ("t5", True)], ids=["bart-hf-cross-attention", "t5-streaming"])
+def test_deepspeeds_gpu_offload_path_of_cpu_checkpointing_is_exact(family, streaming, monkeypatch):
+    """What a GPU runs: DeepSpeed's asynchronous offload engine copies each layer's input to host
+    memory and back (``_ActivationOffloadEngine``), while the inputs the layers share stay out of
+    it. On the CPU accelerator DeepSpeed never builds that engine and would skip every tensor, so
+    here it is DeepSpeed's own class without streams, pinning or its short on-device stash, told
+    not to skip host tensors: every offloaded input comes back from the host copy. Four layers:
+    the last one's input stays where it is (``keep_last_count``), the other three go out and back."""
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
+    from deepspeed.runtime.activation_checkpointing.offload_activations import _ActivationOffloadEngine
+
+    from cached_ds.deepspeed_engine import initialize
+
+    class HostTensorsToo(_ActivationOffloadEngine):
+        def _should_skip(self, tensor):
+            return tensor.numel() <= 1
+
+    offload = HostTensorsToo(use_pin_memory=False, use_streams=False, min_offload_bytes=0, keep_last_count=1, max_fwd_stash_count=0)
+    monkeypatch.setattr(ds_checkpointing, "_get_cpu_offload_engine", lambda: offload if ds_checkpointing.CPU_CHECKPOINT else None)
+    layers = {"decoder_layers": 4} if family == "bart" else {"num_decoder_layers": 4}
+    model = make_model_without_cross_attention_dropout(family, **layers)
+    batches = micro_batches(model, 2)
+    ref_grads = reference_gradients(copy.deepcopy(model), batches)
+    cached = {**CACHED, "cross_attention_block": 8} if streaming else CACHED
+    config = resolved_config("zero3", gas=2, cached=cached)
+    config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
+    engine, *_ = initialize(model, config)
+    assert_grads_match(train_step(engine, batches), ref_grads)
+    stats = offload.stats  # per micro-batch: 3 layers' inputs out and back, the last one's kept
+    assert (stats.offloaded_tensors, stats.restored_tensors, stats.kept_last_tensors) == (2 * 3, 2 * 3, 2 * 1)
+
+
 def test_deepspeed_activation_checkpointing_of_the_decoder():
     """A non-empty activation_checkpointing section checkpoints decoder layers through
     deepspeed.checkpointing: gradients stay exact and the decoder stores less for backward."""

@@ -80,8 +80,11 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
     from cached_ds.deepspeed_engine import initialize
     from cached_ds.host_offload import placed
 
-    # streaming cross-attention has no attention dropout: the reference's is off there too
-    model = (make_model_without_cross_attention_dropout if kernels.get("cross_attention_block") else make_model)("bart")
+    # streaming cross-attention has no attention dropout: the reference's is off there too. Four
+    # decoder layers under cpu_checkpointing: DeepSpeed keeps the last layer's input and its two
+    # newest offloads on the GPU, so with fewer no input would come back from host memory.
+    layers = {"decoder_layers": 4} if checkpointing else {}
+    model = (make_model_without_cross_attention_dropout if kernels.get("cross_attention_block") else make_model)("bart", **layers)
     ids, mask, labels = random_batch([3 * WINDOW + 5, 2 * WINDOW + 1], [7, 5], model.config.pad_token_id, seed=3)
     device = torch.device(DEVICE)
     reference = copy.deepcopy(model).to(device)
@@ -103,6 +106,13 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
     result = compare({k: v.to(device) for k, v in grads.items()}, ref, bound)
     result["linear"] = torch.nn.functional.linear.__name__
     result["gradient_cache_offloaded"] = bool(engine.module.config.offload_gradient_cache)
+    if checkpointing and checkpointing.get("cpu_checkpointing"):
+        from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
+
+        offload = ds_checkpointing._cpu_offload_engine  # None on the CPU accelerator (its blocking path)
+        result["activation_offload"] = None if offload is None else vars(offload.stats)
+        if DEVICE == "cuda":  # a pass must have sent some layer's input to host memory and back
+            result["ok"] = result["ok"] and offload is not None and offload.stats.offloaded_tensors >= 3
     return result
 
 
@@ -120,7 +130,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - reported, so one failure does not hide the others
             report[f"engine-{name}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500],
                                         "trace": traceback.format_exc()[-int(os.environ.get("TRACE_CHARS", 800)):]}
-    print(json.dumps(report))
+    print(json.dumps(report), flush=True)  # before os._exit, which flushes nothing
 
 
 if __name__ == "__main__":
