@@ -147,16 +147,12 @@ def test_naive_nested_backward_breaks_zero(config, monkeypatch):
             assert_grads_match(train_step(engine, batches), ref_grads)
 
 
-@pytest.mark.parametrize("family, streaming", [("bart", False), ("bart", True), ("t5", True)],
-                         ids=["bart-hf-cross-attention", "bart-streaming", "t5-streaming"])
-def test_deepspeed_cpu_checkpointing_of_the_decoder_is_exact(family, streaming):
-    """DeepSpeed's cpu_checkpointing empties each checkpointed input once its layer has run; HF
-    passes the same encoder states and masks to every decoder layer, so the second layer read
-    emptied states until the engine marked the shared inputs (deepspeed_engine._checkpoint_layer).
-    With streaming cross-attention the gradient cache goes to the host too."""
+def cpu_checkpointed_step(family: str, streaming: bool, decoder_layers: int):
+    """One ZeRO-3 step (GAS 2) with DeepSpeed's cpu_checkpointing of the decoder: the engine, its
+    gradients at the boundary and the plain-HF reference's."""
     from cached_ds.deepspeed_engine import initialize
 
-    layers = {"decoder_layers": 3} if family == "bart" else {"num_decoder_layers": 3}  # T5: position bias shared too
+    layers = {"decoder_layers": decoder_layers} if family == "bart" else {"num_decoder_layers": decoder_layers}
     model = make_model_without_cross_attention_dropout(family, **layers)
     batches = micro_batches(model, 2)
     ref_grads = reference_gradients(copy.deepcopy(model), batches)
@@ -164,8 +160,19 @@ def test_deepspeed_cpu_checkpointing_of_the_decoder_is_exact(family, streaming):
     config = resolved_config("zero3", gas=2, cached=cached)
     config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
     engine, *_ = initialize(model, config)
+    return engine, train_step(engine, batches), ref_grads
+
+
+@pytest.mark.parametrize("family, streaming", [("bart", False), ("bart", True), ("t5", True)],
+                         ids=["bart-hf-cross-attention", "bart-streaming", "t5-streaming"])
+def test_deepspeed_cpu_checkpointing_of_the_decoder_is_exact(family, streaming):
+    """DeepSpeed's cpu_checkpointing empties each checkpointed input once its layer has run; HF
+    passes the same encoder states and masks to every decoder layer, so the second layer read
+    emptied states until the engine marked the shared inputs (deepspeed_engine._checkpoint_layer).
+    With streaming cross-attention the gradient cache goes to the host too."""
+    engine, grads, ref_grads = cpu_checkpointed_step(family, streaming, decoder_layers=3)  # T5: position bias shared too
     assert engine.module.config.offload_gradient_cache == streaming
-    assert_grads_match(train_step(engine, batches), ref_grads)
+    assert_grads_match(grads, ref_grads)
 
 
 @pytest.mark.parametrize("family, streaming", [("bart", False), ("t5", True)], ids=["bart-hf-cross-attention", "t5-streaming"])
@@ -179,23 +186,14 @@ def test_deepspeeds_gpu_offload_path_of_cpu_checkpointing_is_exact(family, strea
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
     from deepspeed.runtime.activation_checkpointing.offload_activations import _ActivationOffloadEngine
 
-    from cached_ds.deepspeed_engine import initialize
-
     class HostTensorsToo(_ActivationOffloadEngine):
         def _should_skip(self, tensor):
             return tensor.numel() <= 1
 
     offload = HostTensorsToo(use_pin_memory=False, use_streams=False, min_offload_bytes=0, keep_last_count=1, max_fwd_stash_count=0)
     monkeypatch.setattr(ds_checkpointing, "_get_cpu_offload_engine", lambda: offload if ds_checkpointing.CPU_CHECKPOINT else None)
-    layers = {"decoder_layers": 4} if family == "bart" else {"num_decoder_layers": 4}
-    model = make_model_without_cross_attention_dropout(family, **layers)
-    batches = micro_batches(model, 2)
-    ref_grads = reference_gradients(copy.deepcopy(model), batches)
-    cached = {**CACHED, "cross_attention_block": 8} if streaming else CACHED
-    config = resolved_config("zero3", gas=2, cached=cached)
-    config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
-    engine, *_ = initialize(model, config)
-    assert_grads_match(train_step(engine, batches), ref_grads)
+    _, grads, ref_grads = cpu_checkpointed_step(family, streaming, decoder_layers=4)
+    assert_grads_match(grads, ref_grads)
     stats = offload.stats  # per micro-batch: 3 layers' inputs out and back, the last one's kept
     assert (stats.offloaded_tensors, stats.restored_tensors, stats.kept_last_tensors) == (2 * 3, 2 * 3, 2 * 1)
 
