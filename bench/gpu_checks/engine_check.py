@@ -37,6 +37,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from errors import global_relative  # noqa: E402  (bench/gpu_checks/errors.py)
 
 WINDOW = 16
 CACHED = {"window": WINDOW, "group_windows": 1, "group_tokens": None}
@@ -59,14 +60,12 @@ def compare(grads: dict, ref: dict, bound: float) -> dict:
     the report says how far off each case is)."""
     if sorted(grads) != sorted(ref):
         return {"ok": False, "error": f"parameters with a gradient differ: {sorted(set(grads) ^ set(ref))}"}
-    num = sum(float((grads[k].double() - ref[k].double()).pow(2).sum()) for k in ref)
-    den = sum(float(ref[k].double().pow(2).sum()) for k in ref)
     worst, worst_name = 0.0, None
     for name in ref:
         excess = float(((grads[name].double() - ref[name].double()).abs() - 100 * bound * ref[name].double().abs()).max())
         if excess > worst:
             worst, worst_name = excess, name
-    global_rel = (num / den) ** 0.5
+    global_rel = global_relative(grads, ref)
     return {"global_rel": global_rel, "bound": bound, "worst_param": worst_name, "worst_excess": worst,
             "ok": global_rel <= bound and worst <= 1e-6}
 

@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from errors import global_relative, relative  # bench/gpu_checks/errors.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for cached_ds
 
@@ -66,10 +67,6 @@ def step(model, states, mask, labels, dtype):
     return loss.float(), states.grad.float(), grads
 
 
-def relative(a, b) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
 def exactness(family: str, dtype: str, backend: str | None = None) -> dict:
     """``backend``: the only fused SDPA backend switched on while the streaming model runs ("MATH":
     its plain PyTorch blocks; "FLASH_ATTENTION" / "EFFICIENT_ATTENTION": that kernel), else all
@@ -86,12 +83,6 @@ def exactness(family: str, dtype: str, backend: str | None = None) -> dict:
     with only_backend():
         kernel = block_kernel(torch.empty(1, 2, 1, 64, device=DEVICE, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32))
     return {**_exactness(family, dtype, only_backend), "block_kernel": kernel.name if kernel else "plain"}
-
-
-def global_relative(grads: dict, reference: dict) -> float:
-    """‖grads − reference‖ / ‖reference‖ over all of the reference's parameters together."""
-    num = sum(float((grads[k] - reference[k]).pow(2).sum()) for k in reference)
-    return (num / sum(float(reference[k].pow(2).sum()) for k in reference)) ** 0.5
 
 
 def _exactness(family: str, dtype: str, only_backend) -> dict:

@@ -68,14 +68,11 @@ def step(model, lengths=LENGTHS, summary=(12, 7)):
     return {"encoder": enc.detach(), "logits": logits.detach(), "x": x.grad, "y": y.grad}, grads
 
 
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 def check(family: str, kernel: str, lengths=LENGTHS) -> dict:
     """``kernel``: "flex", "blocked" or "local_sdpa" (LongT5's encoder layers on SDPA over
     blocks, its efficient kernel with a bias gradient; the decoder's on flex)."""
     import torch
+    from errors import global_relative, relative  # bench/gpu_checks/errors.py
 
     from cached_ds import flex_t5
     from cached_ds.t5_attention import install_fast_t5_attention
@@ -91,15 +88,13 @@ def check(family: str, kernel: str, lengths=LENGTHS) -> dict:
     outs, grads = step(model, lengths)
     flex_calls = flex_t5.calls - calls
     ref_outs, ref_grads = step(reference, lengths)
-    errors = {f"{k}_rel": rel(outs[k], ref_outs[k]) for k in ref_outs}
+    errors = {f"{k}_rel": relative(outs[k], ref_outs[k]) for k in ref_outs}
     missing = sorted(set(grads) ^ set(ref_grads))
-    num = sum(float((grads[k].double() - ref_grads[k].double()).pow(2).sum()) for k in ref_grads if k in grads)
-    den = sum(float(ref_grads[k].double().pow(2).sum()) for k in ref_grads)
-    per_param = {k: rel(grads[k], ref_grads[k]) for k in ref_grads if k in grads and ref_grads[k].norm() > 1e-6}
+    per_param = {k: relative(grads[k], ref_grads[k]) for k in ref_grads if k in grads and ref_grads[k].norm() > 1e-6}
     worst = max(per_param, key=per_param.get)
-    errors.update(grad_global_rel=(num / den) ** 0.5, grad_worst_param=worst, grad_worst_rel=per_param[worst])
+    errors.update(grad_global_rel=global_relative(grads, ref_grads), grad_worst_param=worst, grad_worst_rel=per_param[worst])
     bias = [k for k in ref_grads if "relative_attention_bias" in k]
-    errors["bias_table_grad_rel"] = max(rel(grads[k], ref_grads[k]) for k in bias)
+    errors["bias_table_grad_rel"] = max(relative(grads[k], ref_grads[k]) for k in bias)
     numbers = [v for k, v in errors.items() if k.endswith("_rel")]
     return {
         **errors, "missing_grads": missing, "flex_calls": flex_calls, "flex_failure": flex_t5.failure,
