@@ -114,13 +114,15 @@ class CachedSeq2Seq(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         encode_only: bool = False,
     ) -> Seq2SeqLMOutput | tuple[BaseModelOutput, torch.Tensor]:
-        """HF's seq2seq forward (same loss) with the encoder run window by window.
+        """HF's seq2seq forward (same loss) with the encoder run window by window. Without
+        ``labels``, ``decoder_input_ids`` give the logits alone (a caller's own loss backpropagates
+        through them the same way).
 
         ``encode_only=True`` returns ``(encoder outputs, fused mask)`` instead (``encode_long``):
         running inside this module's forward lets engines such as ZeRO-3 gather the embedding
         weight the core reads, as they do for training."""
         if not encode_only:
-            _check_labels(labels, input_ids)
+            _check_labels(labels, input_ids, decoder_input_ids)
         plan = self.plan(input_ids, attention_mask)
         device = families.input_embedding(self.model).weight.device
         if encode_only:
@@ -219,9 +221,14 @@ def _enable_checkpointing(stack: nn.Module) -> None:
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
 
-def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None) -> None:
     if labels is None:
-        raise ValueError("labels is required for training: pass the tokenized summaries (pad with -100)")
+        if decoder_input_ids is not None:  # logits only (scoring, a loss of the caller's own), as in HF
+            return
+        raise ValueError(
+            "labels is required for training: pass the tokenized summaries (pad with -100), or "
+            "decoder_input_ids for logits without a loss"
+        )
     if labels.dim() != 2 or labels.shape[1] == 0 or not (labels != IGNORE_INDEX).any():
         raise ValueError(
             f"labels must be a non-empty (batch, summary_tokens) tensor with some tokens not equal to "

@@ -34,11 +34,14 @@ Decisions:
 - **Families**: those of ``streaming_cross_attention.LAYOUTS``; for others ``generate_shared``
   runs plain HF ``generate`` (per-beam copies).
 - No attention dropout and no cross-attention weights (``output_attentions`` gets ``None``), as
-  with streaming cross-attention in training.
+  with streaming cross-attention in training. A model left in training mode with cross-attention
+  dropout (``generate`` does not switch to eval, and HF drops attention probabilities there)
+  runs plain HF ``generate`` instead, with a warning: same tokens as HF, per-beam copies.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,6 +52,7 @@ from .streaming_cross_attention import (
     DEFAULT_BLOCK,
     LAYOUTS,
     attend_to_cached,
+    layout_of,
     streaming_cross_attention_installed,
 )
 
@@ -139,5 +143,21 @@ def generate_shared(model: nn.Module, encoder_outputs, fused_mask: torch.Tensor,
     where the family is supported (plain HF ``generate`` otherwise)."""
     if model.config.model_type not in LAYOUTS:
         return model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
+    dropout = _cross_attention_dropout(model)
+    if dropout:
+        warnings.warn(
+            f"generate() on a model in training mode with cross-attention dropout {dropout}: HF's generate "
+            f"runs, dropping attention probabilities as HF does, with the encoder states copied per beam; "
+            f"call model.eval() first to generate with one copy per document and no dropout",
+            stacklevel=3,
+        )
+        return model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
     with shared_beam_generation(model, fused_mask, block):
         return model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
+
+
+def _cross_attention_dropout(model: nn.Module) -> float:
+    """The attention-probability dropout HF's generate would apply in the decoder's cross-attention
+    (a module in training mode with a non-zero ``dropout``), 0.0 if none would."""
+    modules = [getattr(parent, name) for parent, name in layout_of(model).slots(model.get_decoder())]
+    return max((float(m.dropout) for m in modules if m.training), default=0.0)

@@ -21,6 +21,20 @@ def test_encode_long_equals_per_window_hf_encoder(family):
     torch.testing.assert_close(encoder_outputs.last_hidden_state * fused_mask[..., None], ref * ref_mask[..., None])
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_logits_without_labels_equal_hf_on_the_fused_states(family):
+    """Scoring: decoder_input_ids and no labels give HF's logits on the windowed states."""
+    model = make_model(family).eval()
+    ids, mask, _ = random_batch([3 * WINDOW + 5, WINDOW + 2], [1, 1], model.config.pad_token_id)
+    decoder_ids = torch.randint(4, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        ours = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))(ids, mask, decoder_input_ids=decoder_ids)
+        states, fused_mask = windowed_encoder_states(model, ids, mask, WINDOW, 2)
+        ref = model(encoder_outputs=(states,), attention_mask=fused_mask, decoder_input_ids=decoder_ids)
+    assert ours.loss is None
+    torch.testing.assert_close(ours.logits, ref.logits)
+
+
 @pytest.mark.parametrize("family", ["bart", "t5", "longt5-tglobal"])
 @pytest.mark.parametrize("lengths", [[WINDOW - 3], [WINDOW, WINDOW - 6]], ids=["one-doc", "padded-batch"])
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -94,6 +94,26 @@ def test_cached_seq2seq_beam_search_on_long_documents(family):
     assert EXPANSION_HOOK not in vars(model)
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("streaming_installed", [False, True], ids=["hf-modules", "streaming-installed"])
+def test_generate_in_training_mode_with_attention_dropout_runs_hf_generate(family, streaming_installed):
+    """``generate`` does not switch to eval, and HF's drops cross-attention probabilities there,
+    which the shared path cannot: the same tokens as HF's generate under the same seed, a warning
+    that says to call eval(), and the model's modules as they were."""
+    model = make_model(family)  # training mode, dropout 0.1 everywhere
+    modules = install_streaming_cross_attention(model, block=7) if streaming_installed else cross_attention_modules(model)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=16, group_windows=2))
+    ids, mask = documents(model)
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match=r"training mode with cross-attention dropout 0\.1.*model\.eval\(\)"):
+        ours = wrapped.generate(ids, mask, **BEAMS)
+    torch.manual_seed(3)
+    encoder_outputs, fused_mask = wrapped.encode_long(ids, mask)  # the same dropout draws as generate's encoding
+    reference = model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **BEAMS)
+    assert torch.equal(ours, reference)
+    assert cross_attention_modules(model) == modules and model.training
+
+
 def test_streaming_installed_for_training_stays_installed():
     model = make_model("t5").eval()
     modules = install_streaming_cross_attention(model, block=7)
