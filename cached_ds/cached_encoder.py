@@ -212,6 +212,7 @@ class CachedEncoderFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_fused):
+        _require_accumulating_backward(ctx)
         with ctx.scope():
             grads = CachedEncoderFunction._recompute_groups(ctx, grad_fused)
         if ctx.held:
@@ -243,6 +244,25 @@ class CachedEncoderFunction(torch.autograd.Function):
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+def _require_accumulating_backward(node) -> None:
+    """The encoder's parameters are not inputs of ``CachedEncoderFunction``: their gradients reach
+    ``.grad`` through the nested backward, which only an ordinary ``loss.backward()`` (or an
+    engine's) asks for. ``torch.autograd.grad`` would return None for them and find ``.grad``
+    written anyway, and ``backward(inputs=...)`` would write parameters it did not name, so both
+    are refused. Told apart by whether this backward runs the gradient accumulator of ``anchor``
+    (the Function's last tensor input, a leaf of its own): an ordinary backward runs every leaf's,
+    those two only their inputs'."""
+    accumulator = node.next_functions[-1][0]
+    if accumulator is not None and not torch._C._will_engine_execute_node(accumulator):
+        raise RuntimeError(
+            "CachED's encoder gradients are accumulated into .grad by loss.backward() (or engine.backward(loss)); "
+            "torch.autograd.grad(...) and backward(inputs=...) reaching the encoder cannot return or select them, "
+            "as its parameters are not inputs of the autograd graph. Call loss.backward() and read .grad (freeze "
+            "parameters with requires_grad_(False) to leave them out), or use CachedConfig(mode='full'), which is "
+            "ordinary backprop"
+        )
 
 
 def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor, bool]:

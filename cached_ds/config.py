@@ -76,14 +76,17 @@ class CachedConfig:
     keep_graphs_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+        if not _is_count(self.window, 1):
             raise ValueError(f"window must be a positive integer number of tokens, got {self.window!r}")
         if self.group_windows is not None and self.group_tokens is not None:
-            raise ValueError("set either group_windows or group_tokens, not both")
+            raise ValueError(
+                "set either group_windows or group_tokens, not both; remove one (the shipped DeepSpeed configs "
+                'set "group_tokens": 16384 in their "cached" section)'
+            )
         if self.group_windows is not None and self.group_windows != "all":
-            if not isinstance(self.group_windows, int) or self.group_windows < 1:
+            if not _is_count(self.group_windows, 1):
                 raise ValueError(f"group_windows must be a positive integer or 'all', got {self.group_windows!r}")
-        if self.group_tokens is not None and (not isinstance(self.group_tokens, int) or self.group_tokens < 1):
+        if not _is_count(self.group_tokens, 1):
             raise ValueError(f"group_tokens must be a positive integer, got {self.group_tokens!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

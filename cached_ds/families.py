@@ -8,6 +8,8 @@ window by their position table; relative-position families (T5, LongT5) do not.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -23,6 +25,31 @@ def require_encoder_decoder(model: nn.Module) -> None:
             f"model must be a Hugging Face encoder–decoder (config.is_encoder_decoder=True), got "
             f"{type(model).__name__}; load one with AutoModelForSeq2SeqLM (BART, mBART, PEGASUS, T5, LongT5)"
         )
+    reason = _unsupported(model)
+    if reason:
+        raise ValueError(
+            f"{type(model).__name__} (model_type {config.model_type!r}) is not supported: {reason}; CachED runs "
+            f"encoder–decoders built like BART, mBART, PEGASUS, T5 and LongT5 (Marian, mT5, M2M100 and the like)"
+        )
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    """Why the core cannot run ``model``'s encoder window by window (it embeds the ids itself
+    and calls the encoder with ``inputs_embeds``), or None. Caught here instead of as an
+    AttributeError or TypeError deep in the first step."""
+    encoder, config = model.get_encoder(), model.config
+    if getattr(config, "num_experts", None):
+        return "a mixture-of-experts model's loss needs the encoder's router outputs, which windowed encoding does not give"
+    if not isinstance(getattr(encoder, "embed_tokens", None), nn.Embedding):
+        return f"its encoder ({type(encoder).__name__}) keeps no embed_tokens embedding for the windows' ids"
+    parameters = inspect.signature(encoder.forward).parameters
+    required = [p.name for p in parameters.values() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    if "inputs_embeds" not in parameters or required:
+        return f"its encoder's forward does not take inputs_embeds alone (required: {required or 'inputs_embeds missing'})"
+    if hasattr(encoder, "embed_positions") and not hasattr(config, "max_position_embeddings"):
+        return "its position table's size is not config.max_position_embeddings, which bounds the window"
+    return None
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:

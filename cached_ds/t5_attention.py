@@ -395,6 +395,12 @@ def install_fast_t5_attention(model: nn.Module, block: int = DEFAULT_BLOCK, use_
             module.forward = types.MethodType(forward, module)
         module._cached_ds_settings = Settings(block, use_flex, local_sdpa)
         count += 1
+    if count == 0:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no T5 or LongT5 self-attention to replace; "
+            f"the fast T5 attention is for T5 and LongT5 models (for BART-like ones, leave it off)"
+        )
     return count
 
 

@@ -98,7 +98,7 @@ class WindowPlan:
                 "attention_mask must be right-padded (ones then zeros in every row); "
                 "set tokenizer.padding_side = 'right' or re-pad the batch"
             )
-        return lengths
+        return lengths.long()  # a float mask (HF takes those too) sums to float counts
 
     @classmethod
     def build(

@@ -50,6 +50,48 @@ def test_decoder_only_model():
         CachedSeq2Seq(gpt2)
 
 
+_SMALL = dict(vocab_size=50, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+              encoder_ffn_dim=32, decoder_ffn_dim=32)
+
+
+def _bert2bert():
+    bert = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = hf.EncoderDecoderConfig.from_encoder_decoder_configs(
+        hf.BertConfig(**bert), hf.BertConfig(**bert, is_decoder=True, add_cross_attention=True))
+    return hf.EncoderDecoderModel(config=config)
+
+
+UNSUPPORTED = {
+    "led": (lambda: hf.LEDForConditionalGeneration(hf.LEDConfig(**_SMALL, d_model=16, attention_window=[8])),
+            "position table's size is not config.max_position_embeddings"),
+    "fsmt": (lambda: hf.FSMTForConditionalGeneration(hf.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=50, tgt_vocab_size=50, d_model=16, **{k: v for k, v in _SMALL.items() if k != "vocab_size"})),
+        r"does not take inputs_embeds alone \(required: \['input_ids'\]\)"),
+    "prophetnet": (lambda: hf.ProphetNetForConditionalGeneration(hf.ProphetNetConfig(
+        vocab_size=50, hidden_size=16, encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+        num_encoder_attention_heads=2, num_decoder_attention_heads=2)), "keeps no embed_tokens"),
+    "encoder-decoder": (_bert2bert, "keeps no embed_tokens"),
+    "switch_transformers": (lambda: hf.SwitchTransformersForConditionalGeneration(hf.SwitchTransformersConfig(
+        vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=2)),
+        "mixture-of-experts"),
+}
+
+
+@pytest.mark.parametrize("family", UNSUPPORTED)
+def test_encoder_decoders_built_otherwise_are_refused_by_name(family):
+    """Not an AttributeError or TypeError from inside the first step."""
+    build, reason = UNSUPPORTED[family]
+    with pytest.raises(ValueError, match=rf"model_type '{family}'\) is not supported: .*{reason}.*built like BART"):
+        CachedSeq2Seq(build())
+
+
+def test_fast_t5_attention_on_a_model_without_t5_attention():
+    from cached_ds.t5_attention import install_fast_t5_attention
+
+    with pytest.raises(ValueError, match=r"BartForConditionalGeneration \(model_type 'bart'\) has no T5 or LongT5 self-attention"):
+        install_fast_t5_attention(make_model("bart"))
+
+
 def test_mismatched_mask_and_ids(wrapped):
     ids, mask, labels = random_batch([20], [3], 1)
     with pytest.raises(ValueError, match=r"attention_mask shape \(1, 19\) does not match input_ids shape \(1, 20\)"):
@@ -89,6 +131,9 @@ def test_group_budget_smaller_than_window():
     "settings, message",
     [
         (dict(window=0), "window must be a positive integer"),
+        (dict(window=True), "window must be a positive integer"),  # JSON's true is not a count
+        (dict(group_windows=True), "group_windows must be a positive integer"),
+        (dict(group_tokens=False), "group_tokens must be a positive integer"),
         (dict(group_windows=2, group_tokens=64), "either group_windows or group_tokens"),
         (dict(group_windows="some"), "group_windows must be a positive integer or 'all'"),
         (dict(mode="fast"), "mode must be one of"),
@@ -103,3 +148,26 @@ def test_config_values(settings, message):
 def test_unknown_config_key():
     with pytest.raises(ValueError, match=r"unknown CachED settings \['windw'\]; valid keys"):
         CachedConfig.from_dict({"windw": 512})
+
+
+def test_autograd_grad_and_selected_inputs_are_refused_not_silently_partial():
+    """The encoder's parameters are not in the autograd graph (CachED writes their .grad from a
+    nested backward): torch.autograd.grad would return None for them and write .grad anyway."""
+    model = make_model("bart")
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=16))
+    ids, mask, labels = random_batch([40], [5], model.config.pad_token_id)
+    encoder_weight = model.get_encoder().layers[0].fc1.weight
+    decoder_weight = model.get_decoder().layers[0].fc1.weight
+    refused = r"accumulated into \.grad by loss\.backward\(\).*requires_grad_\(False\).*mode='full'"
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(wrapped(ids, mask, labels=labels).loss, list(model.parameters()), allow_unused=True)
+    with pytest.raises(RuntimeError, match=refused):
+        wrapped(ids, mask, labels=labels).loss.backward(inputs=[model.get_input_embeddings().weight])
+    assert encoder_weight.grad is None
+    # inputs that do not reach the encoder never run its backward: the decoder's only, as in HF
+    wrapped(ids, mask, labels=labels).loss.backward(inputs=[decoder_weight])
+    assert encoder_weight.grad is None and decoder_weight.grad is not None
+    # ordinary backprop (mode "full") answers autograd.grad for every parameter
+    full = CachedSeq2Seq(model, CachedConfig(window=16, mode="full"))
+    grads = torch.autograd.grad(full(ids, mask, labels=labels).loss, [encoder_weight, decoder_weight])
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -59,3 +59,17 @@ def test_padding_changes_nothing(family):
             summed_grads[k] = summed_grads.get(k, 0) + g * m
     torch.testing.assert_close(batch_loss * sum(label_lengths), summed_loss, rtol=1e-6, atol=0)
     assert_grads_match(batch_grads, summed_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int32])
+def test_any_mask_dtype_hf_takes(dtype):
+    """Float, bool and int32 masks (HF takes all of them) give HF's result with the int64 mask."""
+    model = make_model("bart")
+    ids, mask, labels = random_batch([2 * WINDOW + 5, WINDOW - 3], [7, 3], model.config.pad_token_id)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(4)
+    loss = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))(ids, mask.to(dtype), labels=labels).loss
+    loss.backward()
+    ref_loss, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 2, seed=4)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads_of(model), ref)
