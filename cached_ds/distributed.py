@@ -74,6 +74,9 @@ def init_process_group() -> None:
     if dist.is_initialized():
         return
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+    # One rank alone: any free port (a fixed 29500 failed with EADDRINUSE beside another job);
+    # ranks of a launch that named no port must agree on one: torch's default.
+    port = str(free_port()) if os.environ.get("WORLD_SIZE", "1") == "1" else "29500"
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend)

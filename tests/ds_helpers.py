@@ -20,9 +20,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 LR, WEIGHT_DECAY = 1e-3, 0.01
 
 
-def single_rank_distributed(port: int = 29531) -> None:
+def single_rank_distributed() -> None:
+    """A one-rank gloo group for this pytest process, on a free port (a fixed one collided
+    whenever two test runs shared a machine)."""
+    from cached_ds.distributed import free_port
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         os.environ.setdefault(key, value)
     import deepspeed
     import torch.distributed as dist
