@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import deepspeed
+import pydantic
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -43,7 +44,7 @@ from torch import nn
 from . import families
 from .config import CachedConfig
 from .distributed import barrier, rank, world_size
-from .ds_config import load_config, reuse_distance, unresolved_auto
+from .ds_config import check_sections, deepspeed_schema_error, load_config, reuse_distance, unresolved_auto
 from .model import CachedSeq2Seq
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
@@ -92,7 +93,9 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     the ``CachedSeq2Seq`` wrapper and ``engine.module.model`` the HF model. ``config`` has no
     ``"auto"`` left: HF's Trainer fills those from its arguments, and here that is
     ``ds_config.resolve_auto`` with ``ds_config.auto_values`` (the launcher's flags)."""
+    source = repr(str(config)) if isinstance(config, (str, Path)) else "the DeepSpeed config"
     config = load_config(config)
+    check_sections(config, source)  # DeepSpeed's own schema, with the field's path in the file
     auto = unresolved_auto(config)
     if auto:  # DeepSpeed would fail on them later with "'>' not supported between 'str' and 'int'"
         raise ValueError(
@@ -108,9 +111,12 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
         _gather_streaming_modules_whole(wrapped.model)
     if model_parameters is None:
         model_parameters = [p for p in wrapped.parameters() if p.requires_grad]
-    engine, optimizer, dataloader, scheduler = deepspeed.initialize(
-        model=wrapped, config=config, model_parameters=model_parameters, **kwargs
-    )
+    try:
+        engine, optimizer, dataloader, scheduler = deepspeed.initialize(
+            model=wrapped, config=config, model_parameters=model_parameters, **kwargs
+        )
+    except pydantic.ValidationError as error:  # a section of DeepSpeed's schema: name the field, not pydantic's frames
+        raise deepspeed_schema_error(error, source) from None
     attach(engine, settings)
     return engine, optimizer, dataloader, scheduler
 

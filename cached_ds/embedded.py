@@ -21,7 +21,7 @@ from . import synthetic
 from .checkpoints import CheckpointStore
 from .distributed import barrier, rank
 from .evaluation import ROUGE_TYPES
-from .run_config import CachedArgs, DataArgs, ModelArgs, OptimArgs, RunConfig
+from .run_config import CachedArgs, DataArgs, ModelArgs, RunConfig
 
 
 @dataclass(frozen=True)
@@ -75,20 +75,47 @@ def _prepare(data_dir: Path, preset: Preset, seed: int) -> None:
     tokenizer.save_pretrained(data_dir / "model")
 
 
+# Flags the embedded job fixes itself (its generated data, tokenizer and window, and the truncated
+# baseline's cut at one window): given on the command line they would be ignored, so they are
+# refused (``refuse_fixed_flags``). The optimisation flags, --max_new_tokens, --max_target_tokens,
+# --max_eval_documents and --group_tokens are the user's to choose and are honoured.
+FIXED_FLAGS = (("cached", "window"), ("model", "tokenizer"), ("data", "text_column"), ("data", "summary_column"),
+               ("data", "dataset_config"), ("data", "train_split"), ("data", "eval_split"), ("data", "max_source_tokens"))
+
+
+def _fixed_value(name: str, preset: Preset) -> str:
+    return {"window": str(preset.window), "max_source_tokens": f"whole documents, and {preset.window} for the truncated baseline",
+            "tokenizer": "its own sentencepiece tokenizer", "text_column": "document", "summary_column": "summary"}.get(name, "its generated data")
+
+
+def refuse_fixed_flags(run: RunConfig, ds_config: dict | None = None) -> None:
+    """A flag the embedded default job fixes, set by the user, is an error rather than ignored."""
+    preset = PRESETS[run.preset]
+    for section, name in FIXED_FLAGS:
+        if run.user_set(section, name):
+            raise ValueError(f"--{name} is fixed by the embedded default job ({_fixed_value(name, preset)}); "
+                             "give --train_file/--dataset and --model to choose it")
+    window = ((ds_config or {}).get("cached") or {}).get("window")
+    if window is not None and window != preset.window:
+        raise ValueError(f'{run.deepspeed!r} sets "cached.window": {window!r}, but the window is fixed by the embedded default job '
+                         f'({preset.window}); set it to null there, or give --train_file/--dataset and --model to choose it')
+
+
 def _with_preset(run: RunConfig, preset: Preset, data_dir: Path) -> RunConfig:
-    """The preset fills every optimisation flag the user left at its default."""
-    defaults = OptimArgs()
+    """The preset fills every optimisation flag the user did not choose (``RunConfig.user_set``:
+    given on the command line, even at its default value, or changed from the default)."""
     chosen = {"max_steps": preset.steps, "micro_batch_size": preset.micro_batch_size, "lr": preset.lr,
               "warmup_steps": preset.warmup_steps, "lr_decay": False}  # tuned with a constant rate
-    optim = replace(run.optim, **{k: v for k, v in chosen.items() if getattr(run.optim, k) == getattr(defaults, k)})
+    optim = replace(run.optim, **{k: v for k, v in chosen.items() if not run.user_set("optim", k)})
     model_dir = str(data_dir / "model")
     return replace(
         run,
         model=ModelArgs(model=model_dir, tokenizer=model_dir),
-        data=DataArgs(train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl")),
+        data=DataArgs(train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl"),
+                      max_target_tokens=run.data.max_target_tokens, max_eval_documents=run.data.max_eval_documents),
         cached=CachedArgs(window=preset.window, group_tokens=run.cached.group_tokens),
         optim=optim,
-        eval=replace(run.eval, max_new_tokens=preset.max_new_tokens) if run.eval.max_new_tokens == 128 else run.eval,
+        eval=run.eval if run.user_set("eval", "max_new_tokens") else replace(run.eval, max_new_tokens=preset.max_new_tokens),
     )
 
 

@@ -23,6 +23,23 @@ def model_config(name: str, **overrides) -> hf.PretrainedConfig:
     return hf.AutoConfig.for_model(**values)
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Fail now, before a tokenizer or data is loaded, on a ``--model`` that can be none of a
+    shipped config, a local directory or an HF id (``org/name``; the hub itself is asked later)."""
+    if name_or_path in shipped_configs():
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {name_or_path!r} is a file; pass the directory holding config.json (save_pretrained's folder)")
+        return
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local:
+        raise ValueError(f"--model {name_or_path!r}: no such directory (a local model is a folder written by save_pretrained)")
+    if "/" not in name_or_path:
+        raise ValueError(f"--model {name_or_path!r} is neither a local directory nor a shipped config ({', '.join(shipped_configs())}) nor an HF id (org/name)")
+
+
 def load_model(name_or_path: str, tokenizer=None, **config_overrides) -> hf.PreTrainedModel:
     """A seq2seq LM; random-init configs get the tokenizer's vocabulary size and special ids."""
     if name_or_path in shipped_configs():
@@ -31,9 +48,7 @@ def load_model(name_or_path: str, tokenizer=None, **config_overrides) -> hf.PreT
             config_overrides = {**_special_ids(tokenizer, family), "vocab_size": len(tokenizer), **config_overrides}
         model = hf.AutoModelForSeq2SeqLM.from_config(model_config(name_or_path, **config_overrides))
     else:
-        path = Path(name_or_path)
-        if not path.exists() and "/" not in name_or_path:
-            raise ValueError(f"--model {name_or_path!r} is neither a local directory nor a shipped config ({', '.join(shipped_configs())}) nor an HF id (org/name)")
+        check_model_name(name_or_path)
         config = hf.AutoConfig.from_pretrained(name_or_path)
         if not getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"--model {name_or_path!r} is a {config.model_type} model, not an encoder–decoder (config.is_encoder_decoder=False); use BART, mBART, PEGASUS, T5 or LongT5")

@@ -20,7 +20,7 @@ PRESETS = ("default", "smoke")
 
 @dataclass
 class ModelArgs:
-    model: str | None = field(default=None, metadata={"help": "HF model id or local directory (from_pretrained), or a shipped config name for random init (tiny-bart, bart-large, long-t5-tglobal-large, ...); default: the embedded tiny BART"})
+    model: str | None = field(default=None, metadata={"help": "HF model id or local directory (from_pretrained), or a shipped config name for random init (tiny-bart, bart-large, long-t5-tglobal-large, ...); required with --train_file/--dataset; with neither (and no --model) the embedded default job trains its own tiny BART"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer id or directory; default: the model's"})
 
 
@@ -51,7 +51,7 @@ class DataArgs:
 
 @dataclass
 class CachedArgs:
-    window: int | None = field(default=None, metadata={"help": "tokens per encoder window (default: the config's \"cached\" section, else the model's learned positions (BART: 1024), or 4096 for LongT5 and 512 for T5)"})
+    window: int | None = field(default=None, metadata={"help": "tokens per encoder window (default: the config's \"cached\" section, else the model's learned positions (BART: 1024), or 4096 for LongT5 and 512 for T5; the embedded default job fixes it at 128)"})
     group_tokens: int | None = field(default=None, metadata={"help": "tokens per re-encoded window group (default: the config's \"cached\" section, else 16384)"})
 
 
@@ -105,16 +105,28 @@ class LoggingArgs:
         _at_least(self, 1, "logging_steps")
 
 
+def _resume_mode(text: str) -> bool | str:
+    """``--resume`` values: a boolean, or ``auto``."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _boolean(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
+
+
 @dataclass
 class CheckpointArgs:
     output_dir: str = field(default="outputs/run", metadata={"help": "where the resolved config, metrics, checkpoints, export and eval go"})
     save_steps: int | None = field(default=None, metadata={"help": "save a checkpoint every N steps (default: at the end only)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in <output_dir>/checkpoints"})
+    resume: bool | str = field(default=False, metadata={"help": "continue from the latest checkpoint in <output_dir>/checkpoints (bare --resume: one must be there); auto: continue when a complete checkpoint is there, else start fresh (one command line for a first start and a requeue)", "type": _resume_mode})
     keep_checkpoints: int = field(default=2, metadata={"help": "published checkpoints to keep"})
 
     def validate(self) -> None:
         _at_least(self, 1, "keep_checkpoints")  # 0 would delete the checkpoint just written
         _at_least(self, 0, "save_steps", optional=True)  # 0: at the end only, as unset
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"--resume takes true, false or auto, got {self.resume!r}")
 
 
 @dataclass
@@ -128,6 +140,16 @@ class RunConfig:
     eval: EvalArgs = field(default_factory=EvalArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    # "section.name" of each flag given on the command line (parse_args fills it), so that a flag
+    # set to its default value still counts as chosen; see ``user_set``.
+    explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
+
+    def user_set(self, section: str, name: str) -> bool:
+        """The user chose ``--name``: given on the command line, or different from its default."""
+        if f"{section}.{name}" in self.explicit:
+            return True
+        default = next(f.default for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        return getattr(getattr(self, section), name) != default
 
     @property
     def embedded(self) -> bool:
@@ -141,13 +163,30 @@ class RunConfig:
 
     def validate(self) -> None:
         from .deepspeed_engine import EngineSettings
-        from .ds_config import load_config
+        from .ds_config import check_sections, load_config
 
-        EngineSettings.from_section(load_config(self.deepspeed).get("cached"))  # bad path, JSON or keys: fail now
+        ds_config = load_config(self.deepspeed)  # bad path or JSON: fail now, before data and model
+        EngineSettings.from_section(ds_config.get("cached"))  # unknown "cached" keys
+        check_sections(ds_config, repr(str(self.deepspeed)))  # DeepSpeed's own schema: zero_optimization, bf16, fp16
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
-        if not self.embedded and not (self.data.dataset or self.data.train_file):
+        given = "--dataset" if self.data.dataset else "--train_file" if self.data.train_file else None
+        if given and self.model.model is None:
+            from .model_zoo import shipped_configs
+
+            raise ValueError(f"{given} needs --model: an HF id (e.g. facebook/bart-large), a directory written by save_pretrained, "
+                             f"or a shipped config for random init ({', '.join(shipped_configs())}); "
+                             "the embedded tiny BART only trains on its own generated data (no --train_file/--dataset)")
+        if not self.embedded and not given:
             raise ValueError("no training data: pass --dataset NAME or --train_file FILE (or neither, with no --model, for the embedded default)")
+        if self.model.model is not None:
+            from .model_zoo import check_model_name
+
+            check_model_name(self.model.model)  # before the tokenizer: its hub error would hide this one
+        if self.embedded:
+            from .embedded import refuse_fixed_flags
+
+            refuse_fixed_flags(self, ds_config)
         for section in (self.data, self.optim, self.eval, self.logging, self.checkpoint):
             section.validate()
 
@@ -209,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             kind = _flag_type(hints[f.name])
             extra = {"nargs": "?", "const": True} if kind is _boolean else {}  # bare --resume means true
+            kind = f.metadata.get("type", kind)  # a field's own parser (--resume)
             group.add_argument(f"--{f.name}", dest=f"{section}.{f.name}", type=kind, default=f.default,
                                help=f.metadata.get("help", ""), metavar=f.name.upper(), **extra)
     return parser
@@ -217,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     namespace = vars(build_parser().parse_args(argv))
     sections = {name: cls(**{f.name: namespace[f"{name}.{f.name}"] for f in dataclasses.fields(cls)}) for name, cls in SECTIONS.items()}
-    config = RunConfig(deepspeed=namespace["deepspeed"], preset=namespace["preset"], **sections)
+    config = RunConfig(deepspeed=namespace["deepspeed"], preset=namespace["preset"], explicit=_given_flags(argv), **sections)
     config.validate()
     return config
+
+
+def _given_flags(argv: list[str] | None) -> frozenset:
+    """The dests of the flags on the command line, whatever their values (the same parser with
+    every default suppressed: only given flags land in the namespace)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return frozenset(vars(parser.parse_known_args(argv)[0]))

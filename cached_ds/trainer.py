@@ -12,12 +12,15 @@ weighs the same, however the batch is split.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
 import os
 import random
 import resource
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import families
-from .checkpoints import CheckpointStore, injected_fault
+from .checkpoints import CheckpointStore, fsync, injected_fault
 from .distributed import all_reduce_sum, barrier, init_process_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
@@ -112,6 +115,8 @@ class Trainer:
         self.run = run
         self.out = run.output_dir
         init_distributed()
+        self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
+        self.resume = self._resume_or_refuse()  # before anything is written to the output folder
         seed_everything(run.optim.seed)
         self.tokenizer = tokenizer or self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_data()
@@ -127,9 +132,56 @@ class Trainer:
                            "accumulation), a different random %d each epoch", left_out, len(self.train_rows),
                            self.plan.docs_per_step, left_out)
         self.total_steps = run.optim.max_steps or run.optim.epochs * self.plan.steps_per_epoch
-        self.engine = self._build_engine()
-        self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
+        config, lr_scheduler = self._engine_config()
+        self.zero_stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        self.peak_lr = (config.get("optimizer") or {}).get("params", {}).get("lr", run.optim.lr)
+        # who sets the rate: our HF schedule, the config's own DeepSpeed scheduler, or nobody (constant)
+        self.lr_schedule = "ours" if lr_scheduler else config.get("scheduler", {}).get("type", "none")
+        if self.resume:
+            saved = self.store.sidecar(self.store.latest())
+            if saved is not None:  # a refused resume leaves the earlier run's ds_config.json as it was
+                self._check_resumed_plan(saved)
+        else:
+            self._clear_earlier_outputs()
+        self.engine = self._build_engine(config, lr_scheduler)
         self.step = 0
+
+    def _resume_or_refuse(self) -> bool:
+        """Whether this run continues from a checkpoint: ``--resume`` needs one, a run without it
+        refuses an earlier run's, ``--resume auto`` takes one where there is one."""
+        self.store.discard_partial()
+        earlier = self.store.latest()
+        asked = self.run.checkpoint.resume
+        if asked == "auto":
+            logger.info("--resume auto: %s", f"resuming from {earlier}" if earlier else "no checkpoint yet, starting fresh")
+            return earlier is not None
+        if asked and earlier is None:
+            raise ValueError(f"--resume: no complete checkpoint in {self.store.root}; run without --resume to start fresh "
+                             "(--resume auto does either)")
+        if not asked and earlier is not None:
+            # Its "latest" would be exported instead of this run's weights, and pruning by step
+            # would delete this run's checkpoints as soon as they are written.
+            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
+                             "pass --resume to continue it, or a new --output_dir to start over")
+        return bool(asked)
+
+    def _clear_earlier_outputs(self) -> None:
+        """A fresh start in a folder where an earlier run left metrics but no checkpoint (it
+        crashed before its first): those metrics belong to a run nothing continues."""
+        if rank() != 0:
+            return
+        cleared = []
+        for name in ("metrics.jsonl", "csv", "tensorboard"):
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            cleared.append(name)
+        if cleared:
+            logger.warning("starting fresh: removed %s of an earlier run that left no checkpoint", ", ".join(cleared))
 
     # ---- building ---------------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -179,7 +231,9 @@ class Trainer:
             self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=limit - 1,
                                                       min_new_tokens=min(evaluation.min_new_tokens, limit - 1)))
 
-    def _build_engine(self):
+    def _engine_config(self):
+        """The resolved DeepSpeed config and our lr schedule (None where the config's own
+        scheduler, or none, drives the rate); nothing written yet."""
         run = self.run
         config = load_config(run.deepspeed)
         cached = config.setdefault("cached", {})
@@ -205,6 +259,9 @@ class Trainer:
             config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
         if run.logging.csv:
             config.setdefault("csv_monitor", {"enabled": True, "output_path": str(self.out / "csv"), "job_name": "train"})
+        return config, lr_scheduler
+
+    def _build_engine(self, config: dict, lr_scheduler):
         if rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -215,17 +272,11 @@ class Trainer:
     def train(self) -> dict:
         run = self.run
         epoch, position = 0, 0
-        self.store.discard_partial()
-        earlier = self.store.latest()
-        if not run.checkpoint.resume and earlier is not None:
-            # Its "latest" would be exported instead of this run's weights, and pruning by step
-            # would delete this run's checkpoints as soon as they are written.
-            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
-                             "pass --resume to continue it, or a new --output_dir to start over")
-        if run.checkpoint.resume:
+        if self.resume:  # checked in __init__, before the engine was built
             state = self.store.load(self.engine, check=self._check_resumed_plan)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
+            self._apply_new_lr()
             self._forget_metrics_after(self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
         metrics_file = self.out / "metrics.jsonl"
@@ -244,14 +295,14 @@ class Trainer:
                 if position == len(steps):
                     epoch, position = epoch + 1, 0
                 if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
-                    self.store.save(self.engine, self.step, self._client_state(epoch, position))
+                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self._sidecar())
                 if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
                     self.evaluate(f"step{self.step}")
                 if position == 0:
                     break  # a new epoch: new document order
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
-            self.store.save(self.engine, self.step, self._client_state(epoch, position))
+            self.store.save(self.engine, self.step, self._client_state(epoch, position), self._sidecar())
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         return self.evaluate("final")
 
@@ -265,9 +316,34 @@ class Trainer:
     def _client_state(self, epoch: int, position: int) -> dict:
         return {"step": self.step, "epoch": epoch, "position": position, "data_plan": self._data_plan()}
 
+    def _sidecar(self) -> dict:
+        """What a resumed run must match (``resume.json`` in each checkpoint)."""
+        return {"zero_stage": self.zero_stage, "world_size": world_size(), "data_plan": self._data_plan(),
+                "lr": self.peak_lr, "lr_schedule": self.lr_schedule}
+
     def _check_resumed_plan(self, state: dict) -> None:
-        """A saved position in an epoch means something only in the order it was saved in: with
-        another batch plan some documents would be trained twice and others skipped."""
+        """``state``: a checkpoint's ``resume.json``, read before DeepSpeed loads anything (or,
+        from older checkpoints, the client state after the load: the data plan only). DeepSpeed
+        fails on another ZeRO stage or rank count with a bare assertion. A saved position in an
+        epoch means something only in the order it was saved in: with another batch plan some
+        documents would be trained twice and others skipped."""
+        stage = state.get("zero_stage")
+        if stage is not None and stage != self.zero_stage:
+            raise ValueError(f"--deepspeed: the checkpoint was written by ZeRO stage {stage}, this run is stage {self.zero_stage} "
+                             f"({self.run.deepspeed}); resume with the same config, or start over in a new --output_dir")
+        ranks = state.get("world_size")
+        if ranks is not None and ranks != world_size():
+            raise ValueError(f"--resume: the checkpoint was written by {ranks} ranks, this run has {world_size()}; resume on as "
+                             "many ranks (nodes × ranks per node), or start over in a new --output_dir")
+        schedule = state.get("lr_schedule")
+        if schedule is not None and schedule != self.lr_schedule:
+            raise ValueError(f"--deepspeed: the checkpoint's learning rate was set by {_schedule_name(schedule)}, this run's by "
+                             f"{_schedule_name(self.lr_schedule)}; resume with the same config, or start over in a new --output_dir")
+        lr = state.get("lr")
+        if lr is not None and lr != self.peak_lr and self.lr_schedule not in ("ours", "none"):
+            raise ValueError(f"--lr: the checkpoint's run used {lr}, this run {self.peak_lr}, and the config's {self.lr_schedule} "
+                             f"scheduler restores its own rate from the checkpoint; resume with --lr {lr}, or start over in a "
+                             "new --output_dir")
         saved, now = state.get("data_plan"), self._data_plan()
         if saved is None:  # written before checkpoints carried it
             return
@@ -278,12 +354,54 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint's data order was made with other settings ({'; '.join(changed)}); "
                              "resume with the same ones, or start over in a new --output_dir")
 
+    def _apply_new_lr(self) -> None:
+        """A resumed run's ``--lr`` is its new peak: the restored scheduler (ours) and optimizer
+        would keep the checkpoint's. The schedule goes on from where it was (its current factor
+        times the new peak). The config's own DeepSpeed schedulers are refused another rate
+        (``_check_resumed_plan``)."""
+        if self.lr_schedule == "ours":
+            scheduler = self.engine.lr_scheduler
+            old, groups = scheduler.base_lrs[0], scheduler.optimizer.param_groups
+            if old == self.peak_lr:
+                return
+            for group, factor in zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+                group["initial_lr"], group["lr"] = self.peak_lr, self.peak_lr * factor
+            scheduler.base_lrs = [self.peak_lr] * len(groups)
+            scheduler._last_lr = [group["lr"] for group in groups]
+        elif self.lr_schedule == "none" and self.engine.optimizer is not None:
+            groups = self.engine.optimizer.param_groups
+            old = groups[0]["lr"]
+            if old == self.peak_lr:
+                return
+            for group in groups:
+                group["lr"] = self.peak_lr
+        else:
+            return
+        if rank() == 0:
+            logger.warning("resuming with --lr %g (the checkpoint's run used %g)", self.peak_lr, old)
+
     def _forget_metrics_after(self, step: int) -> None:
-        """Lines a crashed run wrote after its last checkpoint are about to be trained again."""
+        """Lines a crashed run wrote after its last checkpoint are about to be trained again:
+        metrics.jsonl and DeepSpeed's csv monitor files lose their rows past the checkpoint, each
+        rewritten aside and swapped in (a crash now leaves the old file or the new one).
+        Tensorboard event files cannot be cut: their later points stay beside the new ones."""
+        if rank() != 0:
+            return
         path = self.out / "metrics.jsonl"
-        if rank() == 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _metrics_step(line) is not None and _metrics_step(line) <= step]
+            _replace_text(path, "".join(line + "\n" for line in kept))
+        monitor = getattr(self.engine.monitor, "csv_monitor", None)
+        for table in sorted((self.out / "csv").rglob("*.csv")):
+            # DeepSpeed's own Train/Samples/* events count samples; ours (train/*) count steps
+            limit = self.engine.global_samples if table.name.startswith("Train_Samples_") else step
+            rows = list(csv.reader(io.StringIO(table.read_text(), newline="")))
+            kept = rows[:1] + [row for row in rows[1:] if row and _number(row[0]) is not None and _number(row[0]) <= limit]
+            text = io.StringIO(newline="")
+            csv.writer(text).writerows(kept)
+            _replace_text(table, text.getvalue())
+            if monitor is not None and table.stem not in monitor.filenames:
+                monitor.filenames.append(table.stem)  # it has its header: the monitor must not add another
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
@@ -340,3 +458,34 @@ class Trainer:
             (self.out / "eval_results.json").write_text(json.dumps(scores, indent=2) + "\n")
         logger.info("eval %s: %s", name, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         return scores
+
+
+def _schedule_name(schedule: str) -> str:
+    return {"ours": "the launcher's warm-up schedule (WarmupLR/WarmupDecayLR)", "none": "no scheduler (a constant rate)"}.get(
+        schedule, f"DeepSpeed's {schedule} scheduler")
+
+
+def _metrics_step(line: str) -> int | None:
+    """A metrics.jsonl line's step; None for a line a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None  # a header DeepSpeed repeated
+
+
+def _replace_text(path, text: str) -> None:
+    """Write ``path`` aside, flush it, and swap it in: never half a file."""
+    aside = path.with_name(path.name + ".tmp")
+    with aside.open("w", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(aside, path)
+    fsync(path.parent)

@@ -2,8 +2,9 @@
 
     python launchers/summarize.py --model outputs/run/exported --input docs.jsonl --output summaries.jsonl
 
-Each input line is a JSON object with a "document" field (--text_column); each output line adds
-"summary". The CachED windows the model was trained with are read from cached_config.json. On a
+Each input line is a JSON object with a "document" field (--text_column); each output line is
+that object with the generated summary added as "prediction" (--output_column), so an input in
+the training format keeps its reference "summary" beside it. The CachED windows the model was trained with are read from cached_config.json. On a
 GPU by default, in bf16 where it supports it (--device, --dtype).
 """
 
@@ -51,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--input", required=True, type=Path, help="JSONL file of documents")
     parser.add_argument("--output", required=True, type=Path, help="JSONL file to write")
     parser.add_argument("--text_column", default="document", help="field holding each document")
+    parser.add_argument("--output_column", default="prediction",
+                        help="field each output line gets the generated summary in (an input field of that name is refused, not overwritten)")
     parser.add_argument("--num_beams", type=int, default=4, help="beam width")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
@@ -61,6 +64,10 @@ def main(argv=None) -> None:
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
     records = read_records(args.input)  # before the model: a bad input fails in a second
+    clashing = [i + 1 for i, r in enumerate(records) if args.output_column in r]
+    if clashing:
+        raise ValueError(f"{args.input}: lines {clashing[:10]} already have a {args.output_column!r} field, which the "
+                         "generated summary would overwrite; pass another --output_column")
     hf_model = hf.AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
     model = CachedSeq2Seq(hf_model, load_cached_settings(args.model))
     tokenizer = hf.AutoTokenizer.from_pretrained(args.model)
@@ -74,7 +81,7 @@ def main(argv=None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as handle:
         for record, summary in zip(records, summaries):
-            handle.write(json.dumps({**record, "summary": summary}) + "\n")
+            handle.write(json.dumps({**record, args.output_column: summary}) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,16 +5,50 @@
     deepspeed launchers/train.py --deepspeed ds_configs/zero3.json --model facebook/bart-large \\
         --dataset ccdv/govreport-summarization --text_column report --max_steps 1000
     python launchers/train.py --help
+
+A bad flag, config, data file or model ends the run with one line, ``train.py: error: <what to
+fix>``, and exit status 1 (CACHED_DS_TRACEBACK=1 adds the Python traceback).
 """
 
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cached_ds.run_config import parse_args  # noqa: E402
+
+# Errors that carry a message for the user (bad flags, config, data, model or an earlier run's
+# files; a NaN/inf loss): printed as one line, without Python's frames. Any other exception is a
+# bug and keeps its traceback. CACHED_DS_TRACEBACK=1 shows the frames of these too.
+USER_ERRORS = (ValueError, FloatingPointError)
+
+
+def fail(error: BaseException, message: str | None = None) -> None:
+    """Print ``train.py: error: <message>`` and end this process with status 1 at once.
+
+    ``os._exit``: after the process group exists, interpreter teardown can hang or abort in C++
+    thread destructors, and a rank that failed alone must end so that the launcher (deepspeed or
+    torchrun) sees it and stops the other ranks, which may be waiting for it in a collective."""
+    if os.environ.get("CACHED_DS_TRACEBACK", "") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"train.py: error: {message or error}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(1)
+
+
+# What gloo's collectives raise on the ranks left waiting when another rank's process has ended.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def peer_failed(error: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1 and any(text in str(error) for text in PEER_GONE)
 
 
 def main(argv=None) -> None:
@@ -22,14 +56,23 @@ def main(argv=None) -> None:
         run = parse_args(argv)
     except ValueError as error:  # bad flags or config: one clear line, no traceback
         sys.exit(f"train.py: error: {error}")
-    if run.embedded:
-        from cached_ds.embedded import train_embedded_default
+    try:
+        if run.embedded:
+            from cached_ds.embedded import train_embedded_default
 
-        train_embedded_default(run)
-    else:
-        from cached_ds.trainer import Trainer
+            train_embedded_default(run)
+        else:
+            from cached_ds.trainer import Trainer
 
-        Trainer(run).train()
+            Trainer(run).train()
+    except USER_ERRORS as error:  # data, model, batch plan, earlier run, NaN loss: the message says what to fix
+        fail(error)
+    except RuntimeError as error:
+        if not peer_failed(error):
+            raise
+        # This rank waited in a collective for a rank that has failed (its error is printed above):
+        # one line here, not a traceback that looks like a second failure.
+        fail(error, "another rank failed (its error is above); this rank stopped waiting for it")
     from cached_ds.distributed import shutdown
 
     shutdown()  # only after success: a failed rank must not leave the others waiting in a barrier

@@ -3,11 +3,12 @@
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import transformers as hf
 from ds_helpers import single_rank_distributed
-from launcher_helpers import REPO, launcher_env, make_corpus
+from launcher_helpers import REPO, launcher_env, make_corpus, run_train
 
 from cached_ds.data import check_utf8
 from cached_ds.run_config import parse_args
@@ -192,3 +193,157 @@ def test_help_names_each_default_once_and_never_none():
     text = " ".join(parser.format_help().split())
     assert "--lr LR peak learning rate" in text and "(default: 0.0003)" in text
     assert "(default: none) (default: None)" not in text
+
+
+# ---- errors after parsing: one line from the launcher, on one rank or two -------------------------
+
+def _assert_one_line_error(result, message):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert any(line.startswith("train.py: error: ") and message in line for line in lines), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("txt", "docs.txt"),  # data_lib refuses the extension once the run has started
+    ("column", "--text_column 'report' is not a column"),
+])
+def test_run_errors_are_one_line_without_traceback(tmp_path, corpus, case, message):
+    """Errors raised by the run itself (data, model, earlier run) used to print 5-6 frames of
+    "[rank0]:" traceback above their message."""
+    args = flags(corpus, tmp_path, "--max_steps", "1")
+    if case == "txt":
+        txt = tmp_path / "docs.txt"
+        txt.write_text(Path(corpus["train_file"]).read_text())
+        args[args.index("--train_file") + 1] = str(txt)
+    else:
+        args += ["--text_column", "report"]
+    result = run_train(*args, check=False, timeout=300)
+    _assert_one_line_error(result, message)
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
+
+
+def test_run_error_on_two_ranks_ends_the_run(tmp_path, corpus):
+    """A failing rank ends its process at once (torchrun then stops the others, which wait for
+    it in a barrier here): no hang, and no traceback from train.py on either rank (torchrun's own
+    ChildFailedError report follows, as for any failed worker)."""
+    result = run_train(*flags(corpus, tmp_path, "--max_steps", "1", "--text_column", "report"), ranks=2, check=False, timeout=300)
+    assert result.returncode != 0
+    assert "train.py: error: --text_column 'report' is not a column" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert 'launchers/train.py", line' not in result.stderr, result.stderr[-3000:]
+
+
+def test_traceback_on_request(tmp_path, corpus):
+    result = run_train(*flags(corpus, tmp_path, "--max_steps", "1", "--text_column", "report"), check=False, timeout=300,
+                       CACHED_DS_TRACEBACK="1")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "train.py: error: --text_column" in result.stderr
+
+
+# ---- the DeepSpeed config's schema, checked before anything is built ------------------------------
+
+def _config_with(tmp_path, **zero):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"].update(zero)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_zero_stage_out_of_range_names_the_field(tmp_path):
+    path = _config_with(tmp_path, stage=5)
+    with pytest.raises(ValueError, match=r'"zero_optimization.stage" is 5: must be one of 0, 1, 2, 3$'):
+        parse_args(["--deepspeed", str(path)])  # at parse time: before data generation and the model
+
+
+def test_zero_key_typo_suggests_the_key_and_lists_every_error(tmp_path):
+    path = _config_with(tmp_path, stage3_prefech_bucket_size=5, offload_param={"device": "gpu"})
+    with pytest.raises(ValueError) as raised:
+        parse_args(["--deepspeed", str(path), "--model", "tiny-bart", "--train_file", "x.jsonl"])
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"{str(path)!r} has 2 invalid DeepSpeed settings:"
+    assert sorted(line.strip() for line in lines[1:]) == sorted([
+        '"zero_optimization.offload_param.device" is \'gpu\': must be one of \'none\', \'cpu\', \'nvme\'',
+        ('"zero_optimization.stage3_prefech_bucket_size" is not a DeepSpeed setting in zero_optimization; '
+         "did you mean 'stage3_prefetch_bucket_size'? (value 5)"),
+    ])
+
+
+def test_schema_error_from_the_launcher_is_brief(tmp_path):
+    path = _config_with(tmp_path, stage=5)
+    result = subprocess.run(["python", "launchers/train.py", "--deepspeed", str(path)], cwd=REPO, env=launcher_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-2:] == [f"train.py: error: {str(path)!r} has 1 invalid DeepSpeed setting:",
+                                                       '  "zero_optimization.stage" is 5: must be one of 0, 1, 2, 3']
+
+
+def test_initialize_names_the_field_of_a_deepspeed_schema_error():
+    """A section DeepSpeed checks inside deepspeed.initialize ("compile" here) gives the same
+    one-line-per-field error rather than pydantic's."""
+    from tiny_models import make_model
+
+    from cached_ds.deepspeed_engine import initialize
+
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 0},
+              "compile": {"deepcompile": "maybe"}}
+    with pytest.raises(ValueError, match=r'the DeepSpeed config has 1 invalid DeepSpeed setting:\n  "compile.deepcompile" is '
+                                         r"'maybe': must be a valid boolean"):
+        initialize(make_model("bart"), config)
+
+
+def test_deepspeed_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory; --deepspeed takes a JSON file"):
+        parse_args(["--deepspeed", str(tmp_path)])
+
+
+# ---- --model with data, checked before the tokenizer --------------------------------------------
+
+def test_data_without_model_is_refused_at_parse_time(corpus):
+    with pytest.raises(ValueError, match=r"^--train_file needs --model: an HF id"):
+        parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", corpus["train_file"]])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("not-a-model", "--model 'not-a-model' is neither a local directory nor a shipped config"),
+    ("./no/such/dir", "--model './no/such/dir': no such directory"),
+])
+def test_bad_model_name_is_refused_before_the_tokenizer(corpus, name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", corpus["train_file"], "--model", name])
+
+
+# ---- the embedded default job refuses the flags it fixes ----------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--window", "64"], "--window is fixed by the embedded default job (128); give --train_file/--dataset and --model to choose it"),
+    (["--text_column", "report"], "--text_column is fixed by the embedded default job"),
+    (["--max_source_tokens", "64"], "--max_source_tokens is fixed by the embedded default job"),
+])
+def test_embedded_default_refuses_flags_it_fixes(extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--deepspeed", "ds_configs/zero3.json", *extra])
+
+
+def test_embedded_default_refuses_a_configs_window(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["cached"]["window"] = 64
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r'sets "cached.window": 64, but the window is fixed by the embedded default job \(128\)'):
+        parse_args(["--deepspeed", str(path)])
+
+
+def test_embedded_default_honours_the_optimisation_flags_given(tmp_path):
+    """--lr 3e-4 and --lr_decay true are the flags' defaults: the preset used to replace them
+    (3e-3, constant) as if they had not been given."""
+    from cached_ds.embedded import PRESETS, _with_preset
+
+    preset = PRESETS["smoke"]
+    given = _with_preset(parse_args(["--deepspeed", "ds_configs/zero3.json", "--lr", "3e-4", "--lr_decay", "true",
+                                     "--max_new_tokens", "128", "--max_eval_documents", "2"]), preset, tmp_path)
+    assert (given.optim.lr, given.optim.lr_decay, given.eval.max_new_tokens, given.data.max_eval_documents) == (3e-4, True, 128, 2)
+    assert given.optim.max_steps == preset.steps and given.cached.window == preset.window  # not given: the preset's
+    left = _with_preset(parse_args(["--deepspeed", "ds_configs/zero3.json"]), preset, tmp_path)
+    assert (left.optim.lr, left.optim.lr_decay, left.eval.max_new_tokens) == (preset.lr, False, preset.max_new_tokens)

@@ -76,7 +76,7 @@ def test_summarize_exported_model(tmp_path, corpus):
                             cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in summaries.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["summary"], str) for r in rows)
+    assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["prediction"], str) for r in rows)
     assert "summarising" in result.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"document": "fine"}\n{"document": "cut off\n')
