@@ -25,6 +25,17 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"), documents=8)
 
 
+def shipped_config(name: str) -> dict:
+    return json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def written(tmp_path, config: dict) -> Path:
+    """``config`` as a JSON file to pass to --deepspeed."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def flags(corpus, tmp_path, *extra, config="ds_configs/zero0.json"):
     return ["--deepspeed", config, "--model", corpus["model"], "--train_file", corpus["train_file"], "--window", "128",
             "--output_dir", str(tmp_path / "run"), *extra]
@@ -46,19 +57,17 @@ def test_invalid_json_names_line_and_column(tmp_path):
 
 
 def test_unknown_cached_key(tmp_path):
-    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config = shipped_config("zero2")
     config["cached"]["windowz"] = 512
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
+    path = written(tmp_path, config)
     with pytest.raises(ValueError, match=r"unknown keys \['windowz'\] in the \"cached\" section"):
         parse_args(["--deepspeed", str(path)])
 
 
 def test_inconsistent_train_batch_size(tmp_path, corpus):
-    config = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
+    config = shipped_config("zero0")
     config["train_batch_size"] = 7
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
+    path = written(tmp_path, config)
     with pytest.raises(ValueError, match=r"train_batch_size=7 but .* = 2 × 1 × 1 = 2; set train_batch_size to \"auto\""):
         Trainer(parse_args(flags(corpus, tmp_path, "--micro_batch_size", "2", config=str(path))))
 
@@ -122,10 +131,9 @@ def test_bad_run_flags_name_the_flag(tmp_path, corpus, extra, message):
 def test_config_gradient_accumulation_must_be_the_flags(tmp_path, corpus):
     """The data plan follows --gradient_accumulation_steps; a different number in the config made
     the engine step at other boundaries (half the optimizer steps, the schedule at half speed)."""
-    config = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
+    config = shipped_config("zero0")
     config["gradient_accumulation_steps"] = 2
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
+    path = written(tmp_path, config)
     with pytest.raises(ValueError, match=r'sets gradient_accumulation_steps=2 but --gradient_accumulation_steps is 1 .*'
                                          r'set gradient_accumulation_steps to "auto" there, or pass --gradient_accumulation_steps 2'):
         Trainer(parse_args(flags(corpus, tmp_path, config=str(path))))
@@ -243,10 +251,9 @@ def test_traceback_on_request(tmp_path, corpus):
 # ---- the DeepSpeed config's schema, checked before anything is built ------------------------------
 
 def _config_with(tmp_path, **zero):
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config = shipped_config("zero3")
     config["zero_optimization"].update(zero)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
+    path = written(tmp_path, config)
     return path
 
 
@@ -327,10 +334,9 @@ def test_embedded_default_refuses_flags_it_fixes(extra, message):
 
 
 def test_embedded_default_refuses_a_configs_window(tmp_path):
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config = shipped_config("zero3")
     config["cached"]["window"] = 64
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
+    path = written(tmp_path, config)
     with pytest.raises(ValueError, match=r'sets "cached.window": 64, but the window is fixed by the embedded default job \(128\)'):
         parse_args(["--deepspeed", str(path)])
 
