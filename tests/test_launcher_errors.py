@@ -56,12 +56,16 @@ def test_invalid_json_names_line_and_column(tmp_path):
         parse_args(["--deepspeed", str(bad)])
 
 
-def test_unknown_cached_key(tmp_path):
-    config = shipped_config("zero2")
-    config["cached"]["windowz"] = 512
-    path = written(tmp_path, config)
-    with pytest.raises(ValueError, match=r"unknown keys \['windowz'\] in the \"cached\" section"):
-        parse_args(["--deepspeed", str(path)])
+@pytest.mark.parametrize("name, key, value, message", [
+    ("zero2", "windowz", 512, r"unknown keys \['windowz'\] in the \"cached\" section"),
+    # the embedded default job (no data given) fixes its window
+    ("zero3", "window", 64, r'sets "cached.window": 64, but the window is fixed by the embedded default job \(128\)'),
+], ids=["unknown-key", "embedded-window"])
+def test_cached_section_refused_at_parse_time(tmp_path, name, key, value, message):
+    config = shipped_config(name)
+    config["cached"][key] = value
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--deepspeed", str(written(tmp_path, config))])
 
 
 def test_inconsistent_train_batch_size(tmp_path, corpus):
@@ -333,12 +337,6 @@ def test_embedded_default_refuses_flags_it_fixes(extra, message):
         parse_args(["--deepspeed", "ds_configs/zero3.json", *extra])
 
 
-def test_embedded_default_refuses_a_configs_window(tmp_path):
-    config = shipped_config("zero3")
-    config["cached"]["window"] = 64
-    path = written(tmp_path, config)
-    with pytest.raises(ValueError, match=r'sets "cached.window": 64, but the window is fixed by the embedded default job \(128\)'):
-        parse_args(["--deepspeed", str(path)])
 
 
 def test_embedded_default_honours_the_optimisation_flags_given(tmp_path):
