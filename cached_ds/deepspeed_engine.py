@@ -44,7 +44,8 @@ from torch import nn
 from . import families
 from .config import CachedConfig
 from .distributed import barrier, rank, world_size
-from .ds_config import check_sections, deepspeed_schema_error, load_config, reuse_distance, unresolved_auto
+from .ds_config import load_config, reuse_distance, unresolved_auto
+from .ds_schema import check_sections, deepspeed_schema_error
 from .model import CachedSeq2Seq
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 

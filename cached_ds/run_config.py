@@ -163,7 +163,8 @@ class RunConfig:
 
     def validate(self) -> None:
         from .deepspeed_engine import EngineSettings
-        from .ds_config import check_sections, load_config
+        from .ds_config import load_config
+        from .ds_schema import check_sections
 
         ds_config = load_config(self.deepspeed)  # bad path or JSON: fail now, before data and model
         EngineSettings.from_section(ds_config.get("cached"))  # unknown "cached" keys

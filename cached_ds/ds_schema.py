@@ -1,0 +1,165 @@
+"""DeepSpeed's own config schema, run early and reported by field: a typo or a bad value in the
+JSON file fails at parse time, one line per problem with its path in the file, instead of as a
+pydantic ``ValidationError`` from deep inside ``deepspeed.initialize``.
+
+    check_sections(load_config("ds_configs/zero3.json"))   # zero_optimization, bf16, fp16
+    "zero_optimization.stage" is 5: must be one of 0, 1, 2, 3
+    "zero_optimization.stage3_prefech_bucket_size" is not a DeepSpeed setting in zero_optimization;
+        did you mean 'stage3_prefetch_bucket_size'? (value 5)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+# The sections checked before a run builds anything, with DeepSpeed's own models (module, class).
+EARLY_SECTIONS = {
+    "zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+    "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
+    "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+}
+
+
+def check_sections(config: dict, source: str = "the DeepSpeed config") -> None:
+    """Run DeepSpeed's own schema (its pydantic models, e.g. ``DeepSpeedZeroConfig``) over the
+    ``"zero_optimization"``, ``"bf16"`` and ``"fp16"`` sections now, before data and model are
+    built, so a typo or a bad value fails in a second with the field's path in the JSON file
+    instead of from deep inside ``deepspeed.initialize``. All their errors are reported at once."""
+    import importlib
+
+    import pydantic
+
+    errors = []
+    for section, (module, name) in EARLY_SECTIONS.items():
+        value = config.get(section)
+        if value is None or (section == "zero_optimization" and isinstance(value, bool)):  # absent, or the deprecated boolean form
+            continue
+        if not isinstance(value, dict):
+            errors.append(f'"{section}" must be a JSON object, got {json.dumps(value)}')
+            continue
+        model = getattr(importlib.import_module(module), name)
+        try:
+            model(**value)
+        except pydantic.ValidationError as error:
+            errors += _error_lines(error, (section,), model)
+    if errors:
+        raise _schema_value_error(errors, source)
+
+
+def schema_error(error, source: str = "the DeepSpeed config", prefix: tuple = (), model=None) -> ValueError:
+    """A ``ValueError`` for a pydantic ``ValidationError`` from a DeepSpeed config model: one line
+    per error with the field's path in the JSON file, the value found and what is allowed.
+    ``prefix`` is the path of the section ``model`` validated (empty: the whole config)."""
+    return _schema_value_error(_error_lines(error, prefix, model), source)
+
+
+def _schema_value_error(lines: list[str], source: str) -> ValueError:
+    return ValueError(f"{source} has {len(lines)} invalid DeepSpeed setting{'s' if len(lines) != 1 else ''}:\n  "
+                      + "\n  ".join(lines))
+
+
+def _error_lines(error, prefix: tuple, model) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = tuple(str(part) for part in item.get("loc", ()))
+        path = ".".join((*prefix, *loc)) or "(top level)"
+        value = item.get("input")
+        if item.get("type") == "extra_forbidden":
+            known = _field_names(_submodel(model, loc[:-1])) if model is not None and loc else []
+            close = difflib.get_close_matches(loc[-1], known, n=2, cutoff=0.7) if loc else []
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            where = ".".join((*prefix, *loc[:-1])) or "the top level"
+            lines.append(f'"{path}" is not a DeepSpeed setting in {where}{hint} (value {value!r})')
+            continue
+        allowed = _allowed(model, loc) if model is not None else None
+        message = item.get("msg", "invalid")
+        if allowed:
+            message = f"must be one of {allowed}"
+        elif message.startswith("Input should be "):
+            message = "must be " + message[len("Input should be "):]
+        lines.append(f'"{path}" is {value!r}: {message}')
+    return lines
+
+
+# DeepSpeed's pydantic models by class name (a ValidationError's title) -> the JSON section each reads.
+SECTION_MODELS = {
+    "DeepSpeedZeroConfig": ("zero_optimization", "deepspeed.runtime.zero.config"),
+    "DeepSpeedBF16Config": ("bf16", "deepspeed.runtime.precision_config"),
+    "DeepSpeedFP16Config": ("fp16", "deepspeed.runtime.precision_config"),
+    "CompileConfig": ("compile", "deepspeed.compile.config"),
+    "HybridEngineConfig": ("hybrid_engine", "deepspeed.runtime.config"),
+}
+
+
+def deepspeed_schema_error(error, source: str = "the DeepSpeed config") -> ValueError:
+    """``schema_error`` for a ``ValidationError`` raised inside ``deepspeed.initialize``: the
+    section is found from the model's name (its title); an unknown model's name stands for it."""
+    import importlib
+
+    title = getattr(error, "title", "") or ""
+    section, module = SECTION_MODELS.get(title, (None, None))
+    model = None
+    if module is not None:
+        try:
+            model = getattr(importlib.import_module(module), title)
+        except (ImportError, AttributeError):
+            model = None
+    prefix = (section,) if section else ((f"<{title}>",) if title else ())
+    return schema_error(error, source, prefix, model)
+
+
+def _annotation_model(annotation):
+    """The pydantic model class in a field annotation (``X``, ``X | None``, ``Optional[X]``), or None."""
+    import typing
+
+    import pydantic
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel):
+            return candidate
+    return None
+
+
+def _submodel(model, loc: tuple):
+    """The pydantic model reached from ``model`` through the field names (or aliases) in ``loc``."""
+    for name in loc:
+        if model is None:
+            return None
+        field = _field_by_name(model, name)
+        model = _annotation_model(field.annotation) if field is not None else None
+    return model
+
+
+def _field_by_name(model, name: str):
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            return field
+    return None
+
+
+def _field_names(model) -> list[str]:
+    """The keys a JSON section may use: each field's alias (what DeepSpeed's docs name) or name."""
+    if model is None:
+        return []
+    return sorted({field.alias or name for name, field in model.model_fields.items()})
+
+
+def _allowed(model, loc: tuple) -> str | None:
+    """``"0, 1, 2, 3"`` for an enum field (distinct values: DeepSpeed's ZeRO stage enum repeats 3
+    as max_stage), else None."""
+    import enum
+    import typing
+
+    if not loc:
+        return None
+    parent = _submodel(model, loc[:-1])
+    field = _field_by_name(parent, loc[-1]) if parent is not None else None
+    if field is None:
+        return None
+    for candidate in (field.annotation, *typing.get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, enum.Enum):
+            values = list(dict.fromkeys(member.value for member in candidate))
+            return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
+    return None
