@@ -12,15 +12,12 @@ weighs the same, however the batch is split.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import os
 import random
 import resource
-import shutil
 import signal
 import time
 from dataclasses import replace
@@ -35,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import families
-from .checkpoints import CheckpointStore, fsync, injected_fault
+from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, barrier, init_process_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
@@ -43,6 +40,7 @@ from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model
 from .run_config import RunConfig
+from .run_outputs import clear_earlier_outputs, forget_metrics_after
 
 logger = logging.getLogger("cached_ds")
 
@@ -142,7 +140,8 @@ class Trainer:
             if saved is not None:  # a refused resume leaves the earlier run's ds_config.json as it was
                 self._check_resumed_plan(saved)
         else:
-            self._clear_earlier_outputs()
+            if rank() == 0:
+                clear_earlier_outputs(self.out)
         self.engine = self._build_engine(config, lr_scheduler)
         self.step = 0
 
@@ -164,24 +163,6 @@ class Trainer:
             raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
                              "pass --resume to continue it, or a new --output_dir to start over")
         return bool(asked)
-
-    def _clear_earlier_outputs(self) -> None:
-        """A fresh start in a folder where an earlier run left metrics but no checkpoint (it
-        crashed before its first): those metrics belong to a run nothing continues."""
-        if rank() != 0:
-            return
-        cleared = []
-        for name in ("metrics.jsonl", "csv", "tensorboard"):
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            else:
-                continue
-            cleared.append(name)
-        if cleared:
-            logger.warning("starting fresh: removed %s of an earlier run that left no checkpoint", ", ".join(cleared))
 
     # ---- building ---------------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -277,7 +258,8 @@ class Trainer:
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
             self._apply_new_lr()
-            self._forget_metrics_after(self.step)
+            if rank() == 0:  # a crashed run's lines after its last checkpoint are about to be trained again
+                forget_metrics_after(self.out, self.step, self.engine.global_samples, getattr(self.engine.monitor, "csv_monitor", None))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
         metrics_file = self.out / "metrics.jsonl"
         while self.step < self.total_steps:
@@ -380,29 +362,6 @@ class Trainer:
         if rank() == 0:
             logger.warning("resuming with --lr %g (the checkpoint's run used %g)", self.peak_lr, old)
 
-    def _forget_metrics_after(self, step: int) -> None:
-        """Lines a crashed run wrote after its last checkpoint are about to be trained again:
-        metrics.jsonl and DeepSpeed's csv monitor files lose their rows past the checkpoint, each
-        rewritten aside and swapped in (a crash now leaves the old file or the new one).
-        Tensorboard event files cannot be cut: their later points stay beside the new ones."""
-        if rank() != 0:
-            return
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _metrics_step(line) is not None and _metrics_step(line) <= step]
-            _replace_text(path, "".join(line + "\n" for line in kept))
-        monitor = getattr(self.engine.monitor, "csv_monitor", None)
-        for table in sorted((self.out / "csv").rglob("*.csv")):
-            # DeepSpeed's own Train/Samples/* events count samples; ours (train/*) count steps
-            limit = self.engine.global_samples if table.name.startswith("Train_Samples_") else step
-            rows = list(csv.reader(io.StringIO(table.read_text(), newline="")))
-            kept = rows[:1] + [row for row in rows[1:] if row and _number(row[0]) is not None and _number(row[0]) <= limit]
-            text = io.StringIO(newline="")
-            csv.writer(text).writerows(kept)
-            _replace_text(table, text.getvalue())
-            if monitor is not None and table.stem not in monitor.filenames:
-                monitor.filenames.append(table.stem)  # it has its header: the monitor must not add another
-
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
@@ -463,29 +422,3 @@ class Trainer:
 def _schedule_name(schedule: str) -> str:
     return {"ours": "the launcher's warm-up schedule (WarmupLR/WarmupDecayLR)", "none": "no scheduler (a constant rate)"}.get(
         schedule, f"DeepSpeed's {schedule} scheduler")
-
-
-def _metrics_step(line: str) -> int | None:
-    """A metrics.jsonl line's step; None for a line a crash cut short."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None  # a header DeepSpeed repeated
-
-
-def _replace_text(path, text: str) -> None:
-    """Write ``path`` aside, flush it, and swap it in: never half a file."""
-    aside = path.with_name(path.name + ".tmp")
-    with aside.open("w", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(aside, path)
-    fsync(path.parent)
