@@ -255,7 +255,10 @@ def _require_accumulating_backward(node) -> None:
     (the Function's last tensor input, a leaf of its own): an ordinary backward runs every leaf's,
     those two only their inputs'."""
     accumulator = node.next_functions[-1][0]
-    if accumulator is not None and not torch._C._will_engine_execute_node(accumulator):
+    # With no trainable encoder parameter (only the embedding, an input of the Function, needs a
+    # gradient) the recompute writes no .grad, and autograd.grad gets the embedding's exactly.
+    if (accumulator is not None and not torch._C._will_engine_execute_node(accumulator)
+            and trainable_encoder_params(node.model)):
         raise RuntimeError(
             "CachED's encoder gradients are accumulated into .grad by loss.backward() (or engine.backward(loss)); "
             "torch.autograd.grad(...) and backward(inputs=...) reaching the encoder cannot return or select them, "

@@ -102,8 +102,10 @@ class CheckpointStore:
             if self.staging.exists():
                 shutil.rmtree(self.staging)
             marker = self.root / "latest"
-            named = _step_of(marker.read_text().strip()) if marker.is_file() else -1  # no "latest": none published
-            for folder in self._published() if named is not None else ():  # a tag not ours: leave it all
+            # No "latest" (a copied or damaged folder) or a tag not ours: nothing is known to be
+            # unpublished, so nothing goes (a --resume then finds no checkpoint and says so).
+            named = _step_of(marker.read_text().strip()) if marker.is_file() else None
+            for folder in self._published() if named is not None else ():
                 if _step_of(folder.name) > named:
                     shutil.rmtree(folder)
         barrier()

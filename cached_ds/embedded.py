@@ -91,8 +91,8 @@ def _fixed_value(name: str, preset: Preset) -> str:
 def refuse_fixed_flags(run: RunConfig, ds_config: dict | None = None) -> None:
     """A flag the embedded default job fixes, set by the user, is an error rather than ignored."""
     preset = PRESETS[run.preset]
-    for section, name in FIXED_FLAGS:
-        if run.user_set(section, name):
+    for section, name in FIXED_FLAGS:  # the fixed value itself is accepted, as in the config
+        if run.user_set(section, name) and str(getattr(getattr(run, section), name)) != _fixed_value(name, preset):
             raise ValueError(f"--{name} is fixed by the embedded default job ({_fixed_value(name, preset)}); "
                              "give --train_file/--dataset and --model to choose it")
     window = ((ds_config or {}).get("cached") or {}).get("window")

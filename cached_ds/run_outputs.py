@@ -26,8 +26,11 @@ LOGS = ("metrics.jsonl", "csv", "tensorboard")
 
 
 def clear_earlier_outputs(out: Path) -> None:
-    """A fresh start in a folder where an earlier run left logs but no checkpoint (it crashed
-    before its first): those logs belong to a run nothing continues."""
+    """A fresh start in a folder where an earlier run of this launcher (its ``ds_config.json``
+    is there) left logs but no checkpoint (it crashed before its first): those logs belong to a
+    run nothing continues. A folder this launcher never wrote to keeps what it holds."""
+    if not (out / "ds_config.json").is_file():
+        return
     cleared = []
     for name in LOGS:
         path = out / name

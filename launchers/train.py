@@ -21,9 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from cached_ds.run_config import parse_args  # noqa: E402
 
 # Errors that carry a message for the user (bad flags, config, data, model or an earlier run's
-# files; a NaN/inf loss): printed as one line, without Python's frames. Any other exception is a
-# bug and keeps its traceback. CACHED_DS_TRACEBACK=1 shows the frames of these too.
+# files; a NaN/inf loss): printed as one line, without Python's frames, when cached-ds itself
+# raised them. A ValueError raised inside torch, HF or DeepSpeed is more likely a bug than a
+# message, and keeps its traceback, as does any other exception. CACHED_DS_TRACEBACK=1 shows the
+# frames of these too.
 USER_ERRORS = (ValueError, FloatingPointError)
+OURS = tuple(str(Path(__file__).resolve().parents[1] / folder) + os.sep for folder in ("cached_ds", "launchers"))
+
+
+def raised_here(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is in cached-ds's own code."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(OURS)
 
 
 def fail(error: BaseException, message: str | None = None) -> None:
@@ -38,6 +47,10 @@ def fail(error: BaseException, message: str | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        sys.exit(1)  # nothing to tear down yet: an in-process caller gets SystemExit, not a dead process
     os._exit(1)
 
 
@@ -66,13 +79,15 @@ def main(argv=None) -> None:
 
             Trainer(run).train()
     except USER_ERRORS as error:  # data, model, batch plan, earlier run, NaN loss: the message says what to fix
+        if not raised_here(error):
+            raise
         fail(error)
     except RuntimeError as error:
         if not peer_failed(error):
             raise
-        # This rank waited in a collective for a rank that has failed (its error is printed above):
-        # one line here, not a traceback that looks like a second failure.
-        fail(error, "another rank failed (its error is above); this rank stopped waiting for it")
+        # This rank waited in a collective for a rank that has ended: one line here, not a
+        # traceback that looks like a second failure, with what the collective said.
+        fail(error, f"another rank ended (see the other ranks' output); this rank stopped waiting for it: {error}")
     from cached_ds.distributed import shutdown
 
     shutdown()  # only after success: a failed rank must not leave the others waiting in a barrier

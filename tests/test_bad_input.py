@@ -171,3 +171,17 @@ def test_autograd_grad_and_selected_inputs_are_refused_not_silently_partial():
     full = CachedSeq2Seq(model, CachedConfig(window=16, mode="full"))
     grads = torch.autograd.grad(full(ids, mask, labels=labels).loss, [encoder_weight, decoder_weight])
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_autograd_grad_of_the_embedding_alone_when_the_encoder_is_frozen():
+    """Nothing of the encoder trains but the embedding, an input of the Function: autograd.grad
+    gets its exact gradient (that of ordinary backprop) and no .grad is written."""
+    model = make_model("bart", dropout=0.0)
+    embedding = model.get_input_embeddings().weight
+    for p in model.get_encoder().parameters():
+        p.requires_grad_(p is embedding)
+    ids, mask, labels = random_batch([40], [5], model.config.pad_token_id)
+    grads = {mode: torch.autograd.grad(CachedSeq2Seq(model, CachedConfig(window=16, mode=mode))(ids, mask, labels=labels).loss,
+                                       [embedding])[0] for mode in ("cached", "full")}
+    torch.testing.assert_close(grads["cached"], grads["full"], rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())

@@ -246,6 +246,28 @@ def test_run_error_on_two_ranks_ends_the_run(tmp_path, corpus):
     assert 'launchers/train.py", line' not in result.stderr, result.stderr[-3000:]
 
 
+def test_only_errors_cached_ds_raises_are_shortened():
+    """A ValueError from torch, HF or a builtin is more likely a bug than a message: it keeps its
+    traceback (``raised_here`` is False); ours are one line."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    from cached_ds import CachedConfig
+
+    spec = importlib.util.spec_from_file_location("train_launcher", REPO / "launchers" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    raised = []
+    for cause in (lambda: CachedConfig(window=0), lambda: int("x"), lambda: F.cross_entropy(torch.randn(2, 3), torch.tensor([0]))):
+        try:
+            cause()
+        except ValueError as error:
+            raised.append(launcher.raised_here(error))
+    assert raised == [True, False, False]
+
+
 def test_traceback_on_request(tmp_path, corpus):
     result = run_train(*flags(corpus, tmp_path, "--max_steps", "1", "--text_column", "report"), check=False, timeout=300,
                        CACHED_DS_TRACEBACK="1")
@@ -335,6 +357,12 @@ def test_bad_model_name_is_refused_before_the_tokenizer(corpus, name, message):
 def test_embedded_default_refuses_flags_it_fixes(extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_args(["--deepspeed", "ds_configs/zero3.json", *extra])
+
+
+def test_embedded_default_takes_the_values_it_fixes():
+    """Given at the value the job fixes anyway (as a config's "cached.window": 128 is taken)."""
+    run = parse_args(["--deepspeed", "ds_configs/zero3.json", "--window", "128", "--text_column", "document"])
+    assert run.embedded and run.cached.window == 128
 
 
 

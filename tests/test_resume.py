@@ -151,4 +151,24 @@ def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path, distributed
     assert not (store.root / "step00000001").exists()  # older than the one just published: pruned
     store.discard_partial()  # the next start
     assert not orphan.exists() and sorted(p.name for p in store.root.iterdir()) == ["latest", "step00000002"]
-    assert store.load(engine, check=lambda saved: saved.update(seen=True))["step"] == 2
+    checked = []
+    assert store.load(engine, check=checked.append)["step"] == 2
+    assert [saved["step"] for saved in checked] == [2]  # resume.json, read before DeepSpeed's files
+    # Without "latest" (a copied or damaged folder) nothing is known to be unpublished: kept.
+    (store.root / "latest").unlink()
+    store.discard_partial()
+    assert (store.root / "step00000002").is_dir() and store.latest() is None
+
+
+def test_a_fresh_start_clears_only_logs_of_this_launcher(tmp_path):
+    """Logs of an earlier run that left no checkpoint go (its ds_config.json marks the folder as
+    this launcher's); a folder it never wrote to keeps its tensorboard/ and metrics.jsonl."""
+    from cached_ds.run_outputs import clear_earlier_outputs
+
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    clear_earlier_outputs(tmp_path)
+    assert (tmp_path / "tensorboard").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+    (tmp_path / "ds_config.json").write_text("{}\n")
+    clear_earlier_outputs(tmp_path)
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
