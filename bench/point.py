@@ -282,7 +282,9 @@ def measure(spec: dict) -> dict:
 
 
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """The device's out-of-memory, or the host's (torch's CPU allocator: "can't allocate memory")."""
+    text = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
 def main() -> None:

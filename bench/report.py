@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +30,18 @@ def points_file(folder: Path) -> Path:
 
 
 def read_points(folder: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted(folder.glob("points*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
+    """Every point of the folder's ``points*.jsonl``; a line a killed sweep cut short is skipped
+    with a warning naming it (it would otherwise stop every later sweep into the folder)."""
+    points = []
+    for path in sorted(folder.glob("points*.jsonl")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                points.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{number} is not a JSON object (a cut-short write?); skipped", file=sys.stderr)
+    return points
 
 
 def _tokens(n: int) -> str:
@@ -62,36 +74,44 @@ def zero_ab(point: dict) -> tuple:
     return point.get("reduce_bucket_size"), bool(point.get("memory_efficient_linear"))
 
 
+def comparable(point: dict) -> tuple:
+    """What a row must share with its ``hf_ds_gc`` row to be compared with it: model, length,
+    precision, ZeRO stage, summary length, window, the A/B settings (``zero_ab``), and the sweep
+    run (``--run_id``; points of older sweeps carry none and compare within the folder)."""
+    return (point["model"], point["tokens"], point.get("dtype"), point.get("zero_stage"), point.get("target_tokens"),
+            point.get("window"), zero_ab(point), point.get("run_id"))
+
+
 def _fmt(value, digits=1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
-def _status(point: dict) -> str:
+def status_of(point: dict) -> str:
     if point.get("skipped"):
         return "OOM (shorter length did)"
     if point.get("oom"):
         return "OOM"
-    if point.get("error"):
-        return "error"
+    if point.get("error"):  # its last line, e.g. "IndexError: index out of range in self" (the log has the rest)
+        last = str(point["error"]).replace("|", "/").rstrip().rsplit(" / ", 1)[-1].strip()
+        return f"error: {last[-80:]}"
     return "ok"
 
 
 def table(points: list[dict]) -> str:
     """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and
     model, with the same DeepSpeed config (``zero_ab``: an A/B line changes it for both)."""
-    baseline = {(p["model"], p["tokens"], zero_ab(p)): p.get("tokens_per_s")
-                for p in points if p["method"] == BASELINE and not p.get("oom")}
+    baseline = {comparable(p): p.get("tokens_per_s") for p in points if p["method"] == BASELINE and not p.get("oom")}
     rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
-        base = baseline.get((p["model"], p["tokens"], zero_ab(p)))
+        base = baseline.get(comparable(p))
         ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
         saved = p.get("encoder_saved_peak_bytes")
         rows.append("| " + " | ".join([
             p["model"], label(p), _tokens(p["tokens"]), p.get("attn_implementation") or "–",
             _fmt(p.get("peak_allocated_gib")), _fmt(p.get("peak_reserved_gib")), _fmt(p.get("step_s"), 3),
             _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _fmt(p.get("model_tflops_per_s")),
-            "–" if saved is None else f"{saved / 2**20:.2f}", _status(p),
+            "–" if saved is None else f"{saved / 2**20:.2f}", status_of(p),
         ]) + " |")
     return "\n".join(rows) + "\n"
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 from methods import METHODS  # noqa: E402
-from report import label, points_file, read_points, write_report  # noqa: E402
+from report import label, points_file, read_points, status_of, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for a deep, narrow CPU proxy of a large model's host time; rows name the model with them")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--tokens", default=None, help="comma-separated document lengths (default: doubling 16K…16M)")
-    parser.add_argument("--target_tokens", type=int, default=1024, help="summary tokens per document")
+    parser.add_argument("--target_tokens", type=int, default=None,
+                        help="summary tokens per document (default: 1024, or the decoder's positions where fewer: tiny-bart 256)")
     parser.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3])
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--window", type=int, default=None, help="encoder window (default: the model's position limit; LongT5 4096)")
@@ -78,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero3_decoder_hooks", action="store_true",
                         help="cached, ZeRO-3: leave the decoder to ZeRO-3's per-submodule gathers and hooks (keep_decoder_gathered off), for an A/B")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per point (the median is reported)")
+    parser.add_argument("--run_id", default=None,
+                        help="what a row's ratio is measured within: rows compare with the hf_ds_gc row of the same run id, and "
+                             "an OOM skips longer lengths only within it (default: a new id per invocation; give one id to "
+                             "several invocations into one --out to compare across them)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--no_breakdown", action="store_true",
                         help="skip the separately clocked time-breakdown step (one step fewer: for the longest points)")
@@ -120,12 +125,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.offload and args.cross_attention_block is None:
         parser.error("--offload needs --cross_attention_block (only streaming cross-attention reads host-memory states)")
     try:
-        args.tokens = sorted({int(t) for t in args.tokens.split(",")}) if args.tokens else DEFAULT_TOKENS
+        args.tokens = sorted({int(t) for t in args.tokens.split(",")}) if args.tokens is not None else DEFAULT_TOKENS
     except ValueError:
         parser.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
     if min(args.tokens) < 1:
         parser.error("--tokens must be positive")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0 (the median is over the timed steps)")
+    positions = model_positions(args.model, args.config_overrides)  # learned positions (BART-like), or None
+    if positions is not None:
+        if args.target_tokens is not None and args.target_tokens > positions:
+            parser.error(f"--target_tokens {args.target_tokens} exceeds {args.model}'s {positions} decoder positions; give at most {positions}")
+        if args.window is not None and args.window > positions:
+            parser.error(f"--window {args.window} exceeds {args.model}'s {positions} encoder positions; give at most {positions}")
+    if args.target_tokens is None:
+        args.target_tokens = min(1024, positions or 1024)
+    args.run_id = args.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return args
+
+
+def model_positions(model: str, overrides: dict) -> int | None:
+    """The learned position table's size of a shipped config (BART, mBART, PEGASUS), after
+    ``overrides``; None for relative-position families (T5, LongT5), which bound neither length."""
+    values = {**json.loads((HERE.parent / "cached_ds" / "model_configs" / f"{model}.json").read_text()), **overrides}
+    return values.get("max_position_embeddings") if not values["model_type"].endswith("t5") else None
 
 
 def config_overrides(model: str, text: str | None) -> dict:
@@ -213,9 +236,13 @@ def main(argv=None) -> Path:
     device = device_name()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"
+    if device == "cpu" and args.tokens == DEFAULT_TOKENS:
+        sys.exit("sweep.py: error: the default plan (16K to 16M tokens) is for GPUs; on CPU give --smoke or --tokens")
     out.mkdir(parents=True, exist_ok=True)
-    failed_at = {label(p): p["tokens"] for p in read_points(out) if p.get("oom") and p["model"] == args.model_name}
+    failed_at = {label(p): p["tokens"] for p in read_points(out)
+                 if p.get("oom") and p["model"] == args.model_name and p.get("run_id") == args.run_id}
     plan = [(tokens, method) for tokens in args.tokens for method in args.methods]
+    errors = 0
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
         spec = dict(method=method, model=args.model_name, tokens=tokens, target_tokens=args.target_tokens,
                     zero_stage=args.zero_stage, dtype=dtype, window=args.window, group_tokens=args.group_tokens,
@@ -225,7 +252,7 @@ def main(argv=None) -> Path:
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
                     zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size,
-                    memory_efficient_linear=args.memory_efficient_linear or None)
+                    memory_efficient_linear=args.memory_efficient_linear or None, run_id=args.run_id)
         if args.config_overrides:  # ``model`` names the changed shape; point.py builds it from these
             spec.update(shipped_model=args.model, config_overrides=args.config_overrides)
         name = label(spec)
@@ -238,9 +265,13 @@ def main(argv=None) -> Path:
         with open(points_file(out), "a") as f:
             f.write(json.dumps(point) + "\n")
         write_report(out)
-        status = "OOM" if point.get("oom") else point.get("error") or f"{point['tokens_per_s']:,.0f} tok/s"
+        errors += bool(point.get("error")) and not point.get("oom")
+        status = status_of(point)
+        status = f"{point['tokens_per_s']:,.0f} tok/s" if status == "ok" else status
         tqdm.write(f"{name:>9} {tokens:>9} tokens: {status}")
     print(f"results in {out}")
+    if errors:  # an OOM is a result; an error is not
+        sys.exit(f"sweep.py: {errors} point(s) failed with an error; their logs are in {out / 'logs'}")
     return out
 
 

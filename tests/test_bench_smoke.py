@@ -316,3 +316,53 @@ def test_config_overrides_change_the_shape_and_name_it(tmp_path):
     baseline = sum(p.numel() for p in __import__("transformers").AutoModelForSeq2SeqLM.from_config(model_config("tiny-bart")).parameters())
     assert point["parameters"] == baseline + layer
     assert "| tiny-bart(encoder_layers=3) | cached | 1K |" in (tmp_path / "table.md").read_text()
+
+
+def test_bad_sweep_arguments_fail_before_any_point():
+    """Each used to start the sweep and fail inside every point (or, for an empty --tokens, run
+    the whole 16K-16M plan): tiny-bart's default summary length now fits its 256 positions."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sweep import parse_args
+
+    assert parse_args(["--model", "tiny-bart"]).target_tokens == 256
+    assert parse_args(["--model", "bart-large"]).target_tokens == 1024
+    assert parse_args(["--model", "long-t5-tglobal-large", "--target_tokens", "4096"]).target_tokens == 4096  # relative positions
+    for bad in (["--model", "tiny-bart", "--target_tokens", "1024"], ["--model", "tiny-bart", "--window", "512"],
+                ["--steps", "0"], ["--tokens", ""]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_rows_compare_only_with_the_baseline_of_their_own_run_and_settings(tmp_path, capsys):
+    """A second sweep into the same folder, or another ZeRO stage or dtype, is not divided by
+    another run's hf_ds_gc; a line a killed sweep cut short is skipped with a warning; an error
+    row shows its cause."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from point import is_oom
+    from report import read_points, table
+
+    common = {"model": "m", "tokens": 4096, "dtype": "fp32", "zero_stage": 3, "target_tokens": 64, "window": None}
+    rows = [{**common, "method": method, "tokens_per_s": speed, "run_id": run, **extra}
+            for method, speed, run, extra in [("hf_ds_gc", 100.0, "a", {}), ("cached", 150.0, "a", {}),
+                                              ("hf_ds_gc", 200.0, "b", {}), ("cached", 150.0, "b", {}),
+                                              ("cached", 300.0, "a", {"zero_stage": 0})]]
+    rows.append({**common, "method": "cached", "run_id": "a", "oom": False,
+                 "error": "exit 1: Traceback ... / ^^^^ / IndexError: index out of range in self"})
+    text = table(rows)
+    assert "| 150 | 1.50× |" in text and "| 150 | 0.75× |" in text  # each against its own run's baseline
+    assert "| 300 | – |" in text  # ZeRO-0 has no ZeRO-0 baseline
+    assert "error: IndexError: index out of range in self |" in text
+    (tmp_path / "points.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"method": "cach' + "\n")
+    assert read_points(tmp_path) == [rows[0]]
+    assert "points.jsonl:2 is not a JSON object" in capsys.readouterr().err
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert is_oom(MemoryError()) and not is_oom(RuntimeError("index out of range"))
+
+
+def test_a_point_that_errors_fails_the_sweep(tmp_path):
+    """An OOM is a result; an error is not: the sweep says where the logs are and exits non-zero."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "1024",
+                           "--steps", "1", "--warmup", "0", "--no_breakdown", "--config_overrides", "encoder_attention_heads=3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "1 point(s) failed with an error; their logs are in" in proc.stderr, proc.stderr[-3000:]
+    assert "| error: " in (tmp_path / "table.md").read_text()

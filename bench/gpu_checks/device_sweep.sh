@@ -22,6 +22,7 @@ mkdir -p "$OUT"
 MODEL=${MODEL:-bart-large}
 RESULTS=$OUT/${MODEL%%-*}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))
+RUN_ID=${RUN_ID:-$(date +%Y%m%d-%H%M%S)}  # every plan line one sweep run: their rows compare with each other's hf_ds_gc
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 [ -n "${PRINT_PLAN:-}" ] && { CHECKS=; BLOCK=${BLOCK:-32768}; }  # listing the plan runs nothing on the GPU
@@ -45,7 +46,7 @@ echo "streaming cross-attention key block: $BLOCK"
 sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
     local left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -lt 30 ]; then echo "skipped (deadline): $*"; return; fi
-    timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" ${SWEEP_ARGS:-} \
+    timeout "$left" python3 bench/sweep.py --model "$MODEL" --dtype bf16 --zero_stage 3 --out "$RESULTS" --run_id "$RUN_ID" ${SWEEP_ARGS:-} \
         --warmup "${WARMUP:-2}" --steps 2 --point_timeout "${POINT_TIMEOUT:-240}" "$@" 2>&1 | grep -v "sweep points"
 }
 # PLAN: one sweep per line (its arguments; a line's --warmup/--steps win over the defaults), the
