@@ -16,6 +16,7 @@ export OUT
 # One sweep run id for the whole session (both models, every plan line, and a second device call that
 # passes RUN_ID on): rows compare with the hf_ds_gc row of the same run id (bench/report.py comparable).
 export RUN_ID=${RUN_ID:-$(date +%Y%m%d-%H%M%S)}
+echo "sweep run id: $RUN_ID (a second device call: RUN_ID=$RUN_ID bash bench/gpu_checks/session.sh ...)"
 mkdir -p "$OUT"
 start=$(date +%s)
 CHECKS=1 BUDGET_S=${BART_S:-360} bash bench/gpu_checks/device_sweep.sh 2>&1 | tee "$OUT/bart.log"
