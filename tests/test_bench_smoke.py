@@ -348,8 +348,9 @@ def test_rows_compare_only_with_the_baseline_of_their_own_run_and_settings(tmp_p
                                               ("cached", 300.0, "a", {"zero_stage": 0})]]
     rows.append({**common, "method": "cached", "run_id": "a", "oom": False,
                  "error": "exit 1: Traceback ... / ^^^^ / IndexError: index out of range in self"})
+    rows[1].update(step_s=1.0, step_times=[0.9, 1.0, 1.1])  # half the range: how far one ratio can be trusted
     text = table(rows)
-    assert "| 150 | 1.50× |" in text and "| 150 | 0.75× |" in text  # each against its own run's baseline
+    assert "| 1.000 ±10% | 150 | 1.50× |" in text and "| 150 | 0.75× |" in text  # each against its own run's baseline
     assert "| 300 | – |" in text  # ZeRO-0 has no ZeRO-0 baseline
     assert "error: IndexError: index out of range in self |" in text
     (tmp_path / "points.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"method": "cach' + "\n")
