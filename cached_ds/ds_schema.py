@@ -11,14 +11,28 @@ pydantic ``ValidationError`` from deep inside ``deepspeed.initialize``.
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 
-# The sections checked before a run builds anything, with DeepSpeed's own models (module, class).
-EARLY_SECTIONS = {
-    "zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
-    "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
-    "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+# DeepSpeed's pydantic models by class name (a ValidationError's title) -> the JSON section each
+# reads and the module that defines it.
+SECTION_MODELS = {
+    "DeepSpeedZeroConfig": ("zero_optimization", "deepspeed.runtime.zero.config"),
+    "DeepSpeedBF16Config": ("bf16", "deepspeed.runtime.precision_config"),
+    "DeepSpeedFP16Config": ("fp16", "deepspeed.runtime.precision_config"),
+    "CompileConfig": ("compile", "deepspeed.compile.config"),
+    "HybridEngineConfig": ("hybrid_engine", "deepspeed.runtime.config"),
 }
+# Those checked before a run builds anything.
+EARLY_MODELS = ("DeepSpeedZeroConfig", "DeepSpeedBF16Config", "DeepSpeedFP16Config")
+
+
+def _model(name: str):
+    """DeepSpeed's model class ``name`` (of ``SECTION_MODELS``), or None where this version lacks it."""
+    try:
+        return getattr(importlib.import_module(SECTION_MODELS[name][1]), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def check_sections(config: dict, source: str = "the DeepSpeed config") -> None:
@@ -26,19 +40,20 @@ def check_sections(config: dict, source: str = "the DeepSpeed config") -> None:
     ``"zero_optimization"``, ``"bf16"`` and ``"fp16"`` sections now, before data and model are
     built, so a typo or a bad value fails in a second with the field's path in the JSON file
     instead of from deep inside ``deepspeed.initialize``. All their errors are reported at once."""
-    import importlib
-
     import pydantic
 
     errors = []
-    for section, (module, name) in EARLY_SECTIONS.items():
+    for name in EARLY_MODELS:
+        section = SECTION_MODELS[name][0]
         value = config.get(section)
         if value is None or (section == "zero_optimization" and isinstance(value, bool)):  # absent, or the deprecated boolean form
             continue
         if not isinstance(value, dict):
             errors.append(f'"{section}" must be a JSON object, got {json.dumps(value)}')
             continue
-        model = getattr(importlib.import_module(module), name)
+        model = _model(name)
+        if model is None:  # a DeepSpeed without this model: its own initialize checks the section
+            continue
         try:
             model(**value)
         except pydantic.ValidationError as error:
@@ -82,29 +97,12 @@ def _error_lines(error, prefix: tuple, model) -> list[str]:
     return lines
 
 
-# DeepSpeed's pydantic models by class name (a ValidationError's title) -> the JSON section each reads.
-SECTION_MODELS = {
-    "DeepSpeedZeroConfig": ("zero_optimization", "deepspeed.runtime.zero.config"),
-    "DeepSpeedBF16Config": ("bf16", "deepspeed.runtime.precision_config"),
-    "DeepSpeedFP16Config": ("fp16", "deepspeed.runtime.precision_config"),
-    "CompileConfig": ("compile", "deepspeed.compile.config"),
-    "HybridEngineConfig": ("hybrid_engine", "deepspeed.runtime.config"),
-}
-
-
 def deepspeed_schema_error(error, source: str = "the DeepSpeed config") -> ValueError:
     """``schema_error`` for a ``ValidationError`` raised inside ``deepspeed.initialize``: the
     section is found from the model's name (its title); an unknown model's name stands for it."""
-    import importlib
-
     title = getattr(error, "title", "") or ""
-    section, module = SECTION_MODELS.get(title, (None, None))
-    model = None
-    if module is not None:
-        try:
-            model = getattr(importlib.import_module(module), title)
-        except (ImportError, AttributeError):
-            model = None
+    section = SECTION_MODELS[title][0] if title in SECTION_MODELS else None
+    model = _model(title) if section else None
     prefix = (section,) if section else ((f"<{title}>",) if title else ())
     return schema_error(error, source, prefix, model)
 
