@@ -153,8 +153,8 @@ class CheckpointStore:
         tag = self.latest()
         if tag is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.root}; run without --resume to start fresh")
-        sidecar = self.sidecar(tag)
-        if check is not None and sidecar is not None:
+        sidecar = self.sidecar(tag) if check is not None else None
+        if sidecar is not None:
             check(sidecar)
         _, client_state = engine.load_checkpoint(str(self.root), tag=tag)
         if client_state is None:

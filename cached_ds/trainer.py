@@ -114,7 +114,7 @@ class Trainer:
         self.out = run.output_dir
         init_distributed()
         self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
-        self.resume = self._resume_or_refuse()  # before anything is written to the output folder
+        self.resume = self._resume_or_refuse()  # the tag to resume from, or None; before anything is written
         seed_everything(run.optim.seed)
         self.tokenizer = tokenizer or self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_data()
@@ -135,25 +135,25 @@ class Trainer:
         self.peak_lr = (config.get("optimizer") or {}).get("params", {}).get("lr", run.optim.lr)
         # who sets the rate: our HF schedule, the config's own DeepSpeed scheduler, or nobody (constant)
         self.lr_schedule = "ours" if lr_scheduler else config.get("scheduler", {}).get("type", "none")
-        if self.resume:
-            saved = self.store.sidecar(self.store.latest())
-            if saved is not None:  # a refused resume leaves the earlier run's ds_config.json as it was
-                self._check_resumed_plan(saved)
-        else:
-            if rank() == 0:
-                clear_earlier_outputs(self.out)
+        # A resume is checked against the checkpoint's resume.json now, so that a refused one leaves
+        # the earlier run's ds_config.json as it was; older checkpoints have none (checked at load).
+        self.saved = self.store.sidecar(self.resume) if self.resume else None
+        if self.saved is not None:
+            self._check_resumed_plan(self.saved)
+        if not self.resume and rank() == 0:
+            clear_earlier_outputs(self.out)
         self.engine = self._build_engine(config, lr_scheduler)
         self.step = 0
 
-    def _resume_or_refuse(self) -> bool:
-        """Whether this run continues from a checkpoint: ``--resume`` needs one, a run without it
-        refuses an earlier run's, ``--resume auto`` takes one where there is one."""
+    def _resume_or_refuse(self) -> str | None:
+        """The checkpoint this run continues from, or None: ``--resume`` needs one, a run without
+        it refuses an earlier run's, ``--resume auto`` takes one where there is one."""
         self.store.discard_partial()
         earlier = self.store.latest()
         asked = self.run.checkpoint.resume
         if asked == "auto":
             logger.info("--resume auto: %s", f"resuming from {earlier}" if earlier else "no checkpoint yet, starting fresh")
-            return earlier is not None
+            return earlier
         if asked and earlier is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.store.root}; run without --resume to start fresh "
                              "(--resume auto does either)")
@@ -162,7 +162,7 @@ class Trainer:
             # would delete this run's checkpoints as soon as they are written.
             raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
                              "pass --resume to continue it, or a new --output_dir to start over")
-        return bool(asked)
+        return earlier if asked else None
 
     # ---- building ---------------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -253,8 +253,8 @@ class Trainer:
     def train(self) -> dict:
         run = self.run
         epoch, position = 0, 0
-        if self.resume:  # checked in __init__, before the engine was built
-            state = self.store.load(self.engine, check=self._check_resumed_plan)
+        if self.resume:  # checked in __init__ against its resume.json, where it has one
+            state = self.store.load(self.engine, check=None if self.saved is not None else self._check_resumed_plan)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
             self._apply_new_lr()
