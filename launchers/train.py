@@ -35,23 +35,29 @@ def raised_here(error: BaseException) -> bool:
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(OURS)
 
 
-def fail(error: BaseException, message: str | None = None) -> None:
-    """Print ``train.py: error: <message>`` and end this process with status 1 at once.
-
-    ``os._exit``: after the process group exists, interpreter teardown can hang or abort in C++
-    thread destructors, and a rank that failed alone must end so that the launcher (deepspeed or
-    torchrun) sees it and stops the other ranks, which may be waiting for it in a collective."""
-    if os.environ.get("CACHED_DS_TRACEBACK", "") not in ("", "0"):
-        traceback.print_exception(error)
-    print(f"train.py: error: {message or error}", file=sys.stderr)
+def exit_now(status: int) -> None:
+    """Flush and end the process without interpreter teardown: once a process group exists, its
+    C++ thread destructors run in no fixed order, and two-rank CPU runs have twice ended with
+    "terminate called without an active exception" (exit -6) after all their work was written,
+    the second time after the group was already destroyed (bench/point.py does the same)."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    os._exit(status)
+
+
+def fail(error: BaseException, message: str | None = None) -> None:
+    """Print ``train.py: error: <message>`` and end this process with status 1 at once: a rank
+    that failed alone must end so that the launcher (deepspeed or torchrun) sees it and stops the
+    other ranks, which may be waiting for it in a collective."""
+    if os.environ.get("CACHED_DS_TRACEBACK", "") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"train.py: error: {message or error}", file=sys.stderr)
     import torch.distributed as dist
 
     if not dist.is_initialized():
         sys.exit(1)  # nothing to tear down yet: an in-process caller gets SystemExit, not a dead process
-    os._exit(1)
+    exit_now(1)
 
 
 # What gloo's collectives raise on the ranks left waiting when another rank's process has ended.
@@ -95,12 +101,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-    # Done on every rank and the process group ended: skip interpreter teardown. Its C++ thread
-    # destructors run in no fixed order, and two-rank CPU runs have twice ended with "terminate
-    # called without an active exception" (exit -6) after all their work, checkpoints and
-    # evaluation were written, the second time after the group was already destroyed (as
-    # bench/point.py does for the same reason). Errors still exit through the interpreter.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(0)
+    exit_now(0)  # done on every rank and the process group ended (errors other than fail()'s raise through the interpreter)
