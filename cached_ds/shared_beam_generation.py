@@ -141,9 +141,8 @@ def shared_beam_generation(model: nn.Module, fused_mask: torch.Tensor, block: in
 def generate_shared(model: nn.Module, encoder_outputs, fused_mask: torch.Tensor, block: int | None = None, **generate_kwargs):
     """``model.generate`` on given encoder outputs and their mask, beams sharing the encoder side
     where the family is supported (plain HF ``generate`` otherwise)."""
-    if model.config.model_type not in LAYOUTS:
-        return model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
-    dropout = _cross_attention_dropout(model)
+    supported = model.config.model_type in LAYOUTS
+    dropout = supported and _cross_attention_dropout(model)
     if dropout:
         warnings.warn(
             f"generate() on a model in training mode with cross-attention dropout {dropout}: HF's generate "
@@ -151,6 +150,7 @@ def generate_shared(model: nn.Module, encoder_outputs, fused_mask: torch.Tensor,
             f"call model.eval() first to generate with one copy per document and no dropout",
             stacklevel=3,
         )
+    if not supported or dropout:
         return model.generate(encoder_outputs=encoder_outputs, attention_mask=fused_mask, **generate_kwargs)
     with shared_beam_generation(model, fused_mask, block):
         return model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
