@@ -37,6 +37,8 @@ from methods import METHODS  # noqa: E402
 from report import label, points_file, read_points, status_of, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# The shipped configs, read as files here: cached_ds.model_zoo would import transformers for a listing
+MODEL_CONFIGS = HERE.parent / "cached_ds" / "model_configs"
 DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
 SMOKE = dict(model="tiny-bart", tokens=[1024, 4096], target_tokens=64, dtype="fp32", group_tokens=512,
              steps=2, warmup=1, saved_tensor_meter=True)
@@ -111,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--blocked_t5_attention / --local_sdpa_t5_attention need --fast_t5_attention (they pick how that attention runs)")
     if args.blocked_t5_attention and args.local_sdpa_t5_attention:
         parser.error("--blocked_t5_attention and --local_sdpa_t5_attention are two choices of one kernel: give one")
-    shipped = sorted(path.stem for path in (HERE.parent / "cached_ds" / "model_configs").glob("*.json"))
+    shipped = sorted(path.stem for path in MODEL_CONFIGS.glob("*.json"))
     if args.model not in shipped:
         parser.error(f"--model {args.model!r} is not a shipped config; choose from {', '.join(shipped)} "
                      "(or --config_overrides to change one's fields)")
@@ -147,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_positions(model: str, overrides: dict) -> int | None:
     """The learned position table's size of a shipped config (BART, mBART, PEGASUS), after
     ``overrides``; None for relative-position families (T5, LongT5), which bound neither length."""
-    values = {**json.loads((HERE.parent / "cached_ds" / "model_configs" / f"{model}.json").read_text()), **overrides}
+    values = {**json.loads((MODEL_CONFIGS / f"{model}.json").read_text()), **overrides}
     return values.get("max_position_embeddings") if not values["model_type"].endswith("t5") else None
 
 
