@@ -186,34 +186,45 @@ def memory_site_tables(points: list[dict], top: int = 8) -> str:
     return "\n".join(parts)
 
 
-def plot(points: list[dict], folder: Path) -> list[Path]:
-    gpu = any(p.get("peak_allocated_gib") is not None for p in points)
-    memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
-                                else ("encoder_saved_peak_bytes", "encoder saved-tensor peak (bytes)"))
-    written = []
-    for key, axis_label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        for (model, method) in sorted({(p["model"], label(p)) for p in points}):
-            ok = sorted((p["tokens"], p[key]) for p in points
-                        if (p["model"], label(p)) == (model, method) and not p.get("oom") and p.get(key) is not None)
-            failed = sorted(p["tokens"] for p in points if (p["model"], label(p)) == (model, method) and p.get("oom"))
+def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
+    """One panel per model, sharing the length axis: BART-large's 140K tokens/s and LongT5's 7K on
+    one y-axis would flatten the smaller model's curves into the floor."""
+    models = sorted({p["model"] for p in points}) or [None]
+    fig, axes = plt.subplots(len(models), 1, figsize=(10, 1.0 + 3.5 * len(models)), sharex=True, squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        for method in sorted({label(p) for p in points if p["model"] == model}):
+            row = [p for p in points if (p["model"], label(p)) == (model, method)]
+            ok = sorted((p["tokens"], p[key]) for p in row if not p.get("oom") and p.get(key) is not None)
+            failed = sorted(p["tokens"] for p in row if p.get("oom"))
             if not ok and not failed:
                 continue  # nothing of this kind measured for the row (CPU memory without --saved_tensor_meter)
-            line, = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=f"{_short(model)} {method}")
+            line, = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=method)
             if failed:  # an OOM is drawn as an × at the top of the axes, at its length
                 ax.plot([failed[0]], [1.0], marker="x", markersize=10, color=line.get_color(),
                         transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none")
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {axis_label} measured" + ("" if gpu else " (on CPU: --saved_tensor_meter)"),
                     ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(" · ".join(sorted({f"{p.get('device')} {p.get('dtype')} ZeRO-{p.get('zero_stage')}" for p in points})), fontsize=9)
+        ax.set_title(_short(model or "no points", 60), fontsize=9, loc="left")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("document tokens (× = out of memory)")
+        ax.set_ylim(bottom=0)  # a 0.94× gap looks like 0.94×, not like a cliff
         ax.set_ylabel(axis_label)
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
-        fig.tight_layout()
+    axes[-1, 0].set_xlabel("document tokens (× = out of memory)")
+    fig.suptitle(" · ".join(sorted({f"{p.get('device')} {p.get('dtype')} ZeRO-{p.get('zero_stage')}" for p in points})), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(points: list[dict], folder: Path) -> list[Path]:
+    gpu = any(p.get("peak_allocated_gib") is not None for p in points)
+    memory_key, memory_label = (("peak_allocated_gib", "peak allocated GiB") if gpu
+                                else ("encoder_saved_peak_bytes", "encoder saved-tensor peak (bytes)"))
+    written = []
+    for key, axis_label, name in ((memory_key, memory_label, "memory.png"), ("tokens_per_s", "tokens / s", "throughput.png")):
+        fig = figure(points, key, axis_label, gpu)
         staging = folder / f".{name}.{os.getpid()}.tmp"
         fig.savefig(staging, dpi=120, format="png")
         staging.replace(folder / name)  # SLURM array tasks rewrite these side by side: never half-written
@@ -241,9 +252,12 @@ def profile_tables(points: list[dict], top: int = 12) -> str:
         prof = p["profile"]
         busy = prof.get("device_busy_s")
         share = f", device busy {busy:.3f} s ({busy / prof['wall_s']:.0%})" if busy is not None else ""
-        phases = ", ".join(f"{name} {s:.3f} s" for name, s in prof["phase_host_s"].items())
+        phases = "Host time per phase: " + ", ".join(f"{name} {s:.3f} s" for name, s in prof["phase_host_s"].items()) + "."
+        if busy is not None and "host_top" not in prof:  # written before bench/point.py counted each kernel once
+            share += " (as recorded by a summary that counted every kernel twice: about 2× too high)"
+            phases = "Host time per phase: not recorded (that summary read the phases' device copies)."
         rows = [f"### {p['model']} {label(p)} {_tokens(p['tokens'])}: profiled step {prof['wall_s']:.3f} s{share}",
-                f"Host time per phase: {phases}. Ops by {prof['ops_counted_by']}:", "",
+                f"{phases} Ops by {prof['ops_counted_by']}:", "",
                 "| op | calls | self ms | host ms |", "|---|---:|---:|---:|"]
         rows += [f"| `{op['name'][:80]}` | {op['calls']} | {op['self_ms']:.1f} | {op['host_ms']:.1f} |" for op in prof["top"][:top]]
         waits = prof.get("host_waits")

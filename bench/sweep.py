@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "what each line adds per token between traced lengths (memory_sites.py, table.md)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<device>)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny-bart, 2 lengths, all methods, fp32")
+    parser.add_argument("--list_tokens", action="store_true",
+                        help="print the plan's document lengths (comma-separated) and exit: sweep.sbatch's default array")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--smoke" in argv:  # the smoke settings are defaults: flags given beside --smoke still win
         parser.set_defaults(**{k: ",".join(map(str, v)) if k == "tokens" else v for k, v in SMOKE.items()})
@@ -233,8 +235,11 @@ def kernels(args) -> dict:
     return {k: v for k, v in chosen.items() if v is not None}
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     args = parse_args(argv)
+    if args.list_tokens:
+        print(",".join(map(str, args.tokens)))
+        return None
     device = device_name()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"

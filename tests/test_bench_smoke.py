@@ -136,6 +136,14 @@ def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
     table = profile_tables([{"model": "long-t5-tglobal-large", "method": "cached", "tokens": 16384, "profile": summary}])
     assert "device busy 0.000 s (0%)" in table and "| `cached_ds:flex_t5:band` | 1 | 0.4 | 0.1 |" in table
     assert "Host waiting on the device: `cudaStreamSynchronize` 1× 0.3 ms." in table
+    assert "2× too high" not in table and "Host time per phase: forward 0.001 s." in table
+    # A record of the first H200 sessions (no host_top: kernels counted twice, phases read as 0 s)
+    # keeps its figures and says what they are.
+    old = json.loads((ROOT / "bench/results/2026-11-27-nvidia-h200-2/points.jsonl").read_text().splitlines()[0])
+    assert "host_top" not in old["profile"] and old["profile"]["device_busy_s"] > old["profile"]["wall_s"]  # the 111%
+    table = profile_tables([old])
+    assert "device busy 2.436 s (111%) (as recorded by a summary that counted every kernel twice: about 2× too high)" in table
+    assert "Host time per phase: not recorded" in table and "forward 0.000 s" not in table
 
 
 def test_the_breakdown_splits_cached_recompute_by_window_group():
@@ -179,6 +187,45 @@ def test_memory_growth_is_taken_between_the_two_longest_points_that_fit():
     assert rows == ["| bart-large | cached | 2M → 4M | 6.00 | 6144 |",
                     "| bart-large | cached+cross_attention_block=8192 | 4M → 16M | 0.12 | 128 |"]
     assert growth_table([point("cached", 2**20, None)]) == ""  # CPU runs have no GPU memory
+
+
+def test_each_model_gets_its_own_panel_of_the_plots():
+    """BART's and LongT5's tokens/s differ 20×: one y-axis for both would flatten LongT5's curves.
+    Each model is its own panel (shared length axis) holding only its own methods' lines."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import matplotlib.pyplot as plt
+    from report import figure
+
+    def point(model, method, tokens, rate, oom=False):
+        return {"model": model, "method": method, "tokens": tokens, "tokens_per_s": rate, "oom": oom,
+                "device": "h200", "dtype": "bf16", "zero_stage": 3}
+
+    points = [point("bart-large", "cached", 2**18, 139e3), point("bart-large", "hf_ds_gc", 2**18, 138e3),
+              point("bart-large", "hf_ds_gc", 2**20, None, oom=True),
+              point("long-t5-tglobal-large", "cached", 2**14, 7e3), point("long-t5-tglobal-large", "cached", 2**16, 12e3)]
+    fig = figure(points, "tokens_per_s", "tokens / s", gpu=True)
+    try:
+        bart, longt5 = fig.axes[:2]
+        assert [ax.get_title(loc="left") for ax in (bart, longt5)] == ["bart-large", "long-t5-tglobal-large"]
+        assert [t.get_text() for t in bart.get_legend().get_texts()] == ["cached", "hf_ds_gc"]
+        assert [t.get_text() for t in longt5.get_legend().get_texts()] == ["cached"]
+        assert list(longt5.lines[0].get_ydata()) == [7e3, 12e3]
+        assert len(bart.lines) == 3  # two methods and hf_ds_gc's out-of-memory mark
+        assert bart.get_ylim()[1] > 100e3 and longt5.get_ylim()[1] < 20e3  # each its own scale
+    finally:
+        plt.close(fig)
+
+
+def test_list_tokens_prints_the_plan_for_sweep_sbatch(capsys):
+    """sweep.sbatch's array takes its lengths from here when SWEEP_TOKENS is unset: the GPU plan,
+    or with --smoke the smoke's own two (it used to run tiny-bart at 16K…16M on CPU nodes)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sweep import DEFAULT_TOKENS, main
+
+    for argv, expected in ((["--list_tokens"], DEFAULT_TOKENS), (["--smoke", "--list_tokens"], [1024, 4096]),
+                           (["--smoke", "--tokens", "4096,2048", "--list_tokens"], [2048, 4096])):
+        assert main(argv) is None
+        assert capsys.readouterr().out.strip() == ",".join(map(str, expected))
 
 
 def test_a_group_size_other_than_the_default_is_named_in_the_label():
