@@ -39,6 +39,7 @@ from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model
+from .resume import ResumeState, choose_checkpoint
 from .run_config import RunConfig
 from .run_outputs import clear_earlier_outputs, forget_metrics_after
 
@@ -114,7 +115,7 @@ class Trainer:
         self.out = run.output_dir
         init_distributed()
         self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
-        self.resume = self._resume_or_refuse()  # the tag to resume from, or None; before anything is written
+        self.resume = choose_checkpoint(self.store, run.checkpoint.resume)  # a tag or None; before anything is written
         seed_everything(run.optim.seed)
         self.tokenizer = tokenizer or self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_data()
@@ -131,38 +132,20 @@ class Trainer:
                            self.plan.docs_per_step, left_out)
         self.total_steps = run.optim.max_steps or run.optim.epochs * self.plan.steps_per_epoch
         config, lr_scheduler = self._engine_config()
-        self.zero_stage = (config.get("zero_optimization") or {}).get("stage", 0)
-        self.peak_lr = (config.get("optimizer") or {}).get("params", {}).get("lr", run.optim.lr)
-        # who sets the rate: our HF schedule, the config's own DeepSpeed scheduler, or nobody (constant)
-        self.lr_schedule = "ours" if lr_scheduler else config.get("scheduler", {}).get("type", "none")
+        self.state = ResumeState(
+            zero_stage=(config.get("zero_optimization") or {}).get("stage", 0), world_size=world_size(),
+            data_plan=self._data_plan(), lr=(config.get("optimizer") or {}).get("params", {}).get("lr", run.optim.lr),
+            # who sets the rate: our HF schedule, the config's own DeepSpeed scheduler, or nobody (constant)
+            lr_schedule="ours" if lr_scheduler else config.get("scheduler", {}).get("type", "none"), config_path=str(run.deepspeed))
         # A resume is checked against the checkpoint's resume.json now, so that a refused one leaves
         # the earlier run's ds_config.json as it was; older checkpoints have none (checked at load).
         self.saved = self.store.sidecar(self.resume) if self.resume else None
         if self.saved is not None:
-            self._check_resumed_plan(self.saved)
+            self.state.check(self.saved)
         if not self.resume and rank() == 0:
             clear_earlier_outputs(self.out)
         self.engine = self._build_engine(config, lr_scheduler)
         self.step = 0
-
-    def _resume_or_refuse(self) -> str | None:
-        """The checkpoint this run continues from, or None: ``--resume`` needs one, a run without
-        it refuses an earlier run's, ``--resume auto`` takes one where there is one."""
-        self.store.discard_partial()
-        earlier = self.store.latest()
-        asked = self.run.checkpoint.resume
-        if asked == "auto":
-            logger.info("--resume auto: %s", f"resuming from {earlier}" if earlier else "no checkpoint yet, starting fresh")
-            return earlier
-        if asked and earlier is None:
-            raise ValueError(f"--resume: no complete checkpoint in {self.store.root}; run without --resume to start fresh "
-                             "(--resume auto does either)")
-        if not asked and earlier is not None:
-            # Its "latest" would be exported instead of this run's weights, and pruning by step
-            # would delete this run's checkpoints as soon as they are written.
-            raise ValueError(f"{self.store.root} holds checkpoints of an earlier run (latest: {earlier}); "
-                             "pass --resume to continue it, or a new --output_dir to start over")
-        return earlier if asked else None
 
     # ---- building ---------------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -254,10 +237,12 @@ class Trainer:
         run = self.run
         epoch, position = 0, 0
         if self.resume:  # checked in __init__ against its resume.json, where it has one
-            state = self.store.load(self.engine, check=None if self.saved is not None else self._check_resumed_plan)
+            state = self.store.load(self.engine, check=None if self.saved is not None else self.state.check)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
-            self._apply_new_lr()
+            old_lr = self.state.apply_new_lr(self.engine)
+            if old_lr is not None and rank() == 0:
+                logger.warning("resuming with --lr %g (the checkpoint's run used %g)", self.state.lr, old_lr)
             if rank() == 0:  # a crashed run's lines after its last checkpoint are about to be trained again
                 forget_metrics_after(self.out, self.step, self.engine.global_samples, getattr(self.engine.monitor, "csv_monitor", None))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
@@ -277,14 +262,14 @@ class Trainer:
                 if position == len(steps):
                     epoch, position = epoch + 1, 0
                 if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
-                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self._sidecar())
+                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
                 if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
                     self.evaluate(f"step{self.step}")
                 if position == 0:
                     break  # a new epoch: new document order
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
-            self.store.save(self.engine, self.step, self._client_state(epoch, position), self._sidecar())
+            self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         return self.evaluate("final")
 
@@ -296,71 +281,7 @@ class Trainer:
                 "documents": len(self.train_rows)}
 
     def _client_state(self, epoch: int, position: int) -> dict:
-        return {"step": self.step, "epoch": epoch, "position": position, "data_plan": self._data_plan()}
-
-    def _sidecar(self) -> dict:
-        """What a resumed run must match (``resume.json`` in each checkpoint)."""
-        return {"zero_stage": self.zero_stage, "world_size": world_size(), "data_plan": self._data_plan(),
-                "lr": self.peak_lr, "lr_schedule": self.lr_schedule}
-
-    def _check_resumed_plan(self, state: dict) -> None:
-        """``state``: a checkpoint's ``resume.json``, read before DeepSpeed loads anything (or,
-        from older checkpoints, the client state after the load: the data plan only). DeepSpeed
-        fails on another ZeRO stage or rank count with a bare assertion. A saved position in an
-        epoch means something only in the order it was saved in: with another batch plan some
-        documents would be trained twice and others skipped."""
-        stage = state.get("zero_stage")
-        if stage is not None and stage != self.zero_stage:
-            raise ValueError(f"--deepspeed: the checkpoint was written by ZeRO stage {stage}, this run is stage {self.zero_stage} "
-                             f"({self.run.deepspeed}); resume with the same config, or start over in a new --output_dir")
-        ranks = state.get("world_size")
-        if ranks is not None and ranks != world_size():
-            raise ValueError(f"--resume: the checkpoint was written by {ranks} ranks, this run has {world_size()}; resume on as "
-                             "many ranks (nodes × ranks per node), or start over in a new --output_dir")
-        schedule = state.get("lr_schedule")
-        if schedule is not None and schedule != self.lr_schedule:
-            raise ValueError(f"--deepspeed: the checkpoint's learning rate was set by {_schedule_name(schedule)}, this run's by "
-                             f"{_schedule_name(self.lr_schedule)}; resume with the same config, or start over in a new --output_dir")
-        lr = state.get("lr")
-        if lr is not None and lr != self.peak_lr and self.lr_schedule not in ("ours", "none"):
-            raise ValueError(f"--lr: the checkpoint's run used {lr}, this run {self.peak_lr}, and the config's {self.lr_schedule} "
-                             f"scheduler restores its own rate from the checkpoint; resume with --lr {lr}, or start over in a "
-                             "new --output_dir")
-        saved, now = state.get("data_plan"), self._data_plan()
-        if saved is None:  # written before checkpoints carried it
-            return
-        names = {"ranks": "ranks", "micro_batch_size": "--micro_batch_size", "seed": "--seed",
-                 "gradient_accumulation_steps": "--gradient_accumulation_steps", "documents": "training documents"}
-        changed = [f"{names[key]} {saved[key]} then, {now[key]} now" for key in names if saved.get(key) != now[key]]
-        if changed:
-            raise ValueError(f"--resume: the checkpoint's data order was made with other settings ({'; '.join(changed)}); "
-                             "resume with the same ones, or start over in a new --output_dir")
-
-    def _apply_new_lr(self) -> None:
-        """A resumed run's ``--lr`` is its new peak: the restored scheduler (ours) and optimizer
-        would keep the checkpoint's. The schedule goes on from where it was (its current factor
-        times the new peak). The config's own DeepSpeed schedulers are refused another rate
-        (``_check_resumed_plan``)."""
-        if self.lr_schedule == "ours":
-            scheduler = self.engine.lr_scheduler
-            old, groups = scheduler.base_lrs[0], scheduler.optimizer.param_groups
-            if old == self.peak_lr:
-                return
-            for group, factor in zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
-                group["initial_lr"], group["lr"] = self.peak_lr, self.peak_lr * factor
-            scheduler.base_lrs = [self.peak_lr] * len(groups)
-            scheduler._last_lr = [group["lr"] for group in groups]
-        elif self.lr_schedule == "none" and self.engine.optimizer is not None:
-            groups = self.engine.optimizer.param_groups
-            old = groups[0]["lr"]
-            if old == self.peak_lr:
-                return
-            for group in groups:
-                group["lr"] = self.peak_lr
-        else:
-            return
-        if rank() == 0:
-            logger.warning("resuming with --lr %g (the checkpoint's run used %g)", self.peak_lr, old)
+        return {"step": self.step, "epoch": epoch, "position": position, "data_plan": self.state.data_plan}
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
@@ -418,7 +339,3 @@ class Trainer:
         logger.info("eval %s: %s", name, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         return scores
 
-
-def _schedule_name(schedule: str) -> str:
-    return {"ours": "the launcher's warm-up schedule (WarmupLR/WarmupDecayLR)", "none": "no scheduler (a constant rate)"}.get(
-        schedule, f"DeepSpeed's {schedule} scheduler")
