@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import torch
+from nltk.stem import porter  # rouge-score's own stemmer (nltk is its dependency)
 from rouge_score import rouge_scorer
+from rouge_score.tokenizers import Tokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # CJK full stops need no space after
+# Chinese and Japanese are written without spaces: each Han, kana or CJK-compatibility character
+# is a token (character-level ROUGE, as for LCSTS); every other script's words are runs of
+# letters and digits.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+
+
+class UnicodeTokenizer(Tokenizer):
+    """rouge-score's default tokenizer deletes every character outside [a-z0-9]: identical
+    Chinese, Russian or Arabic texts score 0 and "Müller"/"Möller" match. This one keeps letters
+    of every script (NFKC-normalised, lower-cased) and gives the default's tokens on ASCII text,
+    stemming as it does (Porter, English words over 3 characters) and no other word."""
+
+    def __init__(self, use_stemmer: bool = True):
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
+        if self._stemmer is None:
+            return tokens
+        return [self._stemmer.stem(t) if len(t) > 3 and _ASCII_WORD.fullmatch(t) else t for t in tokens]
 
 
 def sentences_per_line(text: str) -> str:
@@ -20,7 +45,7 @@ def sentences_per_line(text: str) -> str:
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need as many predictions as references (got {len(predictions)} and {len(references)}), at least one")
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeTokenizer())
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references):
         scores = scorer.score(sentences_per_line(reference), sentences_per_line(prediction))
