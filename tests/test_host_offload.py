@@ -41,6 +41,8 @@ PLANS = {
     "one-document-whole-windows": ([32], dict(window=8, group_windows=2)),
     "partial-windows-across-documents": ([29, 5, 17], dict(window=8, group_windows=3)),
     "groups-by-token-budget": ([29, 5, 17], dict(window=8, group_tokens=20)),
+    # a document ending on a window boundary, then a group running on into the next document
+    "whole-window-document-then-a-longer-one": ([16, 29], dict(window=8, group_windows=3)),
     "one-group": ([29, 5], dict(window=8)),
 }
 
@@ -52,6 +54,13 @@ def plan_for(name: str, padded_groups: int = 0) -> tuple[WindowPlan, torch.Tenso
     if padded_groups:
         plan = plan.padded_to(len(plan.groups) + padded_groups, PAD)
     return plan, ids, mask
+
+
+def test_a_token_budget_fills_groups_to_exactly_its_size():
+    """``group_tokens`` is a ceiling that may be met: 16 tokens hold two 8-token windows."""
+    ids, mask = documents([40])
+    plan = WindowPlan.build(ids, mask, window=8, pad_token_id=PAD, group_tokens=16)
+    assert [group.input_ids.shape for group in plan.groups] == [(2, 8), (2, 8), (1, 8)]
 
 
 @pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])

@@ -130,6 +130,45 @@ def test_saved_memory_grows_with_kept_groups_within_budget(family):
     assert every > 3 * one_group, "all five groups' graphs were held at once, as full backprop holds them"
 
 
+@pytest.mark.parametrize("budget", [0, EVERY_GROUP], ids=["none-kept", "all-kept"])
+def test_a_second_backward_recomputes_what_the_first_used(budget):
+    """A kept graph serves one backward (it is released by it); a second backward through a
+    retained loss graph recomputes every group, as it does without a budget: the gradients are
+    twice the reference's."""
+    model = make_model("bart")
+    ids, mask, labels = two_documents(model)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=GROUP_WINDOWS, keep_graphs_bytes=budget))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    loss = wrapped(ids, mask, labels=labels).loss
+    assert (wrapped.last_kept_groups > 0) == (budget > 0)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    twice = {name: grad / 2 for name, grad in grads_of(model).items()}  # before the reference zeroes them
+    _, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, GROUP_WINDOWS, SEED)
+    assert_grads_match(twice, ref)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_kept_bytes_are_what_the_kept_graphs_hold(family):
+    """The budget is charged what keeping costs: the tensors the encoder saved for backward (as
+    SavedTensorMeter sees them, parameters left out) plus each kept group's output, within the
+    embedding lookup's few percent, not the parameters and not less than the outputs."""
+    model = make_model(family)
+    ids, mask, labels = two_documents(model)
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=GROUP_WINDOWS, keep_graphs_bytes=EVERY_GROUP))
+    meter = SavedTensorMeter()
+    with meter.watch(model.get_encoder()):
+        torch.manual_seed(SEED)
+        loss = wrapped(ids, mask, labels=labels).loss
+        held = meter.live_bytes  # every group's graph, kept until backward
+        loss.backward()
+    groups = wrapped.plan(ids, mask).groups
+    assert wrapped.last_kept_groups == len(groups)
+    outputs = sum(group.input_ids.numel() * model.config.d_model * 4 for group in groups)  # fp32 states
+    assert held + outputs <= wrapped.last_kept_bytes <= 1.05 * (held + outputs), (wrapped.last_kept_bytes, held, outputs)
+
+
 @pytest.mark.parametrize("value", [-1, True, 1.5, "1GB"], ids=["negative", "bool", "float", "string"])
 def test_bad_budget_names_the_field(value):
     with pytest.raises(ValueError, match="keep_graphs_bytes must be a non-negative number of bytes"):

@@ -257,6 +257,42 @@ def test_gradient_sink_delivers_the_states_gradient_out_of_band(family):
     torch.testing.assert_close(leaf.grad, ref_grad_states, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_gradient_sink_adds_the_share_of_a_layer_left_to_hf(family):
+    """A layer left with HF's cross-attention (a fallback) returns its states gradient through
+    autograd: the sink's outlet adds it to what the streaming layers sank."""
+    model, reference = streaming_and_reference(family)
+    modules = cross_attention_modules(model)
+    assert isinstance(modules[-1], StreamingCrossAttention)
+    decoder = model.get_decoder()
+    if hasattr(decoder, "layers"):
+        decoder.layers[-1].encoder_attn = modules[-1].original
+    else:
+        decoder.block[-1].layer[1].EncDecAttention = modules[-1].original
+    states, mask, labels = decoder_inputs(tokens=23, short=14)
+    leaf = states.clone().requires_grad_()
+    torch.manual_seed(SEED)
+    run(model, with_gradient_sink(leaf), mask, labels, use_cache=False).loss.backward()
+    _, ref, ref_grad_states, _ = decoder_step(reference, states, mask, labels, use_cache=False)
+    assert_grads_match(grads_of(model), ref)
+    torch.testing.assert_close(leaf.grad, ref_grad_states, rtol=1e-4, atol=1e-7)
+
+
+def test_a_mask_that_differs_between_queries_falls_back_to_hf():
+    """HF's 4-D cross-attention mask may hide keys from some queries only; streaming attention
+    takes one key-padding row per document, so such a mask runs HF's own module."""
+    model = make_model_without_cross_attention_dropout("bart", attn_implementation="eager").eval()
+    reference = copy.deepcopy(model)
+    install_streaming_cross_attention(model, block=BLOCK)
+    gen = torch.Generator().manual_seed(0)
+    hidden, states = torch.randn(1, 4, HIDDEN, generator=gen), torch.randn(1, 11, HIDDEN, generator=gen)
+    mask = torch.zeros(1, 1, 4, 11)
+    mask[0, 0, 1:, 7:] = torch.finfo(torch.float32).min  # query 0 sees all 11 keys, queries 1-3 the first 7
+    got = cross_attention_modules(model)[0](hidden, key_value_states=states, attention_mask=mask)[0]
+    want = cross_attention_modules(reference)[0](hidden, key_value_states=states, attention_mask=mask)[0]
+    torch.testing.assert_close(got, want)
+
+
 def test_gradient_sink_sums_in_fp32_for_bf16_states():
     states = torch.zeros(1, 6, 4, dtype=torch.bfloat16)
     sink = GradientSink()
