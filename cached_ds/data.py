@@ -7,6 +7,7 @@ sees the same batches in the same order.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from dataclasses import dataclass
@@ -32,17 +33,15 @@ def check_utf8(path: str | Path) -> None:
                 raise ValueError(f"{path}: line {number} is not valid UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); re-encode the file as UTF-8") from None
 
 
+ROW = "row"  # each document's row in its file or split, carried to the predictions
+# list-valued features (datasets 4 added List; 3.x has Sequence and LargeList)
+_LISTS = tuple(getattr(datasets, name) for name in ("List", "LargeList", "Sequence") if inspect.isclass(getattr(datasets, name, None)))
+
+
 def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
     """The ``train`` or ``eval`` documents from ``--dataset`` or ``--train_file/--eval_file``."""
     if args.dataset:
-        name = args.train_split if split == "train" else args.eval_split
-        try:
-            return datasets.load_dataset(args.dataset, args.dataset_config, split=name)
-        except ValueError as error:
-            if split == "eval" and "split" in str(error).lower():
-                logger.warning("%s has no split %r: no evaluation (name one with --eval_split)", args.dataset, name)
-                return None
-            raise
+        return _load_dataset_split(args, split)
     path = args.train_file if split == "train" else args.eval_file
     if path is None:
         return None
@@ -53,21 +52,80 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
         raise ValueError(f"{path} does not exist")
     if suffix != ".parquet":
         check_utf8(path)
-    return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train")
+        if not Path(path).read_bytes().strip():
+            raise ValueError(f"{path} is empty: no documents")  # datasets' own error is a bare StopIteration
+    # csv: pandas would read a summary "NA" or "None" as missing (and skip its document as empty)
+    options = {"keep_default_na": False} if suffix == ".csv" else {}
+    return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
 
 
-def check_columns(dataset: datasets.Dataset, args: DataArgs, where: str) -> None:
+def _load_dataset_split(args: DataArgs, split: str) -> datasets.Dataset | None:
+    """``--dataset``: a hub id or a local folder of data files (``datasets.load_dataset``), or a
+    folder written by ``save_to_disk`` (``datasets.load_from_disk``: load_dataset refuses those)."""
+    name = args.train_split if split == "train" else args.eval_split
+    flag = "--train_split" if split == "train" else "--eval_split"
+    folder = Path(args.dataset)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        saved = datasets.load_from_disk(str(folder))
+        if isinstance(saved, datasets.Dataset):  # one saved split: the training documents
+            if split == "train":
+                return saved
+            logger.warning("%s holds one split (saved as a Dataset), used for training: no evaluation", args.dataset)
+            return None
+        available = list(saved)
+        if name in saved:
+            return saved[name]
+    else:
+        try:
+            return datasets.load_dataset(args.dataset, args.dataset_config, split=name)
+        except ValueError as error:
+            if "split" not in str(error).lower():
+                raise
+            available = _split_names(args)
+    if split == "eval":
+        logger.warning("%s has no split %r: no evaluation (name one with %s; it has %s)", args.dataset, name, flag, available)
+        return None
+    raise ValueError(f"--dataset {args.dataset} has no split {name!r}; it has {available}: name one with {flag}")
+
+
+def _split_names(args: DataArgs) -> list[str] | str:
+    try:
+        return datasets.get_dataset_split_names(args.dataset, args.dataset_config)
+    except Exception:  # only for the message
+        return "no split this check could list"
+
+
+def check_columns(dataset: datasets.Dataset, args: DataArgs, where: str) -> datasets.Dataset:
+    """The text and summary columns exist and hold text; all-number columns (a csv of years,
+    JSON numbers) are read as their text."""
     for flag, column in (("--text_column", args.text_column), ("--summary_column", args.summary_column)):
         if column not in dataset.column_names:
             raise ValueError(f"{flag} {column!r} is not a column of the {where} data; available columns: {dataset.column_names}")
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+            if feature.dtype.startswith(("int", "uint", "float")):
+                dataset = dataset.cast_column(column, datasets.Value("string"))
+                continue
+            raise ValueError(f"{flag} {column!r} of the {where} data holds {feature.dtype} values, not text")
+        if isinstance(feature, _LISTS):
+            raise ValueError(f"{flag} {column!r} of the {where} data holds lists (e.g. of sentences), not text; join each "
+                             "into one string first")
+    return dataset
 
 
 def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Dataset, int]:
-    """Documents or summaries that are empty (or only whitespace) are skipped and counted."""
-    def keep(row):
+    """Documents or summaries that are empty (or only whitespace) are skipped and counted. Each
+    kept one keeps its row number (``ROW``), so predictions can be joined back to the file."""
+    def keep(row, index):
+        for flag, column in (("--text_column", args.text_column), ("--summary_column", args.summary_column)):
+            value = row[column]
+            if value is not None and not isinstance(value, str):  # mixed JSON types reach here as objects
+                raise ValueError(f"row {index} of {flag} {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")
         return bool((row[args.text_column] or "").strip()) and bool((row[args.summary_column] or "").strip())
 
-    kept = dataset.filter(keep)
+    if ROW not in dataset.column_names:
+        dataset = dataset.add_column(ROW, list(range(len(dataset))))
+    kept = dataset.filter(keep, with_indices=True)
     return kept, len(dataset) - len(kept)
 
 
@@ -84,10 +142,24 @@ def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.D
         return {"input_ids": sources["input_ids"], "labels": targets["input_ids"],
                 "num_tokens": [len(ids) for ids in sources["input_ids"]],
                 "num_label_tokens": [len(ids) for ids in targets["input_ids"]],
-                "reference": [text.strip() for text in batch[args.summary_column]]}
+                "reference": [text.strip() for text in batch[args.summary_column]],
+                **({ROW: batch[ROW]} if ROW in batch else {})}
 
     encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
     return encoded.with_format("numpy")
+
+
+def check_ends_with_eos(dataset: datasets.Dataset, tokenizer, sample: int = 64) -> None:
+    """A summary must end with the end-of-sequence token, or the model never learns to stop and
+    every generated summary runs to ``--max_new_tokens``. HF's seq2seq tokenizers append it; a
+    hand-built tokenizer without a post-processor does not. Warns (rank 0) naming the fix."""
+    eos = tokenizer.eos_token_id
+    rows = dataset.select(range(min(sample, len(dataset))))["labels"]
+    missing = sum(1 for labels in rows if len(labels) == 0 or eos is None or int(labels[-1]) != eos)
+    if missing:
+        logger.warning("%d of the first %d tokenized summaries do not end with the tokenizer's end-of-sequence token (%s): "
+                       "the model will not learn to stop; use a tokenizer that appends it (its post-processor: HF's "
+                       "BART/T5/PEGASUS tokenizers do)", missing, len(rows), tokenizer.eos_token)
 
 
 def lengths(dataset: datasets.Dataset, column: str = "num_tokens") -> list[int]:

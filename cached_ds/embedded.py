@@ -22,6 +22,7 @@ from .checkpoints import CheckpointStore
 from .distributed import barrier, rank
 from .evaluation import ROUGE_TYPES
 from .run_config import CachedArgs, DataArgs, ModelArgs, RunConfig
+from .run_outputs import write_atomic
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def train_embedded_default(run: RunConfig) -> dict:
     baseline = Trainer(truncated).train()
     if rank() == 0:
         scores["truncated"] = baseline
-        (run.output_dir / "eval_results.json").write_text(json.dumps(scores, indent=2) + "\n")
+        write_atomic(run.output_dir / "eval_results.json", json.dumps(scores, indent=2) + "\n")
         print(side_by_side(scores, baseline, preset.window), flush=True)
     return scores
 

@@ -52,14 +52,14 @@ def forget_metrics_after(out: Path, step: int, global_samples: int, csv_monitor=
     path = out / "metrics.jsonl"
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if _at_most(_metrics_step(line), step)]
-        _replace_text(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
     for table in sorted((out / "csv").rglob("*.csv")):
         limit = global_samples if table.name.startswith("Train_Samples_") else step
         rows = list(csv.reader(io.StringIO(table.read_text(), newline="")))
         kept = rows[:1] + [row for row in rows[1:] if row and _at_most(_number(row[0]), limit)]
         text = io.StringIO(newline="")
         csv.writer(text).writerows(kept)
-        _replace_text(table, text.getvalue())
+        write_atomic(table, text.getvalue())
         if csv_monitor is not None and table.stem not in csv_monitor.filenames:
             csv_monitor.filenames.append(table.stem)
 
@@ -83,7 +83,7 @@ def _number(text: str) -> float | None:
         return None  # a header DeepSpeed repeated
 
 
-def _replace_text(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write ``path`` aside, flush it, and swap it in: never half a file."""
     aside = path.with_name(path.name + ".tmp")
     with aside.open("w", newline="") as handle:

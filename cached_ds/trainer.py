@@ -41,7 +41,7 @@ from .host_offload import placed
 from .model_zoo import load_model
 from .resume import ResumeState, choose_checkpoint
 from .run_config import RunConfig
-from .run_outputs import clear_earlier_outputs, forget_metrics_after
+from .run_outputs import clear_earlier_outputs, forget_metrics_after, write_atomic
 
 logger = logging.getLogger("cached_ds")
 
@@ -121,12 +121,13 @@ class Trainer:
         self.train_rows, self.eval_rows = self._load_data()
         seed_everything(run.optim.seed)  # model init independent of data loading
         self.model = load_model(run.model.model, self.tokenizer)
+        self._check_tokenizer()
         self._check_summary_lengths()
         self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),
                                        run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
         self.plan.check()
         left_out = len(self.train_rows) - self.plan.steps_per_epoch * self.plan.docs_per_step
-        if left_out:  # a different random remainder each epoch; a large one is worth knowing about
+        if left_out and rank() == 0:  # a different random remainder each epoch; a large one is worth knowing about
             logger.warning("each epoch leaves out %d of %d training documents (a step takes %d: ranks × micro-batch × "
                            "accumulation), a different random %d each epoch", left_out, len(self.train_rows),
                            self.plan.docs_per_step, left_out)
@@ -163,11 +164,13 @@ class Trainer:
                 barrier()  # rank 0 tokenizes first and fills datasets' cache; the others read it
             dataset = data_lib.load_split(args, split)
             if dataset is not None:
-                data_lib.check_columns(dataset, args, split)
+                dataset = data_lib.check_columns(dataset, args, split)
                 dataset, dropped = data_lib.drop_empty(dataset, args)
-                if dropped:
+                if dropped and rank() == 0:
                     logger.warning("skipped %d %s documents with an empty text or summary", dropped, split)
                 dataset = data_lib.tokenize(dataset, self.tokenizer, args)
+                if split == "train" and rank() == 0 and len(dataset):
+                    data_lib.check_ends_with_eos(dataset, self.tokenizer)
                 if split == "eval" and args.max_eval_documents:
                     dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
             if rank() == 0:
@@ -176,6 +179,24 @@ class Trainer:
         if splits["train"] is None or len(splits["train"]) == 0:
             raise ValueError("no training documents left after skipping empty ones")
         return splits["train"], splits["eval"]
+
+    def _check_tokenizer(self) -> None:
+        """Token ids past the model's embedding table fail in the first step (a device-side assert
+        on a GPU); a tokenizer without a pad token fails in the first batch. Its model's pad id
+        fills in where the tokenizer has none."""
+        name = self.run.model.tokenizer or self.run.model.model
+        rows = self.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > rows:
+            raise ValueError(f"the tokenizer ({name}) has {len(self.tokenizer)} tokens but the model embeds {rows}; pass the "
+                             "model's own tokenizer with --tokenizer")
+        if self.tokenizer.pad_token_id is None:
+            pad = self.model.config.pad_token_id
+            if pad is None:
+                raise ValueError(f"the tokenizer ({name}) has no pad token and the model config no pad_token_id; give the "
+                                 "tokenizer one (tokenizer.pad_token = ...; save_pretrained) and pass it with --tokenizer")
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(pad)
+            if rank() == 0:
+                logger.warning("the tokenizer has no pad token: padding with the model's pad_token_id %d (%r)", pad, self.tokenizer.pad_token)
 
     def _check_summary_lengths(self) -> None:
         """Learned decoder positions (BART, mBART, PEGASUS) end at the model's limit: a longer
@@ -189,11 +210,12 @@ class Trainer:
             raise ValueError(f"a reference summary has {longest} tokens but this {self.model.config.model_type} decoder has "
                              f"{limit} positions; pass --max_target_tokens {limit}")
         evaluation = self.run.eval
-        if self.eval_rows and evaluation.max_new_tokens >= limit:  # the start token takes a position too
+        capped = families.max_new_tokens(self.model, evaluation.max_new_tokens)
+        if self.eval_rows and capped < evaluation.max_new_tokens:
             logger.warning("--max_new_tokens %d reaches past this %s decoder's %d positions: generating at most %d",
-                           evaluation.max_new_tokens, self.model.config.model_type, limit, limit - 1)
-            self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=limit - 1,
-                                                      min_new_tokens=min(evaluation.min_new_tokens, limit - 1)))
+                           evaluation.max_new_tokens, self.model.config.model_type, limit, capped)
+            self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=capped,
+                                                      min_new_tokens=min(evaluation.min_new_tokens, capped)))
 
     def _engine_config(self):
         """The resolved DeepSpeed config and our lr schedule (None where the config's own
@@ -331,11 +353,15 @@ class Trainer:
         order = sorted(predictions)
         references = [str(self.eval_rows[i]["reference"]) for i in order]
         scores = rouge([predictions[i] for i in order], references)
-        with (self.out / f"predictions_{name}.jsonl").open("w") as handle:
-            for i, ref in zip(order, references):
-                handle.write(json.dumps({"index": i, "prediction": predictions[i], "reference": ref}) + "\n")
+        # "index": the document's row in the eval file or split (rows skipped as empty keep their numbers)
+        write_atomic(self.out / f"predictions_{name}.jsonl", "".join(
+            json.dumps({"index": int(self.eval_rows[i][data_lib.ROW]), "prediction": predictions[i], "reference": ref},
+                       ensure_ascii=False) + "\n" for i, ref in zip(order, references)))
+        results = json.dumps(scores, indent=2) + "\n"
+        write_atomic(self.out / f"eval_results_{name}.json", results)
         if name == "final":
-            (self.out / "eval_results.json").write_text(json.dumps(scores, indent=2) + "\n")
+            write_atomic(self.out / "eval_results.json", results)
+        self.engine.monitor.write_events([(f"eval/{k}", v, self.step) for k, v in scores.items()])
         logger.info("eval %s: %s", name, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         return scores
 

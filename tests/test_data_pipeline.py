@@ -3,12 +3,14 @@
 import json
 import random
 
+import datasets
 import numpy as np
 import pytest
+import transformers as hf
 from ds_helpers import single_rank_distributed
 from launcher_helpers import make_corpus
 
-from cached_ds.data import BatchPlan
+from cached_ds.data import ROW, BatchPlan, load_split
 from cached_ds.run_config import parse_args
 from cached_ds.trainer import Trainer
 
@@ -82,4 +84,127 @@ def test_a_dataset_without_the_eval_split_says_so(tmp_path, caplog):
         trainer = Trainer(parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", corpus["model"], "--dataset", str(folder),
                                       "--window", "128", "--output_dir", str(tmp_path / "run")]))
     assert trainer.eval_rows is None
-    assert "has no split 'validation': no evaluation (name one with --eval_split)" in caplog.text
+    assert "has no split 'validation': no evaluation (name one with --eval_split; it has ['train'])" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), documents=8)
+
+
+def trainer_for(corpus, tmp_path, *flags):
+    single_rank_distributed()
+    return Trainer(parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", corpus["model"], "--window", "128",
+                               "--micro_batch_size", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "run"), *flags]))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
+
+
+def test_csv_summaries_na_none_and_numbers_are_text(tmp_path):
+    """pandas reads "NA"/"None" as missing and an all-digit column as int64: the documents were
+    dropped as empty, or failed in the tokenizer. They are the text they say."""
+    path = tmp_path / "d.csv"
+    path.write_text("document,summary\nfirst doc,NA\nsecond doc,None\nthird doc,\n")
+    dataset = load_split(parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(path), "--model", "tiny-bart"]).data, "train")
+    assert dataset["summary"] == ["NA", "None", ""]  # the empty one is skipped later as empty
+    years = tmp_path / "years.csv"
+    years.write_text("document,summary\nthe year it began,1999\nthe year after,2000\n")
+    args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(years), "--model", "tiny-bart"]).data
+    from cached_ds.data import check_columns
+    assert check_columns(load_split(args, "train"), args, "train")["summary"] == ["1999", "2000"]
+
+
+def test_columns_that_are_not_text_are_named(tmp_path):
+    from cached_ds.data import check_columns, drop_empty
+    lists = write_jsonl(tmp_path / "l.jsonl", [{"document": "a b", "summary": ["one.", "two."]}])
+    args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", lists, "--model", "tiny-bart"]).data
+    with pytest.raises(ValueError, match="--summary_column 'summary' of the train data holds lists"):
+        check_columns(load_split(args, "train"), args, "train")
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"document": "a b", "summary": "fine"}, {"document": "c", "summary": {"x": 1}}])
+    args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", mixed, "--model", "tiny-bart"]).data
+    with pytest.raises(ValueError, match=r"row 1 of --summary_column 'summary' holds dict"):
+        drop_empty(check_columns(load_split(args, "train"), args, "train"), args)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl is empty: no documents"):
+        load_split(parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(tmp_path / "empty.jsonl"), "--model", "tiny-bart"]).data, "train")
+
+
+def test_dataset_saved_with_save_to_disk(tmp_path, corpus):
+    """load_dataset refuses save_to_disk folders ("use load_from_disk"); --dataset takes both kinds."""
+    rows = [json.loads(line) for line in open(corpus["train_file"])]
+    evals = [json.loads(line) for line in open(corpus["eval_file"])]
+    train, evaluation = datasets.Dataset.from_list(rows), datasets.Dataset.from_list(evals)
+    datasets.DatasetDict({"train": train, "validation": evaluation}).save_to_disk(str(tmp_path / "dict"))
+    trainer = trainer_for(corpus, tmp_path / "a", "--dataset", str(tmp_path / "dict"))
+    assert len(trainer.train_rows) == len(rows) and len(trainer.eval_rows) == len(evals)
+    train.save_to_disk(str(tmp_path / "one"))
+    trainer = trainer_for(corpus, tmp_path / "b", "--dataset", str(tmp_path / "one"))
+    assert len(trainer.train_rows) == len(rows) and trainer.eval_rows is None
+    with pytest.raises(ValueError, match=r"has no split 'training'; it has \['train', 'validation'\]: name one with --train_split"):
+        trainer_for(corpus, tmp_path / "c", "--dataset", str(tmp_path / "dict"), "--train_split", "training")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    write_jsonl(folder / "validation.jsonl", evals)  # a data folder without a train file
+    with pytest.raises(ValueError, match=r"has no split 'train'; it has \['validation'\]: name one with --train_split"):
+        trainer_for(corpus, tmp_path / "d", "--dataset", str(folder))
+
+
+def test_predictions_name_each_documents_row_in_the_eval_file(tmp_path, corpus):
+    """An empty eval row is skipped; the predictions' "index" is still the file's row, so they
+    join back to it. Each evaluation's ROUGE is a file of its own (the step ones were only logged)."""
+    evals = [json.loads(line) for line in open(corpus["eval_file"])]
+    path = write_jsonl(tmp_path / "eval.jsonl", [{"document": "   ", "summary": "nothing"}, *evals])
+    trainer = trainer_for(corpus, tmp_path, "--train_file", corpus["train_file"], "--eval_file", path)
+    assert list(trainer.eval_rows[ROW]) == [1, 2, 3]
+    scores = trainer.evaluate("step1")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "predictions_step1.jsonl").read_text().splitlines()]
+    assert [(line["index"], line["reference"]) for line in lines] == [(i + 1, evals[i]["summary"].strip()) for i in range(3)]
+    assert json.loads((tmp_path / "run" / "eval_results_step1.json").read_text()) == scores
+    assert not (tmp_path / "run" / "eval_results.json").exists()  # the final evaluation's name
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def saved_tokenizer(corpus, folder, change):
+    """The corpus's tokenizer rebuilt as a plain fast tokenizer (its tokenizer.json), changed."""
+    original = hf.AutoTokenizer.from_pretrained(corpus["model"])
+    backend = original.backend_tokenizer
+    tokens = {"eos_token": original.eos_token, "pad_token": original.pad_token, "unk_token": original.unk_token}
+    tokenizer = hf.PreTrainedTokenizerFast(tokenizer_object=change(backend, tokens) or backend, **tokens)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_tokenizer_that_appends_no_eos_is_warned_about(tmp_path, corpus, caplog):
+    def no_post_processor(backend, tokens):
+        backend.post_processor = None
+
+    tokenizer = saved_tokenizer(corpus, tmp_path / "tok", no_post_processor)
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer_for(corpus, tmp_path, "--train_file", corpus["train_file"], "--tokenizer", tokenizer)
+    assert "8 of the first 8 tokenized summaries do not end with the tokenizer's end-of-sequence token" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer_for(corpus, tmp_path / "own", "--train_file", corpus["train_file"])
+    assert "end-of-sequence" not in caplog.text  # the corpus's own tokenizer appends it
+
+
+def test_tokenizer_without_pad_or_with_too_many_tokens(tmp_path, corpus, caplog):
+    def no_pad(backend, tokens):
+        tokens.pop("pad_token")
+
+    tokenizer = saved_tokenizer(corpus, tmp_path / "nopad", no_pad)
+    assert hf.AutoTokenizer.from_pretrained(tokenizer).pad_token_id is None
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = trainer_for(corpus, tmp_path / "a", "--train_file", corpus["train_file"], "--tokenizer", tokenizer)
+    assert trainer.tokenizer.pad_token_id == trainer.model.config.pad_token_id == 0
+    assert "padding with the model's pad_token_id 0" in caplog.text
+
+    def more_tokens(backend, tokens):
+        backend.add_tokens([f"extra{i}" for i in range(100)])
+
+    tokenizer = saved_tokenizer(corpus, tmp_path / "big", more_tokens)
+    with pytest.raises(ValueError, match=r"has 286 tokens but the model embeds 186; pass the model's own tokenizer"):
+        trainer_for(corpus, tmp_path / "b", "--train_file", corpus["train_file"], "--tokenizer", tokenizer)
