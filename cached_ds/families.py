@@ -76,6 +76,14 @@ def max_window(model: nn.Module) -> int | None:
     return None
 
 
+def max_new_tokens(model: nn.Module, asked: int) -> int:
+    """``asked``, capped where learned decoder positions end (BART, mBART, PEGASUS): generating
+    past them fails with an index error (a device-side assert on a GPU). The start token takes a
+    position too."""
+    limit = max_window(model)
+    return asked if limit is None else min(asked, limit - 1)
+
+
 def default_window(model: nn.Module) -> int:
     return max_window(model) or _DEFAULT_RELATIVE_WINDOW.get(model.config.model_type, _FALLBACK_RELATIVE_WINDOW)
 

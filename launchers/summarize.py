@@ -4,12 +4,18 @@
 
 Each input line is a JSON object with a "document" field (--text_column); each output line is
 that object with the generated summary added as "prediction" (--output_column), so an input in
-the training format keeps its reference "summary" beside it. The CachED windows the model was trained with are read from cached_config.json. On a
-GPU by default, in bf16 where it supports it (--device, --dtype).
+the training format keeps its reference "summary" beside it. The CachED windows the model was
+trained with are read from cached_config.json. On a GPU by default, in bf16 where it supports it
+(--device, --dtype).
+
+Summaries are written as they are made, to <output>.partial, which becomes <output> when every
+document is done: an interrupted run keeps its work, and the same command continues it.
 """
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,31 +25,67 @@ import torch  # noqa: E402
 import transformers as hf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from cached_ds import CachedConfig, CachedSeq2Seq  # noqa: E402
+from cached_ds import CachedConfig, CachedSeq2Seq, families  # noqa: E402
 from cached_ds.deepspeed_engine import CACHED_CONFIG_FILE  # noqa: E402
 from cached_ds.evaluation import summarize  # noqa: E402
+
+logger = logging.getLogger("cached_ds.summarize")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_cached_settings(model_dir: Path) -> CachedConfig:
     path = model_dir / CACHED_CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"{path} is missing: --model must be a folder exported by launchers/train.py")
+        raise ValueError(f"{path} is missing: --model must be a folder exported by launchers/train.py "
+                         "(<output_dir>/exported, not the run folder or a checkpoint)")
     settings = json.loads(path.read_text())
     return CachedConfig(**{k: v for k, v in settings.items() if k != "mode"})
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def read_records(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # "\n" only: str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold raw
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
     return records
+
+
+def check_records(records: list[dict], args) -> None:
+    """Every line a JSON object with text in --text_column and no --output_column field yet."""
+    problems = {
+        "are not JSON objects": [i + 1 for i, r in enumerate(records) if not isinstance(r, dict)],
+        f"have no {args.text_column!r} field; set --text_column": [
+            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.text_column not in r],
+        f"hold no text in {args.text_column!r}": [
+            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.text_column in r and not isinstance(r[args.text_column], str)],
+        f"already have a {args.output_column!r} field, which the generated summary would overwrite; pass another --output_column": [
+            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.output_column in r],
+    }
+    for problem, lines in problems.items():
+        if lines:
+            raise ValueError(f"{args.input}: lines {lines[:10]} {problem}")
+
+
+def done_before(partial: Path, records: list[dict], output_column: str) -> int:
+    """How many documents an interrupted run of the same input already wrote to ``partial``."""
+    if not partial.is_file():
+        return 0
+    lines = partial.read_text(encoding="utf-8").split("\n")
+    complete = lines[:-1]  # the text after the last newline is a line cut short by the interruption
+    for number, line in enumerate(complete):
+        row = json.loads(line)
+        summary = row.pop(output_column, None)
+        if number >= len(records) or row != records[number] or not isinstance(summary, str):
+            raise ValueError(f"{partial} holds summaries of other documents (its line {number + 1} is not this input's); "
+                             "delete it to start over")
+    if lines[-1]:
+        with partial.open("r+", encoding="utf-8") as handle:  # drop the cut line, keep the complete ones
+            handle.truncate(sum(len(line.encode("utf-8")) + 1 for line in complete))
+    return len(complete)
 
 
 def main(argv=None) -> None:
@@ -55,33 +97,45 @@ def main(argv=None) -> None:
     parser.add_argument("--output_column", default="prediction",
                         help="field each output line gets the generated summary in (an input field of that name is refused, not overwritten)")
     parser.add_argument("--num_beams", type=int, default=4, help="beam width")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary (capped where learned decoder positions end)")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
     records = read_records(args.input)  # before the model: a bad input fails in a second
-    clashing = [i + 1 for i, r in enumerate(records) if args.output_column in r]
-    if clashing:
-        raise ValueError(f"{args.input}: lines {clashing[:10]} already have a {args.output_column!r} field, which the "
-                         "generated summary would overwrite; pass another --output_column")
+    check_records(records, args)
+    partial = args.output.with_name(args.output.name + ".partial")
+    done = done_before(partial, records, args.output_column)
+    if done:
+        logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(records))
+    settings = load_cached_settings(args.model)  # before HF's load: its error would not say which folder to pass
     hf_model = hf.AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
-    model = CachedSeq2Seq(hf_model, load_cached_settings(args.model))
+    model = CachedSeq2Seq(hf_model, settings)
     tokenizer = hf.AutoTokenizer.from_pretrained(args.model)
-    missing = [i + 1 for i, r in enumerate(records) if args.text_column not in r]
-    if missing:
-        raise ValueError(f"{args.input}: lines {missing[:10]} have no {args.text_column!r} field; set --text_column")
-    documents = [tokenizer(r[args.text_column])["input_ids"] for r in records]
-    with tqdm(total=len(documents), desc="summarising") as bar:
-        summaries = summarize(model, tokenizer, documents, progress=bar, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+    max_new_tokens = families.max_new_tokens(hf_model, args.max_new_tokens)
+    if max_new_tokens < args.max_new_tokens:
+        logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
+                       args.max_new_tokens, hf_model.config.model_type, max_new_tokens)
+    empty = [i + 1 for i, r in enumerate(records) if not r[args.text_column].strip()]
+    if empty:
+        logger.warning("lines %s have an empty %r: their %r is empty", empty[:10], args.text_column, args.output_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", encoding="utf-8") as handle:
-        for record, summary in zip(records, summaries):
-            handle.write(json.dumps({**record, args.output_column: summary}) + "\n")
+    with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(records), initial=done, desc="summarising") as bar:
+        for record in records[done:]:
+            text = record[args.text_column]
+            summary = ""
+            if text.strip():
+                [summary] = summarize(model, tokenizer, [tokenizer(text)["input_ids"]], num_beams=args.num_beams,
+                                      max_new_tokens=max_new_tokens, length_penalty=args.length_penalty)
+            handle.write(json.dumps({**record, args.output_column: summary}, ensure_ascii=False) + "\n")
+            handle.flush()
+            bar.update(1)
+        os.fsync(handle.fileno())
+    os.replace(partial, args.output)
 
 
 if __name__ == "__main__":

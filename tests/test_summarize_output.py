@@ -53,3 +53,59 @@ def test_an_output_column_the_input_has_is_refused(tmp_path, exported):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "already have a 'summary' field, which the generated summary would overwrite; pass another --output_column" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_unicode_line_separators_empty_and_non_text_documents(tmp_path, exported):
+    """Raw U+2028/U+0085 inside JSON strings are valid JSON (json.dumps(..., ensure_ascii=False)
+    writes them); text is written as text, not \\u escapes; an empty document gets an empty
+    summary; a non-text one is refused by line."""
+    model, _ = exported
+    docs = tmp_path / "docs.jsonl"
+    rows = [{"document": "the color is red .\u2028second line\u0085 北京"}, {"document": "  "}]
+    docs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = summarize(model, docs, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    assert "北京" in text and "\\u5317" not in text
+    written = [json.loads(line) for line in text.split("\n") if line]
+    assert [r["document"] for r in written] == [r["document"] for r in rows]
+    assert written[1]["prediction"] == "" and "lines [2] have an empty 'document'" in result.stderr
+    docs.write_text('{"document": "fine"}\n{"document": 5}\n{"document": null}\n')
+    result = summarize(model, docs, tmp_path / "bad.jsonl")
+    assert result.returncode == 1 and "lines [2, 3] hold no text in 'document'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_interrupted_run_continues_where_it_stopped(tmp_path, exported):
+    """Summaries go to <output>.partial as they are made; the same command keeps the complete
+    lines (a line cut by the interruption is dropped) and summarises only the rest."""
+    model, eval_file = exported
+    inputs = [json.loads(line) for line in Path(eval_file).read_text().splitlines()][:3]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_text(json.dumps({**inputs[0], "prediction": "written before"}) + "\n" + json.dumps(inputs[1])[:30])
+    result = summarize(model, docs, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["document"] for r in rows] == [r["document"] for r in inputs]
+    assert rows[0]["prediction"] == "written before" and rows[1]["prediction"] != "written before"
+    assert "1 of 3 documents were summarised before" in result.stderr and not partial.exists()
+
+    partial.write_text(json.dumps({"document": "another input", "prediction": "x"}) + "\n")
+    result = summarize(model, docs, out)
+    assert result.returncode == 1 and "out.jsonl.partial holds summaries of other documents" in result.stderr
+    assert "delete it to start over" in result.stderr
+
+
+def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported):
+    model, eval_file = exported
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(Path(eval_file).read_text().splitlines()[0] + "\n")
+    result = summarize(tmp_path, docs, tmp_path / "out.jsonl")  # a folder without the export's files
+    assert result.returncode == 1 and "cached_config.json is missing: --model must be a folder exported" in result.stderr
+    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    result = summarize(model, docs, tmp_path / "out.jsonl", "--max_new_tokens", str(positions + 50))
+    assert result.returncode == 0, result.stderr[-3000:]  # it used to fail with an index error
+    assert f"--max_new_tokens {positions + 50} reaches past this bart decoder's positions: generating at most {positions - 1}" in result.stderr
