@@ -43,7 +43,7 @@ from torch import nn
 
 from . import families
 from .config import CachedConfig
-from .distributed import barrier, rank, world_size
+from .distributed import barrier, init_process_group, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
 from .model import CachedSeq2Seq
@@ -105,6 +105,9 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
             "as launchers/train.py does, or write numbers there"
         )
     settings = EngineSettings.from_section(config.pop("cached", None))
+    # Under plain ``python`` (no launcher env) deepspeed.initialize would look for MPI (mpi4py):
+    # a one-rank group on a free port instead, as launchers/train.py makes.
+    init_process_group()
     zero = config.get("zero_optimization") or {}
     wrapped = CachedSeq2Seq(model, settings.cached)
     if zero.get("stage") == 3:

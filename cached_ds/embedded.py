@@ -20,6 +20,7 @@ import transformers as hf
 from . import synthetic
 from .checkpoints import CheckpointStore
 from .distributed import barrier, rank
+from .resume import choose_checkpoint
 from .evaluation import ROUGE_TYPES
 from .run_config import CachedArgs, DataArgs, ModelArgs, RunConfig
 from .run_outputs import write_atomic
@@ -126,6 +127,7 @@ def train_embedded_default(run: RunConfig) -> dict:
     init_distributed()
     preset = PRESETS[run.preset]
     data_dir = run.output_dir / "data"
+    choose_checkpoint(CheckpointStore(run.output_dir), run.checkpoint.resume)  # a refused resume writes no corpus either
     if rank() == 0:
         _prepare(data_dir, preset, run.optim.seed)
     barrier()

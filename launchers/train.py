@@ -6,8 +6,9 @@
         --dataset ccdv/govreport-summarization --text_column report --max_steps 1000
     python launchers/train.py --help
 
-A bad flag, config, data file or model ends the run with one line, ``train.py: error: <what to
-fix>``, and exit status 1 (CACHED_DS_TRACEBACK=1 adds the Python traceback).
+A bad flag value, config, data file or model ends the run with one line, ``train.py: error:
+<what to fix>``, and exit status 1 (CACHED_DS_TRACEBACK=1 adds the Python traceback); a flag
+argparse itself rejects (unknown, or not one of its choices) prints the usage and exits 2.
 """
 
 import logging

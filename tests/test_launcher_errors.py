@@ -115,6 +115,19 @@ def test_resume_without_checkpoint(tmp_path, corpus):
         Trainer(parse_args(flags(corpus, tmp_path, "--resume", "--max_steps", "1"))).train()
 
 
+def test_embedded_default_refusing_a_resume_writes_nothing(tmp_path):
+    """The embedded job generates its corpus and model first: a refused --resume used to leave
+    them behind in a folder it then refused to use."""
+    from cached_ds.embedded import train_embedded_default
+
+    single_rank_distributed()
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--resume: no complete checkpoint in .*checkpoints; run without --resume"):
+        train_embedded_default(parse_args(["--deepspeed", "ds_configs/zero0.json", "--preset", "smoke", "--resume",
+                                           "--output_dir", str(out)]))
+    assert not out.exists() or not any(out.rglob("*"))
+
+
 def test_model_without_data():
     with pytest.raises(ValueError, match=r"no training data: pass --dataset NAME or --train_file FILE"):
         parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", "tiny-bart"])
