@@ -24,16 +24,21 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 
 def check_utf8(path: str | Path) -> None:
-    """datasets' own error for a bad byte names neither file nor line; this one does."""
+    """datasets' own error for a bad byte names neither file nor line, and for an empty file is a
+    bare StopIteration; these name the file (read line by line: a corpus may not fit in memory)."""
+    blank = True
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path}: line {number} is not valid UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); re-encode the file as UTF-8") from None
+            blank = blank and not line.strip()
+    if blank:
+        raise ValueError(f"{path} is empty: no documents")
 
 
-ROW = "row"  # each document's row in its file or split, carried to the predictions
+ROW = "_cached_ds_row"  # each document's row in its file or split, carried to the predictions (a name no data uses)
 # list-valued features (datasets 4 added List; 3.x has Sequence and LargeList)
 _LISTS = tuple(getattr(datasets, name) for name in ("List", "LargeList", "Sequence") if inspect.isclass(getattr(datasets, name, None)))
 
@@ -52,8 +57,6 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
         raise ValueError(f"{path} does not exist")
     if suffix != ".parquet":
         check_utf8(path)
-        if not Path(path).read_bytes().strip():
-            raise ValueError(f"{path} is empty: no documents")  # datasets' own error is a bare StopIteration
     # csv: pandas would read a summary "NA" or "None" as missing (and skip its document as empty)
     options = {"keep_default_na": False} if suffix == ".csv" else {}
     return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
@@ -123,8 +126,7 @@ def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Data
                 raise ValueError(f"row {index} of {flag} {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")
         return bool((row[args.text_column] or "").strip()) and bool((row[args.summary_column] or "").strip())
 
-    if ROW not in dataset.column_names:
-        dataset = dataset.add_column(ROW, list(range(len(dataset))))
+    dataset = dataset.add_column(ROW, list(range(len(dataset))))
     kept = dataset.filter(keep, with_indices=True)
     return kept, len(dataset) - len(kept)
 
@@ -155,7 +157,8 @@ def check_ends_with_eos(dataset: datasets.Dataset, tokenizer, sample: int = 64) 
     hand-built tokenizer without a post-processor does not. Warns (rank 0) naming the fix."""
     eos = tokenizer.eos_token_id
     rows = dataset.select(range(min(sample, len(dataset))))["labels"]
-    missing = sum(1 for labels in rows if len(labels) == 0 or eos is None or int(labels[-1]) != eos)
+    # last, or before a language code (mBART's labels end [..., eos, lang])
+    missing = sum(1 for labels in rows if eos is None or eos not in [int(i) for i in labels[-2:]])
     if missing:
         logger.warning("%d of the first %d tokenized summaries do not end with the tokenizer's end-of-sequence token (%s): "
                        "the model will not learn to stop; use a tokenizer that appends it (its post-processor: HF's "

@@ -65,15 +65,30 @@ def fresh_rendezvous_env(env: dict | None = None) -> dict:
     return {**env, "MASTER_PORT": str(free_port())}
 
 
+# Set by MPI launchers (mpirun, deepspeed --launcher openmpi/mvapich/impi) for every rank.
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def init_process_group() -> None:
     """torchrun, the deepspeed launcher and SLURM+torchrun all set RANK/WORLD_SIZE; a plain
-    ``python`` run becomes a one-rank group. gloo on the CPU accelerator, NCCL on GPUs."""
+    ``python`` run becomes a one-rank group. An MPI launch without them is left to DeepSpeed's
+    MPI discovery: filled in with one-rank defaults, each of its ranks would train alone.
+    gloo on the CPU accelerator, NCCL on GPUs."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if dist.is_initialized():
         return
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    mpi = next((name for name in MPI_WORLD_SIZE if int(os.environ.get(name, "1") or "1") > 1), None)
+    if mpi and "RANK" not in os.environ:
+        try:
+            import mpi4py  # noqa: F401  (DeepSpeed's MPI discovery reads ranks with it)
+        except ImportError:
+            raise ValueError(f"launched by MPI ({mpi}={os.environ[mpi]}) without RANK/WORLD_SIZE: DeepSpeed finds the ranks "
+                             "with mpi4py (pip install mpi4py), or launch with torchrun / the deepspeed launcher") from None
+        deepspeed.init_distributed(dist_backend=backend)
+        return
     # One rank alone: any free port (a fixed 29500 failed with EADDRINUSE beside another job);
     # ranks of a launch that named no port must agree on one: torch's default.
     port = str(free_port()) if os.environ.get("WORLD_SIZE", "1") == "1" else "29500"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import regex  # Unicode properties (\p{L}, \p{M}); a dependency of transformers
 import torch
 from nltk.stem import porter  # rouge-score's own stemmer (nltk is its dependency)
 from rouge_score import rouge_scorer
@@ -12,19 +13,20 @@ from rouge_score.tokenizers import Tokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # CJK full stops need no space after
-# Chinese and Japanese are written without spaces: each Han, kana or CJK-compatibility character
-# is a token (character-level ROUGE, as for LCSTS); every other script's words are runs of
-# letters and digits.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
-_ASCII_WORD = re.compile(r"[a-z0-9]+")
+# Chinese and Japanese are written without spaces: each Han or kana letter is a token
+# (character-level ROUGE, as for LCSTS). Every other script's words are runs of letters, their
+# combining marks (Devanagari and Arabic vowel signs) and digits; scripts written without spaces
+# and not split here (Thai, Lao, Khmer) give one token per run.
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+_TOKEN = regex.compile(rf"(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|(?=[\p{{L}}\p{{N}}])[{_CJK}]")
+_ASCII_WORD = regex.compile(r"[a-z0-9]+")
 
 
 class UnicodeTokenizer(Tokenizer):
     """rouge-score's default tokenizer deletes every character outside [a-z0-9]: identical
     Chinese, Russian or Arabic texts score 0 and "Müller"/"Möller" match. This one keeps letters
-    of every script (NFKC-normalised, lower-cased) and gives the default's tokens on ASCII text,
-    stemming as it does (Porter, English words over 3 characters) and no other word."""
+    and marks of every script (NFKC-normalised, lower-cased) and gives the default's tokens on
+    ASCII text, stemming as it does (Porter, English words over 3 characters) and no other word."""
 
     def __init__(self, use_stemmer: bool = True):
         self._stemmer = porter.PorterStemmer() if use_stemmer else None

@@ -86,7 +86,7 @@ def _number(text: str) -> float | None:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``path`` aside, flush it, and swap it in: never half a file."""
     aside = path.with_name(path.name + ".tmp")
-    with aside.open("w", newline="") as handle:
+    with aside.open("w", newline="", encoding="utf-8") as handle:  # text of any script, whatever the locale
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())

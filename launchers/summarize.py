@@ -9,7 +9,8 @@ trained with are read from cached_config.json. On a GPU by default, in bf16 wher
 (--device, --dtype).
 
 Summaries are written as they are made, to <output>.partial, which becomes <output> when every
-document is done: an interrupted run keeps its work, and the same command continues it.
+document is done: an interrupted run keeps its work, and the same command continues it (other
+generation settings or another input are refused: <output>.partial.json records them).
 """
 
 import argparse
@@ -42,8 +43,9 @@ def load_cached_settings(model_dir: Path) -> CachedConfig:
     return CachedConfig(**{k: v for k, v in settings.items() if k != "mode"})
 
 
-def read_records(path: Path) -> list[dict]:
-    records = []
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The input's JSON lines and their line numbers in the file (blank lines are skipped)."""
+    records, numbers = [], []
     # "\n" only: str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold raw
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if line.strip():
@@ -51,41 +53,57 @@ def read_records(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
-    return records
+            numbers.append(number)
+    return records, numbers
 
 
-def check_records(records: list[dict], args) -> None:
+def check_records(records: list[dict], numbers: list[int], args) -> None:
     """Every line a JSON object with text in --text_column and no --output_column field yet."""
+    def lines(test):
+        return [number for number, r in zip(numbers, records) if test(r)]
+
     problems = {
-        "are not JSON objects": [i + 1 for i, r in enumerate(records) if not isinstance(r, dict)],
-        f"have no {args.text_column!r} field; set --text_column": [
-            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.text_column not in r],
-        f"hold no text in {args.text_column!r}": [
-            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.text_column in r and not isinstance(r[args.text_column], str)],
-        f"already have a {args.output_column!r} field, which the generated summary would overwrite; pass another --output_column": [
-            i + 1 for i, r in enumerate(records) if isinstance(r, dict) and args.output_column in r],
+        "are not JSON objects": lines(lambda r: not isinstance(r, dict)),
+        f"have no {args.text_column!r} field; set --text_column": lines(lambda r: isinstance(r, dict) and args.text_column not in r),
+        f"hold no text in {args.text_column!r}": lines(
+            lambda r: isinstance(r, dict) and args.text_column in r and not isinstance(r[args.text_column], str)),
+        f"already have a {args.output_column!r} field, which the generated summary would overwrite; pass another --output_column":
+            lines(lambda r: isinstance(r, dict) and args.output_column in r),
     }
-    for problem, lines in problems.items():
-        if lines:
-            raise ValueError(f"{args.input}: lines {lines[:10]} {problem}")
+    for problem, found in problems.items():
+        if found:
+            raise ValueError(f"{args.input}: lines {found[:10]} {problem}")
 
 
-def done_before(partial: Path, records: list[dict], output_column: str) -> int:
-    """How many documents an interrupted run of the same input already wrote to ``partial``."""
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN equals itself here
+
+
+def done_before(partial: Path, records: list[dict], output_column: str, settings: dict) -> int:
+    """How many documents an interrupted run of the same input and settings already wrote to
+    ``partial`` (its settings in ``partial``.json). Read as bytes: the interruption may have cut
+    the last line inside a character."""
+    sidecar = partial.with_name(partial.name + ".json")
     if not partial.is_file():
         return 0
-    lines = partial.read_text(encoding="utf-8").split("\n")
-    complete = lines[:-1]  # the text after the last newline is a line cut short by the interruption
-    for number, line in enumerate(complete):
+    before = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    if not _same(before, settings):
+        changed = sorted(k for k in settings if (before or {}).get(k) != settings[k])
+        raise ValueError(f"{partial} was written with other settings ({', '.join(changed)}); rerun with the same ones "
+                         "to continue it, or delete it to start over")
+    data = partial.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # after the last newline: a line cut short by the interruption
+    lines = complete.decode("utf-8").split("\n")[:-1]
+    for number, line in enumerate(lines):
         row = json.loads(line)
         summary = row.pop(output_column, None)
-        if number >= len(records) or row != records[number] or not isinstance(summary, str):
+        if number >= len(records) or not _same(row, records[number]) or not isinstance(summary, str):
             raise ValueError(f"{partial} holds summaries of other documents (its line {number + 1} is not this input's); "
                              "delete it to start over")
-    if lines[-1]:
-        with partial.open("r+", encoding="utf-8") as handle:  # drop the cut line, keep the complete ones
-            handle.truncate(sum(len(line.encode("utf-8")) + 1 for line in complete))
-    return len(complete)
+    if len(complete) < len(data):
+        with partial.open("r+b") as handle:  # drop the cut line, keep the complete ones
+            handle.truncate(len(complete))
+    return len(lines)
 
 
 def main(argv=None) -> None:
@@ -106,10 +124,12 @@ def main(argv=None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
-    records = read_records(args.input)  # before the model: a bad input fails in a second
-    check_records(records, args)
+    records, numbers = read_records(args.input)  # before the model: a bad input fails in a second
+    check_records(records, numbers, args)
     partial = args.output.with_name(args.output.name + ".partial")
-    done = done_before(partial, records, args.output_column)
+    generation = {"model": str(args.model.resolve()), "dtype": dtype, "num_beams": args.num_beams,
+                "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column}
+    done = done_before(partial, records, args.output_column, generation)
     if done:
         logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(records))
     settings = load_cached_settings(args.model)  # before HF's load: its error would not say which folder to pass
@@ -120,10 +140,12 @@ def main(argv=None) -> None:
     if max_new_tokens < args.max_new_tokens:
         logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
                        args.max_new_tokens, hf_model.config.model_type, max_new_tokens)
-    empty = [i + 1 for i, r in enumerate(records) if not r[args.text_column].strip()]
+    empty = [number for number, r in zip(numbers, records) if not r[args.text_column].strip()]
     if empty:
         logger.warning("lines %s have an empty %r: their %r is empty", empty[:10], args.text_column, args.output_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = partial.with_name(partial.name + ".json")
+    sidecar.write_text(json.dumps(generation, indent=1) + "\n")
     with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(records), initial=done, desc="summarising") as bar:
         for record in records[done:]:
             text = record[args.text_column]
@@ -136,6 +158,7 @@ def main(argv=None) -> None:
             bar.update(1)
         os.fsync(handle.fileno())
     os.replace(partial, args.output)
+    sidecar.unlink()
 
 
 if __name__ == "__main__":

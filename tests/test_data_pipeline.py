@@ -190,6 +190,19 @@ def test_a_tokenizer_that_appends_no_eos_is_warned_about(tmp_path, corpus, caplo
         trainer_for(corpus, tmp_path / "own", "--train_file", corpus["train_file"])
     assert "end-of-sequence" not in caplog.text  # the corpus's own tokenizer appends it
 
+    def eos_then_language_code(backend, tokens):  # mBART's labels end [..., eos, lang_code]
+        from tokenizers.processors import TemplateProcessing
+        eos, code = tokens["eos_token"], tokens["unk_token"]  # any special token stands in for a language code
+        backend.post_processor = TemplateProcessing(single=f"$A {eos} {code}", special_tokens=[
+            (eos, backend.token_to_id(eos)), (code, backend.token_to_id(code))])
+
+    tokenizer = saved_tokenizer(corpus, tmp_path / "mbart_like", eos_then_language_code)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = trainer_for(corpus, tmp_path / "mbart", "--train_file", corpus["train_file"], "--tokenizer", tokenizer)
+    assert [int(i) for i in trainer.train_rows[0]["labels"][-2:]] == [trainer.tokenizer.eos_token_id, trainer.tokenizer.unk_token_id]
+    assert "end-of-sequence" not in caplog.text
+
 
 def test_tokenizer_without_pad_or_with_too_many_tokens(tmp_path, corpus, caplog):
     def no_pad(backend, tokens):

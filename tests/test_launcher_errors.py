@@ -128,6 +128,19 @@ def test_embedded_default_refusing_a_resume_writes_nothing(tmp_path):
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def test_an_mpi_launch_without_rank_variables_is_not_run_as_one_rank_per_process(tmp_path):
+    """mpirun / deepspeed --launcher openmpi set OMPI_COMM_WORLD_SIZE, not RANK: filling in the
+    one-rank defaults made each of the N processes train alone, silently. Without mpi4py, with
+    which DeepSpeed would discover the ranks, the run stops saying so."""
+    env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    result = subprocess.run(["python", "launchers/train.py", "--deepspeed", "ds_configs/zero0.json", "--preset", "smoke",
+                             "--output_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "launched by MPI (OMPI_COMM_WORLD_SIZE=2) without RANK/WORLD_SIZE" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_without_data():
     with pytest.raises(ValueError, match=r"no training data: pass --dataset NAME or --train_file FILE"):
         parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", "tiny-bart"])

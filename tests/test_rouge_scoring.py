@@ -41,7 +41,7 @@ def test_english_tokens_and_scores_are_rouge_scores_own():
 
 
 @pytest.mark.parametrize("text", ["北京是中国的首都。上海是最大的城市。", "東京は日本の首都です。", "Москва — столица России.",
-                                  "القاهرة هي عاصمة مصر.", "Ελληνικά κείμενα εδώ."])
+                                  "القاهرة هي عاصمة مصر.", "Ελληνικά κείμενα εδώ.", "हिन्दी भारत की भाषा है।"])
 def test_identical_texts_of_any_script_score_100(text):
     assert rouge([text], [text]) == {kind: 100.0 for kind in ROUGE_TYPES}
     default = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(text, text)["rouge1"].fmeasure
@@ -55,6 +55,9 @@ def test_non_english_overlap_is_partial_and_accents_count():
     assert rouge(["Herr Müller zahlt."], ["Herr Möller zahlt."])["rouge1"] == pytest.approx(100 * 2 / 3)
     assert rouge(["Привет мир"], ["Пока мир"])["rouge1"] == pytest.approx(50.0)
     assert UnicodeTokenizer().tokenize("ＡＢＣ 北京abc Straße") == ["abc", "北", "京", "abc", "straße"]
+    # combining marks stay in their word (Devanagari and Arabic vowel signs); punctuation is no token
+    assert UnicodeTokenizer().tokenize("हिन्दी भाषा العَرَبِيَّة 東京・大阪") == ["हिन्दी", "भाषा", "العَرَبِيَّة", "東", "京", "大", "阪"]
+    assert rouge(["हिन्दी भाषा"], ["मराठी लिपि"])["rouge1"] == 0.0  # no word in common (split at the marks, 20)
 
 
 def test_chinese_sentences_split_without_spaces_for_rouge_lsum():

@@ -78,25 +78,45 @@ def test_unicode_line_separators_empty_and_non_text_documents(tmp_path, exported
 
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path, exported):
     """Summaries go to <output>.partial as they are made; the same command keeps the complete
-    lines (a line cut by the interruption is dropped) and summarises only the rest."""
+    lines (a line cut by the interruption, here inside a character, is dropped) and summarises
+    only the rest. Other settings or another input are refused, not mixed in."""
     model, eval_file = exported
     inputs = [json.loads(line) for line in Path(eval_file).read_text().splitlines()][:3]
+    inputs[1]["document"] = "北京 " + inputs[1]["document"]
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    docs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in inputs), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    partial = tmp_path / "out.jsonl.partial"
-    partial.write_text(json.dumps({**inputs[0], "prediction": "written before"}) + "\n" + json.dumps(inputs[1])[:30])
+    partial, sidecar = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
+    settings = {"model": str(model.resolve()), "dtype": "fp32", "num_beams": 1, "max_new_tokens": 4, "length_penalty": 1.0,
+                "text_column": "document"}  # what summarize() below passes
+    second = json.dumps({**inputs[1], "prediction": "x"}, ensure_ascii=False).encode("utf-8")
+    cut = second[: second.index("北".encode("utf-8")) + 1]  # inside the character's three bytes
+    partial.write_bytes((json.dumps({**inputs[0], "prediction": "written before"}) + "\n").encode("utf-8") + cut)
+    sidecar.write_text(json.dumps(settings))
+    other = summarize(model, docs, out, "--num_beams", "2")
+    assert other.returncode == 1 and "out.jsonl.partial was written with other settings (num_beams)" in other.stderr
     result = summarize(model, docs, out)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["document"] for r in rows] == [r["document"] for r in inputs]
     assert rows[0]["prediction"] == "written before" and rows[1]["prediction"] != "written before"
-    assert "1 of 3 documents were summarised before" in result.stderr and not partial.exists()
+    assert "1 of 3 documents were summarised before" in result.stderr
+    assert not partial.exists() and not sidecar.exists()
 
     partial.write_text(json.dumps({"document": "another input", "prediction": "x"}) + "\n")
+    sidecar.write_text(json.dumps(settings))
     result = summarize(model, docs, out)
     assert result.returncode == 1 and "out.jsonl.partial holds summaries of other documents" in result.stderr
     assert "delete it to start over" in result.stderr
+
+
+def test_messages_name_the_lines_of_the_file(tmp_path, exported):
+    """Blank lines are skipped, not counted away: a problem is reported at its line in the file."""
+    model, _ = exported
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('\n{"document": "fine"}\n\n{"text": "no document field"}\n')
+    result = summarize(model, docs, tmp_path / "out.jsonl")
+    assert result.returncode == 1 and "lines [4] have no 'document' field" in result.stderr
 
 
 def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported):
