@@ -37,13 +37,12 @@ from pathlib import Path
 import deepspeed
 import pydantic
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from . import families
 from .config import CachedConfig
-from .distributed import barrier, init_process_group, rank, world_size
+from .distributed import barrier, init_process_group, max_over_ranks, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
 from .model import CachedSeq2Seq
@@ -145,7 +144,7 @@ def attach(engine, settings: EngineSettings) -> None:
         _check_zero3_model(wrapped.model)
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
-            wrapped.sync_group_count = _max_over_ranks
+            wrapped.sync_group_count = max_over_ranks
         hook_ids = _zero3_module_hook_ids(engine)
         if settings.keep_encoder_gathered:
             wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids).scope
@@ -173,7 +172,7 @@ def attach(engine, settings: EngineSettings) -> None:
     if checkpointing:
         _use_deepspeed_checkpointing(engine, wrapped.model)
         if checkpointing.get("cpu_checkpointing") and has_streaming_cross_attention(wrapped.model):
-            wrapped.config.offload_gradient_cache = True  # activations to the host: the gradient cache too
+            wrapped.cached_config.offload_gradient_cache = True  # activations to the host: the gradient cache too
 
 
 def _linear_as_configured(engine) -> None:
@@ -196,14 +195,6 @@ def _linear_as_configured(engine) -> None:
     wrapped = torch.nn.functional.linear is zero3_linear_wrap
     if wrapped and original is not None and not engine._config.zero_config.memory_efficient_linear:
         torch.nn.functional.linear = original
-
-
-def _max_over_ranks(count: int) -> int:
-    """ZeRO-3 gathers parameters in every encoder call: ranks with fewer window groups pad up
-    to the most any rank has (2 ranks at 2 vs 4 groups: gloo aborts, NCCL hangs)."""
-    total = torch.tensor([count], dtype=torch.long)
-    dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    return int(total.item())
 
 
 def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _GatheredModules:
@@ -419,7 +410,7 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         wrapped.model.save_pretrained(output_dir, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
-        settings = {**asdict(wrapped.config), "window": wrapped.window}
+        settings = {**asdict(wrapped.cached_config), "window": wrapped.window}
         (output_dir / CACHED_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     barrier()
     return output_dir

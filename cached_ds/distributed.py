@@ -95,3 +95,19 @@ def init_process_group() -> None:
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def max_over_ranks(count: int) -> int:
+    """ZeRO-3 gathers parameters in every encoder call: ranks with fewer window groups pad up
+    to the most any rank has (2 ranks at 2 vs 4 groups: gloo aborts, NCCL hangs)."""
+    total = torch.tensor([count], dtype=torch.long)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())
+
+
+def partitioned_across_ranks(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 partitions (DeepSpeed marks them with
+    ``ds_id``) shared by more than one rank."""
+    first = next(module.parameters(), None)
+    return (first is not None and hasattr(first, "ds_id") and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)

@@ -18,6 +18,7 @@ other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as us
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from functools import partial
 from typing import Callable, ContextManager
@@ -30,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
+from .distributed import max_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
 from .host_offload import to_device
 from .shared_beam_generation import generate_shared
@@ -42,6 +44,8 @@ from .streaming_cross_attention import (
 from .t5_attention import attention_targets as fast_t5_targets, install_fast_t5_attention
 from .windows import WindowPlan
 
+logger = logging.getLogger("cached_ds")
+
 IGNORE_INDEX = -100
 T5_FAMILIES = ("t5", "longt5")
 
@@ -51,35 +55,35 @@ class CachedSeq2Seq(nn.Module):
         super().__init__()
         families.require_encoder_decoder(model)
         self.model = model
-        self.config = config or CachedConfig()
-        self.window = self.config.window or families.default_window(model)
+        self.cached_config = config or CachedConfig()
+        self.window = self.cached_config.window or families.default_window(model)
         limit = families.max_window(model)
         if limit is not None and self.window > limit:
             raise ValueError(
                 f"window={self.window} exceeds the encoder's {limit} positions "
                 f"(config.max_position_embeddings of {model.config.model_type}); set window <= {limit}"
             )
-        if self.config.group_tokens is not None and self.config.group_tokens < self.window:
+        if self.cached_config.group_tokens is not None and self.cached_config.group_tokens < self.window:
             raise ValueError(
-                f"group_tokens={self.config.group_tokens} is smaller than one window ({self.window} tokens); "
+                f"group_tokens={self.cached_config.group_tokens} is smaller than one window ({self.window} tokens); "
                 f"set group_tokens >= {self.window}"
             )
-        if self.config.decoder_gradient_checkpointing:
+        if self.cached_config.decoder_gradient_checkpointing:
             enable_decoder_checkpointing(model)
-        if self.config.encoder_gradient_checkpointing:
+        if self.cached_config.encoder_gradient_checkpointing:
             enable_encoder_checkpointing(model)
         replaced = []  # attention modules whose attention-probability dropout the kernels lack
-        if self.config.cross_attention_block is not None:
-            fused = self.config.cross_attention_kernel == "fused"
-            replaced += [m.original for m in install_streaming_cross_attention(model, self.config.cross_attention_block, fused)]
-        if self.config.fast_t5_attention:
+        if self.cached_config.cross_attention_block is not None:
+            fused = self.cached_config.cross_attention_kernel == "fused"
+            replaced += [m.original for m in install_streaming_cross_attention(model, self.cached_config.cross_attention_block, fused)]
+        if self.cached_config.fast_t5_attention:
             if model.config.model_type not in T5_FAMILIES:
                 raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")
-            kernel = self.config.t5_attention_kernel
+            kernel = self.cached_config.t5_attention_kernel
             install_fast_t5_attention(model, use_flex=kernel != "blocked", local_sdpa=kernel == "local_sdpa")
             replaced += [module for module, _ in fast_t5_targets(model)]
-        _settle_attention_dropout(replaced, self.config.keep_attention_dropout)
-        if self.config.offload_gradient_cache and not has_streaming_cross_attention(model):
+        _settle_attention_dropout(replaced, self.cached_config.keep_attention_dropout)
+        if self.cached_config.offload_gradient_cache and not has_streaming_cross_attention(model):
             raise ValueError(
                 "offload_gradient_cache offloads the fp32 gradient cache that streaming cross-attention writes, "
                 "and this model has none; set cross_attention_block (e.g. 8192) or remove offload_gradient_cache"
@@ -97,10 +101,27 @@ class CachedSeq2Seq(nn.Module):
         self.last_kept_groups = 0
         self.last_kept_bytes = 0
 
+    @property
+    def config(self):
+        """The HF model's config, where code written for HF models reads it (HF's Trainer and its
+        DeepSpeed "auto" values, generation, PEFT); the CachED settings are ``cached_config``."""
+        return self.model.config
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WindowPlan:
         pad = self.model.config.pad_token_id
         pad = pad if pad is not None else 0
-        plan = WindowPlan.build(input_ids, attention_mask, self.window, pad, **self.config.grouping())
+        plan = WindowPlan.build(input_ids, attention_mask, self.window, pad, **self.cached_config.grouping())
+        if self.sync_group_count is None and partitioned_across_ranks(self.model.get_encoder()):
+            # A ZeRO-3 engine that cached_ds.deepspeed_engine.initialize did not build (plain
+            # deepspeed.initialize, HF's Trainer): ranks must still run as many encoder calls.
+            self.sync_group_count = max_over_ranks
+            logger.warning("CachedSeq2Seq is trained by a ZeRO-3 engine that cached_ds.deepspeed_engine.initialize did not "
+                           "build: exact, but without its ZeRO-3 settings (a bounded stage3_max_reuse_distance, the encoder "
+                           "and decoder kept gathered), which make long documents many times faster (docs/engine.md)")
         if self.sync_group_count is not None:
             plan = plan.padded_to(self.sync_group_count(len(plan.groups)), pad)
         return plan
@@ -132,9 +153,9 @@ class CachedSeq2Seq(nn.Module):
             else:  # a broadcast one: a copy would be 8 B per token
                 mask = torch.ones((), dtype=torch.long, device=device).expand(plan.fused_mask.shape)
             return BaseModelOutput(last_hidden_state=fused), mask
-        schedule = GroupSchedule(self.config.grad_torch_dtype, self.config.keep_graphs_bytes or 0,
-                                 self.config.offload_gradient_cache, self.config.offload_encoder_states)
-        fused = encode_windows(self.model, plan, self.config.mode, schedule, self.encoder_scope)
+        schedule = GroupSchedule(self.cached_config.grad_torch_dtype, self.cached_config.keep_graphs_bytes or 0,
+                                 self.cached_config.offload_gradient_cache, self.cached_config.offload_encoder_states)
+        fused = encode_windows(self.model, plan, self.cached_config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         mask = plan.decoder_mask
         if mask is not None:  # ids and mask may be in host memory (``windows``): the decoder's goes to its device
@@ -168,7 +189,7 @@ class CachedSeq2Seq(nn.Module):
         of a document share one copy of its encoder states and cross-attention K/V
         (``shared_beam_generation``) instead of HF's one per beam."""
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
-        return generate_shared(self.model, encoder_outputs, fused_mask, self.config.cross_attention_block, **generate_kwargs)
+        return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
 
 
 def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:

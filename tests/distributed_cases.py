@@ -113,6 +113,35 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
 
 
 
+def plain_deepspeed_case(rank: int) -> dict:
+    """CachedSeq2Seq in an engine from plain ``deepspeed.initialize`` (as HF's Trainer builds one),
+    ZeRO-3, ranks with 2 and 4 window groups: it pads the short rank by itself (it used to
+    abort with a gloo collective mismatch; NCCL hangs) and stays exact."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    model = make_model("bart")
+    pristine = copy.deepcopy(model)
+    docs = documents([2, 4], model.config.pad_token_id)
+    config = two_rank_config("zero3")
+    config.pop("cached")
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1))
+    engine, *_ = deepspeed.initialize(model=wrapped, config=config, model_parameters=list(wrapped.parameters()))
+    ids, mask, labels = docs[rank]
+    torch.manual_seed(100 + rank)
+    engine.backward(engine(ids, mask, labels=labels).loss)
+    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}
+    ref = {}
+    for r, (ids, mask, labels) in enumerate(docs):
+        _, g = windowed_hf_step(pristine, ids, mask, labels, WINDOW, 1, seed=100 + r)
+        for k, v in g.items():
+            ref[k] = ref.get(k, 0) + v / len(docs)
+    num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
+    return {"case": "plain-deepspeed-zero3-windows[2, 4]", "relative_error": (num / sum(float(ref[k].pow(2).sum()) for k in ref)) ** 0.5}
+
+
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
     """Collectives issued by one training step after a warm-up step, with ``groups`` window groups."""
     from cached_ds.deepspeed_engine import initialize
@@ -185,6 +214,7 @@ def main(out: str) -> None:
         results.append(communication_case("zero3", groups, counter, rank, keep_encoder_gathered=True))
     results.append(communication_case("zero3", 2, counter, rank, keep_encoder_gathered=True, keep_decoder_gathered=True))
     results.append(loss_split_case(rank))
+    results.append(plain_deepspeed_case(rank))
     if rank == 0:
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in results))
     dist.barrier()

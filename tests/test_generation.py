@@ -58,3 +58,15 @@ def test_generation_reads_the_whole_document():
     second = wrapped.encode_long(changed, mask)[0].last_hidden_state
     torch.testing.assert_close(first[:, : 3 * WINDOW], second[:, : 3 * WINDOW])
     assert not torch.allclose(first[:, 3 * WINDOW :], second[:, 3 * WINDOW :])
+
+
+def test_config_is_the_hf_models_as_hf_code_expects():
+    """Code written for HF models reads ``model.config`` (HF's Trainer fills DeepSpeed's "auto"
+    buckets from its hidden size, generation from its pad and start ids) and
+    ``model.generation_config``: the wrapper hands over the HF model's; its own settings are
+    ``cached_config``."""
+    model = make_model("bart")
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2))
+    assert wrapped.config is model.config and wrapped.config.d_model == model.config.d_model
+    assert wrapped.generation_config is model.generation_config
+    assert wrapped.cached_config.window == WINDOW and wrapped.cached_config.group_windows == 2

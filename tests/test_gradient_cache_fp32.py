@@ -283,4 +283,4 @@ def test_deepspeed_cpu_checkpointing_offloads_the_gradient_cache(streaming):
     config = resolved_config("zero2", cached={"window": WINDOW, "cross_attention_block": BLOCK if streaming else None})
     config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
     engine, *_ = initialize(make_model_without_cross_attention_dropout("bart"), config)
-    assert engine.module.config.offload_gradient_cache == streaming
+    assert engine.module.cached_config.offload_gradient_cache == streaming

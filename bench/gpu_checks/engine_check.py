@@ -104,7 +104,7 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
     engine.step()
     result = compare({k: v.to(device) for k, v in grads.items()}, ref, bound)
     result["linear"] = torch.nn.functional.linear.__name__
-    result["gradient_cache_offloaded"] = bool(engine.module.config.offload_gradient_cache)
+    result["gradient_cache_offloaded"] = bool(engine.module.cached_config.offload_gradient_cache)
     if checkpointing and checkpointing.get("cpu_checkpointing"):
         from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 
