@@ -29,9 +29,8 @@ for the decoder, and keeping the encoder and the decoder gathered under ZeRO-3
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import deepspeed
@@ -49,7 +48,6 @@ from .model import CachedSeq2Seq
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
 ENGINE_KEYS = ("keep_encoder_gathered", "keep_decoder_gathered")
-CACHED_CONFIG_FILE = "cached_config.json"  # beside an exported HF model: the windows it was trained with
 
 
 @dataclass(frozen=True)
@@ -407,10 +405,8 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
             state = {k.removeprefix("model."): v for k, v in state.items()}
     if rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        wrapped.model.save_pretrained(output_dir, state_dict=state)
+        wrapped.save_pretrained(output_dir, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
-        settings = {**asdict(wrapped.cached_config), "window": wrapped.window}
-        (output_dir / CACHED_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     barrier()
     return output_dir

@@ -18,9 +18,12 @@ other model; the wrapped HF model stays at ``.model`` (``save_pretrained`` as us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import warnings
 from functools import partial
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -45,6 +48,7 @@ from .t5_attention import attention_targets as fast_t5_targets, install_fast_t5_
 from .windows import WindowPlan
 
 logger = logging.getLogger("cached_ds")
+CACHED_CONFIG_FILE = "cached_config.json"  # beside a saved HF model: the windows it was trained with
 
 IGNORE_INDEX = -100
 T5_FAMILIES = ("t5", "longt5")
@@ -100,6 +104,33 @@ class CachedSeq2Seq(nn.Module):
         # instead of recomputing it in backward, and the bytes they hold.
         self.last_kept_groups = 0
         self.last_kept_bytes = 0
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None, **kwargs) -> Path:
+        """The HF model's ``save_pretrained`` (``state_dict``: e.g. consolidated ZeRO weights) plus
+        ``cached_config.json``, the CachED settings and the window it was trained with, which
+        ``CachedSeq2Seq.from_pretrained`` reads back."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder, state_dict=state_dict, **kwargs)
+        settings = {**dataclasses.asdict(self.cached_config), "window": self.window}
+        (folder / CACHED_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **hf_kwargs) -> "CachedSeq2Seq":
+        """A folder written by ``save_pretrained`` (or ``export_hf``, or launchers/train.py's
+        ``exported/``): the HF model (``AutoModelForSeq2SeqLM.from_pretrained(folder,
+        **hf_kwargs)``) wrapped with the settings it was trained with."""
+        path = Path(folder) / CACHED_CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: give a folder written by CachedSeq2Seq.save_pretrained or export_hf "
+                             "(launchers/train.py's <output_dir>/exported), not a run folder or a checkpoint")
+        settings = json.loads(path.read_text())
+        known = {field.name for field in dataclasses.fields(CachedConfig)}
+        if set(settings) - known:
+            raise ValueError(f"{path} has settings this version of cached-ds does not know: {sorted(set(settings) - known)}")
+        from transformers import AutoModelForSeq2SeqLM
+
+        return cls(AutoModelForSeq2SeqLM.from_pretrained(folder, **hf_kwargs), CachedConfig(**settings))
 
     @property
     def config(self):

@@ -26,21 +26,11 @@ import torch  # noqa: E402
 import transformers as hf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from cached_ds import CachedConfig, CachedSeq2Seq, families  # noqa: E402
-from cached_ds.deepspeed_engine import CACHED_CONFIG_FILE  # noqa: E402
+from cached_ds import CachedSeq2Seq, families  # noqa: E402
 from cached_ds.evaluation import summarize  # noqa: E402
 
 logger = logging.getLogger("cached_ds.summarize")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_cached_settings(model_dir: Path) -> CachedConfig:
-    path = model_dir / CACHED_CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: --model must be a folder exported by launchers/train.py "
-                         "(<output_dir>/exported, not the run folder or a checkpoint)")
-    settings = json.loads(path.read_text())
-    return CachedConfig(**{k: v for k, v in settings.items() if k != "mode"})
 
 
 def read_records(path: Path) -> tuple[list[dict], list[int]]:
@@ -132,9 +122,9 @@ def main(argv=None) -> None:
     done = done_before(partial, records, args.output_column, generation)
     if done:
         logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(records))
-    settings = load_cached_settings(args.model)  # before HF's load: its error would not say which folder to pass
-    hf_model = hf.AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
-    model = CachedSeq2Seq(hf_model, settings)
+    # checks cached_config.json before HF's load, whose error would not say which folder to pass
+    model = CachedSeq2Seq.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
+    hf_model = model.model
     tokenizer = hf.AutoTokenizer.from_pretrained(args.model)
     max_new_tokens = families.max_new_tokens(hf_model, args.max_new_tokens)
     if max_new_tokens < args.max_new_tokens:

@@ -9,7 +9,8 @@ import transformers as hf
 from ds_helpers import resolved_config, single_rank_distributed
 from tiny_models import make_model, random_batch
 
-from cached_ds.deepspeed_engine import CACHED_CONFIG_FILE, export_hf, initialize
+from cached_ds.deepspeed_engine import export_hf, initialize
+from cached_ds.model import CACHED_CONFIG_FILE
 
 WINDOW = 16
 CACHED = {"window": WINDOW, "group_windows": 2, "group_tokens": None}

@@ -70,3 +70,31 @@ def test_config_is_the_hf_models_as_hf_code_expects():
     assert wrapped.config is model.config and wrapped.config.d_model == model.config.d_model
     assert wrapped.generation_config is model.generation_config
     assert wrapped.cached_config.window == WINDOW and wrapped.cached_config.group_windows == 2
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
+    """An HF folder plus the CachED settings: ``from_pretrained`` gives the same model, windows
+    and loss; HF's own ``from_pretrained`` loads the folder too."""
+    import json
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = make_model(family).eval()
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=2, cross_attention_block=5))
+    wrapped.save_pretrained(tmp_path / "saved")
+    loaded = CachedSeq2Seq.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.cached_config == CachedConfig(window=WINDOW, group_windows=2, cross_attention_block=5)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, WINDOW + 2], [4, 3], model.config.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask, labels=labels).loss, wrapped(ids, mask, labels=labels).loss)
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+    settings = json.loads((tmp_path / "saved" / "cached_config.json").read_text())
+    (tmp_path / "saved" / "cached_config.json").write_text(json.dumps({**settings, "future_setting": 1}))
+    with pytest.raises(ValueError, match=r"settings this version of cached-ds does not know: \['future_setting'\]"):
+        CachedSeq2Seq.from_pretrained(tmp_path / "saved")
+    model.save_pretrained(tmp_path / "hf_only")
+    with pytest.raises(ValueError, match="cached_config.json is missing: give a folder written by CachedSeq2Seq.save_pretrained"):
+        CachedSeq2Seq.from_pretrained(tmp_path / "hf_only")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from launcher_helpers import REPO, launcher_env, make_corpus
 
-from cached_ds.deepspeed_engine import CACHED_CONFIG_FILE
+from cached_ds.model import CACHED_CONFIG_FILE
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     docs = tmp_path / "docs.jsonl"
     docs.write_text(Path(eval_file).read_text().splitlines()[0] + "\n")
     result = summarize(tmp_path, docs, tmp_path / "out.jsonl")  # a folder without the export's files
-    assert result.returncode == 1 and "cached_config.json is missing: --model must be a folder exported" in result.stderr
+    assert result.returncode == 1 and "cached_config.json is missing: give a folder written by CachedSeq2Seq.save_pretrained or export_hf" in result.stderr
     positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     result = summarize(model, docs, tmp_path / "out.jsonl", "--max_new_tokens", str(positions + 50))
     assert result.returncode == 0, result.stderr[-3000:]  # it used to fail with an index error
