@@ -65,9 +65,10 @@ def peak_memory_gib() -> float:
 
 
 def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = False, kill_fault: bool = False,
-               optimizer_step: bool = True) -> tuple[float, float, float]:
+               optimizer_step: bool = True) -> tuple[float, float, float, float | None]:
     """One optimizer step over this rank's micro-batches with the loss normalised over the
-    global batch; returns (summed loss, label tokens, document tokens), all global.
+    global batch; returns (summed loss, label tokens, document tokens), all global, and the
+    gradient norm where DeepSpeed keeps none (ZeRO-0 in fp32 clips without recording it).
     ``optimizer_step=False`` stops at the accumulation boundary with the gradients in place.
     Tests only: ``nan_fault`` makes the loss NaN, ``kill_fault`` SIGKILLs the process between the
     first backward and its optimizer step."""
@@ -75,7 +76,7 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
     label_tokens = all_reduce_sum(sum(int((b["labels"] != -100).sum()) for b in micro_batches))
     doc_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
     scale = engine.gradient_accumulation_steps() * world_size() / label_tokens
-    summed = 0.0
+    summed, norm = 0.0, None
     for batch in micro_batches:
         batch = placed(batch, device)
         logits = engine(**batch).logits
@@ -88,9 +89,23 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
         if kill_fault:
             os.kill(os.getpid(), signal.SIGKILL)
         if optimizer_step or not engine.is_gradient_accumulation_boundary():
+            if engine.is_gradient_accumulation_boundary() and _norm_not_recorded(engine):
+                norm = _gradient_norm(engine)
             engine.step()
         summed += float(loss_sum.detach())
-    return all_reduce_sum(summed), label_tokens, doc_tokens
+    return all_reduce_sum(summed), label_tokens, doc_tokens, norm
+
+
+def _norm_not_recorded(engine) -> bool:
+    """DeepSpeed's ZeRO-0 fp32 step clips with torch's clip_grad_norm_ and drops the norm it
+    returns (engine.py clip_fp32_gradients); its ZeRO and mixed-precision optimizers keep theirs."""
+    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def _gradient_norm(engine) -> float:
+    """The norm DeepSpeed clips by: every gradient, already averaged over ranks at the boundary."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 # DeepSpeed's warm-up schedulers run the first two optimizer steps at warmup_min_lr whatever the
@@ -308,11 +323,12 @@ class Trainer:
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
-        summed, label_tokens, doc_tokens = train_step(self.engine, micro_batches, check=self._stop_unless_finite,
-                                                      nan_fault=injected_fault("nan_loss", self.step + 1),
-                                                      kill_fault=injected_fault("kill_mid_step", self.step + 1))
+        summed, label_tokens, doc_tokens, norm = train_step(
+            self.engine, micro_batches, check=self._stop_unless_finite, nan_fault=injected_fault("nan_loss", self.step + 1),
+            kill_fault=injected_fault("kill_mid_step", self.step + 1))
         elapsed = time.perf_counter() - started
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         return {"step": self.step + 1, "loss": summed / label_tokens, "lr": lr,
                 "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
                 "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
