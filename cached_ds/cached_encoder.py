@@ -14,8 +14,8 @@ The steps, as in GradCache's ``grad_cache.py``:
 4. ``backward``: re-encode group by group *with* autograd, replaying each group's RNG state (same
    dropout masks) and autocast state (a kept group uses its forward graph instead), push the
    group's slice of the gradient cache through it, and sum the encoder's parameter gradients of
-   every group but the last in fp32 (``torch.autograd.grad``: no ``.grad`` written). A hook on
-   each parameter adds its sum into the last group's nested backward, so every parameter's
+   every group but one in fp32 (``torch.autograd.grad``: no ``.grad`` written). A hook on each
+   parameter adds its sum into that last group's nested backward, so every parameter's
    ``.grad`` is written exactly once per backward — whatever engine hooks sit on it fire once,
    not once per group.
 
@@ -177,12 +177,13 @@ class CachedEncoderFunction(torch.autograd.Function):
 
     ``schedule`` (``GroupSchedule``) sets the budget for graphs kept from the forward and the
     dtype of the sums, and gets what was kept. Kept groups are the leading ones, so backward,
-    which runs the groups in order, frees them all before it recomputes the first other group.
+    which runs the groups in order, frees them before it recomputes the first other group (but
+    for the widest group's, if kept: held to the end, within the budget it was kept in).
 
-    In ``backward`` groups 1..G-1 are recomputed (or taken from the forward) under
-    ``torch.autograd.grad``, which leaves ``.grad`` and its hooks alone (and frees a kept graph
-    as it goes); their parameter gradients are summed in ``grad_dtype``. The last
-    group runs an ordinary nested backward, and a hook on each parameter adds the sum to the
+    In ``backward`` all groups but the widest (``widest_group``) are recomputed (or taken from
+    the forward) in order under ``torch.autograd.grad``, which leaves ``.grad`` and its hooks
+    alone (and frees a kept graph as it goes); their parameter gradients are summed in
+    ``grad_dtype``. The widest group runs last, an ordinary nested backward, and a hook on each parameter adds the sum to the
     incoming gradient: each ``.grad`` is accumulated exactly once per step, so an engine's
     gradient hooks (DeepSpeed ZeRO's reductions) fire once, not once per group. The embedding's
     encoder share is returned as ``weight``'s gradient and autograd adds it to the decoder's.
@@ -228,22 +229,34 @@ class CachedEncoderFunction(torch.autograd.Function):
         weight_sum = None
         cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
         grads = ctx.plan.split_gradient(cache, ctx.device, ahead=on_host)
-        last = len(ctx.plan.groups) - 1
+        last = widest_group(ctx.plan)
         for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, grads)):
+            if index == last:
+                held = group, rng, grad  # its slice, cut in order (a host cache streams ahead), runs last
+                continue
             # A kept graph is used once (a second backward through the same step recomputes).
             weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
-            grad = grad.to(output.dtype)
-            if index == last:
-                _backward_adding(output, grad, targets, param_sums)
-                weight_sum = _accumulate(weight_sum, weight.grad, dtype)
-                break
-            for target, g in zip(targets, torch.autograd.grad(output, targets, grad, allow_unused=True)):
+            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)):
                 if target is weight:
                     weight_sum = _accumulate(weight_sum, g, dtype)
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
+        group, rng, grad = held
+        weight, output = ctx.kept.pop(last, None) or _recompute(ctx, group, rng, needs_weight)
+        _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
+        weight_sum = _accumulate(weight_sum, weight.grad, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
+
+
+def widest_group(plan: WindowPlan) -> int:
+    """The group whose nested backward delivers every parameter's summed gradient: the one with
+    the longest (padded) windows, the latest of those. A parameter it does not use gets its sum
+    through a backward outside any module's forward, where ZeRO-3 holds it as an empty partition
+    (a shape error); the widest group uses whatever a narrower one does. LongT5's
+    transient-global bias, for one, is unused by windows shorter than a global block: the last
+    group of a document often holds only its short final window."""
+    return max(range(len(plan.groups)), key=lambda i: (plan.groups[i].input_ids.shape[-1], i))
 
 
 def _require_accumulating_backward(node) -> None:
