@@ -103,6 +103,13 @@ class CachedConfig:
             raise ValueError(f"cross_attention_kernel must be one of {CROSS_ATTENTION_KERNELS}, got {self.cross_attention_kernel!r}")
         if self.t5_attention_kernel not in T5_ATTENTION_KERNELS:
             raise ValueError(f"t5_attention_kernel must be one of {T5_ATTENTION_KERNELS}, got {self.t5_attention_kernel!r}")
+        # the kernel choices of switched-off kernels would be ignored without a word
+        if self.t5_attention_kernel != "flex" and not self.fast_t5_attention:
+            raise ValueError(f"t5_attention_kernel={self.t5_attention_kernel!r} picks how fast_t5_attention runs, which is off; "
+                             "set fast_t5_attention to true, or remove t5_attention_kernel")
+        if self.cross_attention_kernel != "fused" and self.cross_attention_block is None:
+            raise ValueError(f"cross_attention_kernel={self.cross_attention_kernel!r} picks how streaming cross-attention runs, "
+                             "which is off; set cross_attention_block (e.g. 8192), or remove cross_attention_kernel")
         if not _is_count(self.cross_attention_block, 1):
             raise ValueError(f"cross_attention_block must be a positive number of key tokens or null, got {self.cross_attention_block!r}")
         if not _is_count(self.keep_graphs_bytes, 0):

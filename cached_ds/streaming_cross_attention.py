@@ -115,10 +115,10 @@ LAYOUTS = {"bart": _BART_LIKE, "mbart": _BART_LIKE, "pegasus": _BART_LIKE, "t5":
 def layout_of(model: nn.Module) -> CrossAttentionLayout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in LAYOUTS:
-        raise ValueError(
-            f"streaming cross-attention supports {sorted(LAYOUTS)}, got model_type={model_type!r} "
-            f"({type(model).__name__}); pass the Hugging Face model itself (CachedSeq2Seq's .model)"
-        )
+        hint = ("pass the Hugging Face model itself (CachedSeq2Seq's .model)" if model_type is None else
+                "leave cross_attention_block unset for it (HF's cross-attention, exact)")
+        raise ValueError(f"streaming cross-attention supports {sorted(LAYOUTS)}, got model_type={model_type!r} "
+                         f"({type(model).__name__}); {hint}")
     return LAYOUTS[model_type]
 
 

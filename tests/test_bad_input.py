@@ -138,6 +138,9 @@ def test_group_budget_smaller_than_window():
         (dict(group_windows="some"), "group_windows must be a positive integer or 'all'"),
         (dict(mode="fast"), "mode must be one of"),
         (dict(grad_dtype="int8"), "grad_dtype must be one of"),
+        # a kernel choice for a kernel that is off was ignored without a word
+        (dict(t5_attention_kernel="blocked"), "t5_attention_kernel='blocked' picks how fast_t5_attention runs, which is off"),
+        (dict(cross_attention_kernel="plain"), "cross_attention_kernel='plain' picks how streaming cross-attention runs, which is off"),
     ],
 )
 def test_config_values(settings, message):
