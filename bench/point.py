@@ -86,7 +86,7 @@ class PhaseClock:
     much slower than the others is that reduction's host time, not hidden by device work."""
 
     def __init__(self, encoder: torch.nn.Module):
-        self.encoder, self.marks = encoder, []
+        self.encoder, self.marks, self.section = encoder, [], None
 
     def _mark(self, name):
         synchronize()
@@ -100,18 +100,42 @@ class PhaseClock:
 
     def run(self, engine, batch) -> dict:
         embedding = self.encoder.get_input_embeddings().weight
+        decoder = getattr(engine.module, "model", engine.module).get_decoder()
+
+        def states_hook(module, args, kwargs):  # d(loss)/d(encoder states) complete: the decoder's backward is over
+            states = kwargs.get("encoder_hidden_states")
+            if self.section == "forward" and torch.is_tensor(states) and states.requires_grad:
+                states.register_hook(lambda _: self._mark("states_grad"))
+
         handles = [self.encoder.register_forward_pre_hook(lambda *_: self._mark("encoder:start")),
-                   self.encoder.register_forward_hook(lambda *_: self._mark("encoder:end"))]
+                   self.encoder.register_forward_hook(lambda *_: self._mark("encoder:end")),
+                   decoder.register_forward_pre_hook(states_hook, with_kwargs=True)]
         if embedding.requires_grad:
             handles.append(embedding.register_post_accumulate_grad_hook(lambda _: self._mark("embedding_grad")))
+        wrapped = engine.module
+        scope = getattr(wrapped, "encoder_scope", None)
+        if scope is not None:  # the encoder's gather (ZeRO-3 keep_encoder_gathered): when it is done
+            @contextmanager
+            def marked_scope():
+                with scope():
+                    self._mark("scope_entered")
+                    yield
+            wrapped.encoder_scope = marked_scope
         try:
+            self.section = "forward"
             with self.phase("forward"):
                 loss = engine(**batch).loss
+            node = _find_node(loss.grad_fn, "CachedEncoderFunctionBackward")
+            if node is not None:  # the moment autograd hands CachED its gradient cache
+                handles.append(node.register_prehook(lambda *_: self._mark("cached_backward_entry")))
+            self.section = "backward"
             with self.phase("backward"):
                 engine.backward(loss)
             with self.phase("optimizer"):
                 engine.step()
         finally:
+            if scope is not None:
+                wrapped.encoder_scope = scope
             for handle in handles:
                 handle.remove()
         return self.split()
@@ -126,8 +150,10 @@ class PhaseClock:
                 times[section]["encoder"].append([t, None])
             elif name == "encoder:end":
                 times[section]["encoder"][-1][1] = t
-            elif name == "embedding_grad":
-                times[section]["embedding_grad"] = t
+            elif name in ("embedding_grad", "states_grad", "cached_backward_entry"):
+                times[section].setdefault(name, t)
+            elif name == "scope_entered":
+                times[section].setdefault("scope_entered", []).append(t)
             elif name.endswith(":end"):
                 times[section]["end"] = t
         forward, backward = times["forward"], times["backward"]
@@ -143,12 +169,43 @@ class PhaseClock:
             result["recompute_backward_s"] = backward["end"] - starts[0]
             # a group's encoder pass, its backward and its gradient sums: up to the next group's pass
             result["recompute_group_s"] = [b - a for a, b in zip(starts, [*starts[1:], model_end])]
+        # the decoder's own backward (both methods), and CachED's setup before its first recompute
+        decoder_done = backward.get("states_grad", backward.get("cached_backward_entry"))
+        if decoder_done is not None:  # streaming layers give the states no autograd gradient: CachED's entry then
+            result["decoder_only_backward_s"] = decoder_done - backward["start"]
+        if "cached_backward_entry" in backward:
+            entry = backward["cached_backward_entry"]
+            result["states_grad_to_cached_entry_s"] = entry - backward.get("states_grad", entry)
+            scoped = [t for t in backward.get("scope_entered", []) if t >= entry]
+            if scoped:
+                result["encoder_gather_s"] = scoped[0] - entry
+                if backward["encoder"]:
+                    result["cache_and_first_group_setup_s"] = backward["encoder"][0][0] - scoped[0]
+        if forward.get("scope_entered"):
+            result["forward_gather_marks"] = len(forward["scope_entered"])
         return result
 
 
-def profile_step(engine, batch, top: int = 25) -> dict:
+def _find_node(root, name: str):
+    """The first autograd node named ``name`` reachable from ``root`` (breadth first), or None."""
+    from collections import deque
+
+    seen, queue = set(), deque([root])
+    while queue:
+        node = queue.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == name:
+            return node
+        queue.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def profile_step(engine, batch, top: int = 25, trace: Path | None = None) -> dict:
     """One more step under ``torch.profiler``, summarised by ``profile_summary``. The profiler
-    slows the host, so ``wall_s`` is not a step time to compare."""
+    slows the host, so ``wall_s`` is not a step time to compare. ``trace``: also the step's
+    timeline there (Chrome trace; gzipped where the name ends in .gz), to see where the device idles."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = torch.cuda.is_available()
@@ -162,7 +219,15 @@ def profile_step(engine, batch, top: int = 25) -> dict:
         with record_function("step:optimizer"):
             engine.step()
         synchronize()
-    return profile_summary(prof.key_averages(), time.perf_counter() - start, cuda, top)
+    wall = time.perf_counter() - start
+    summary = profile_summary(prof.key_averages(), wall, cuda, top)
+    if trace is not None:
+        try:
+            prof.export_chrome_trace(str(trace))
+            summary["trace_file"] = trace.name
+        except Exception as error:  # noqa: BLE001 - a failed export must not cost the point
+            summary["trace_error"] = f"{type(error).__name__}: {error}"[:300]
+    return summary
 
 
 def profile_summary(events, wall: float, cuda: bool, top: int = 25) -> dict:
@@ -267,18 +332,34 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    save_partial(spec, result, "the timed steps")  # a point stopped in the steps below keeps its timing
     if spec.get("breakdown_step", True):
         result["breakdown"] = PhaseClock(encoder).run(engine, batch)
+        save_partial(spec, result, "the breakdown step")
     if spec.get("saved_tensor_meter"):
         result["encoder_saved_peak_bytes"] = encoder_saved_peak(engine, encoder, batch)
     if spec.get("profile"):
-        result["profile"] = profile_step(engine, batch)
+        # PROFILE_TRACE_TOKENS=N: the timeline of profiled points up to N tokens, beside the result
+        # file (sweep.py's logs/, which device_sweep.sh tars): a 64K step is a few MB gzipped
+        limit = int(os.environ.get("PROFILE_TRACE_TOKENS", 0))
+        trace = Path(spec["result_file"]).with_suffix(".trace.json.gz") if limit and spec["tokens"] <= limit and spec.get("result_file") else None
+        result["profile"] = profile_step(engine, batch, trace=trace)
+        save_partial(spec, result, "the profiled step")
     if spec.get("memory_trace") and device.type == "cuda":
         try:  # what is live at the peak, by site: one more step, its host slowed by the trace
             result["peak_sites"] = traced_step(lambda: train_step(engine, batch))
         except Exception as error:  # noqa: BLE001 - a failed trace must not cost the point
             result["peak_sites_error"] = f"{type(error).__name__}: {error}"[:300]
     return result
+
+
+def save_partial(spec: dict, result: dict, done: str) -> None:
+    """The result so far, marked ``partial`` (what it has done last), where sweep.py reads it if the
+    point is stopped (its timeout, the session's deadline) before it writes the whole result."""
+    if spec.get("result_file"):
+        staging = Path(spec["result_file"] + ".tmp")
+        staging.write_text(json.dumps({"oom": False, **result, "partial": f"stopped after {done}"}) + "\n")
+        staging.replace(spec["result_file"])
 
 
 def is_oom(error: BaseException) -> bool:
@@ -292,7 +373,7 @@ def main() -> None:
     parser.add_argument("--spec", required=True, help="JSON object: method, model, tokens, target_tokens, ...")
     parser.add_argument("--result", required=True, help="where to write the JSON result")
     args = parser.parse_args()
-    spec = json.loads(args.spec)
+    spec = {**json.loads(args.spec), "result_file": args.result}
     from cached_ds.distributed import init_process_group
 
     init_process_group()

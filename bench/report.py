@@ -129,7 +129,7 @@ def breakdown_table(points: list[dict]) -> str:
     """Each phase of one clocked step (``point.PhaseClock``); for ``cached`` also its recompute's
     window groups: the median of all but the last, and the last, which also runs every ZeRO
     reduction of the encoder's gradients (far above the median: their host time is not hidden)."""
-    keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "recompute_backward_s", "backward_s", "epilogue_s", "optimizer_s"]
+    keys = ["encoder_forward_s", "decoder_forward_s", "decoder_backward_s", "decoder_only_backward_s", "encoder_gather_s", "recompute_backward_s", "backward_s", "epilogue_s", "optimizer_s"]
     rows = ["| model | method | tokens | " + " | ".join(k.removesuffix("_s").replace("_", " ") + " s" for k in keys)
             + " | other groups s (median) | last group s | kept groups |",
             "|---|---|---:|" + "---:|" * (len(keys) + 3)]
@@ -248,7 +248,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def profile_tables(points: list[dict], top: int = 12) -> str:
     """Per profiled point (``--profile``): the device's busy share of the step and its top ops."""
     parts = []
-    for p in sorted((p for p in points if p.get("profile")), key=lambda p: (p["model"], p["tokens"], label(p))):
+    # a point stopped before its profiled step (OOM, timeout) keeps the spec's flag, True, under this key
+    for p in sorted((p for p in points if isinstance(p.get("profile"), dict)), key=lambda p: (p["model"], p["tokens"], label(p))):
         prof = p["profile"]
         busy = prof.get("device_busy_s")
         share = f", device busy {busy:.3f} s ({busy / prof['wall_s']:.0%})" if busy is not None else ""

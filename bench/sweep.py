@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_breakdown", action="store_true",
                         help="skip the separately clocked time-breakdown step (one step fewer: for the longest points)")
     parser.add_argument("--point_timeout", type=float, default=1800.0, help="seconds before a point is abandoned")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="Unix time by which every point ends (a lent GPU's session): a point's timeout is cut to it, "
+                             "and a point stopped there keeps what it measured before (point.py saves as it goes)")
     parser.add_argument("--saved_tensor_meter", action="store_true", help="also record the encoder's saved-tensor peak (one more step)")
     parser.add_argument("--profile", action="store_true",
                         help="one more step under torch.profiler: top ops by device time and the device's busy share (table.md)")
@@ -218,6 +221,8 @@ def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
     point = {**spec, "device": device, "wall_s": time.perf_counter() - start, "date": dt.date.today().isoformat()}
     if result_file.exists():
         point.update(json.loads(result_file.read_text()))
+        if point.get("partial"):  # stopped (its timeout) after what it measured: kept, and said so
+            point["partial"] += f" (exit {code})"
     else:  # the process died without a result: a host OOM kill (-9), a timeout, or a bug (see the log)
         tail = log_file.read_text().splitlines()[-5:]
         point.update(oom=code == -9, error=f"exit {code}: " + " / ".join(tail)[-500:])
@@ -263,10 +268,14 @@ def main(argv=None) -> Path | None:
         if args.config_overrides:  # ``model`` names the changed shape; point.py builds it from these
             spec.update(shipped_model=args.model, config_overrides=args.config_overrides)
         name = label(spec)
+        timeout = args.point_timeout if args.deadline is None else min(args.point_timeout, args.deadline - time.time())
         if name in failed_at and tokens > failed_at[name]:
             point = {**spec, "device": device, "oom": True, "skipped": True}
+        elif timeout < 10:
+            tqdm.write(f"{name:>9} {tokens:>9} tokens: skipped (deadline)")
+            continue
         else:
-            point = run_point(spec, out, args.point_timeout, device)
+            point = run_point(spec, out, timeout, device)
             if point.get("oom"):
                 failed_at[name] = min(tokens, failed_at.get(name, tokens))
         with open(points_file(out), "a") as f:

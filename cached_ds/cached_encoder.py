@@ -39,6 +39,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from . import families
 from .fused_states import FusedStates, fuse
@@ -214,7 +215,10 @@ class CachedEncoderFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_fused):
         _require_accumulating_backward(ctx)
-        with ctx.scope():
+        # profiler spans (cached_ds:*): what a step's backward spends before and in the recompute
+        with contextlib.ExitStack() as stack:
+            with record_function("cached_ds:backward:gather"):  # the engine's scope (ZeRO-3: the encoder gathered)
+                stack.enter_context(ctx.scope())
             grads = CachedEncoderFunction._recompute_groups(ctx, grad_fused)
         if ctx.held:
             ctx.held.close()
@@ -227,24 +231,30 @@ class CachedEncoderFunction(torch.autograd.Function):
         dtype = ctx.grad_dtype
         param_sums: dict[nn.Parameter, torch.Tensor] = {}
         weight_sum = None
-        cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
-        grads = ctx.plan.split_gradient(cache, ctx.device, ahead=on_host)
+        with record_function("cached_ds:backward:gradient_cache"):
+            cache, on_host = _gradient_cache(ctx, grad_fused)  # fp32 where the decoder wrote it out of band
+            grads = ctx.plan.split_gradient(cache, ctx.device, ahead=on_host)
         last = widest_group(ctx.plan)
         for index, (group, rng, grad) in enumerate(zip(ctx.plan.groups, ctx.rng_states, grads)):
             if index == last:
                 held = group, rng, grad  # its slice, cut in order (a host cache streams ahead), runs last
                 continue
             # A kept graph is used once (a second backward through the same step recomputes).
-            weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
+            with record_function("cached_ds:recompute"):
+                weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
-            for target, g in zip(targets, torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)):
+            with record_function("cached_ds:group_backward"):
+                group_grads = torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)
+            for target, g in zip(targets, group_grads):
                 if target is weight:
                     weight_sum = _accumulate(weight_sum, g, dtype)
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         group, rng, grad = held
-        weight, output = ctx.kept.pop(last, None) or _recompute(ctx, group, rng, needs_weight)
-        _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
+        with record_function("cached_ds:recompute"):
+            weight, output = ctx.kept.pop(last, None) or _recompute(ctx, group, rng, needs_weight)
+        with record_function("cached_ds:last_group_backward"):  # every encoder .grad written, and an engine's reductions
+            _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
         weight_sum = _accumulate(weight_sum, weight.grad, dtype)
         return None, None, None, None, None if weight_sum is None else weight_sum.to(ctx.weight.dtype), None
 

@@ -146,6 +146,20 @@ def test_a_cuda_profile_counts_each_kernel_once_and_phases_by_their_host_span():
     assert "Host time per phase: not recorded" in table and "forward 0.000 s" not in table
 
 
+def test_a_profiled_point_that_failed_does_not_break_the_report(tmp_path):
+    """A --profile point that ran out of memory keeps the spec's flag (True) under "profile": the
+    report took it for a summary and crashed, and with it every later line of the sweep."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import write_report
+
+    failed = {"method": "hf_ds_gc", "model": "long-t5-tglobal-large", "tokens": 65536, "profile": True, "oom": True,
+              "device": "h100", "dtype": "bf16", "zero_stage": 3}
+    (tmp_path / "points.jsonl").write_text(json.dumps(failed) + "\n")
+    write_report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "| long-t5-tglobal-large | hf_ds_gc | 64K |" in table and "## Profiles" not in table
+
+
 def test_the_breakdown_splits_cached_recompute_by_window_group():
     """``PhaseClock.split`` on marks as a step writes them (seconds): the groups run from one
     encoder call to the next, the last up to the embedding's gradient; after it, the epilogue.

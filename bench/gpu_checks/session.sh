@@ -3,8 +3,8 @@
 # the kernel checks and the BART-large plan for BART_S seconds, then LongT5-tglobal-large with the
 # key block and kernel fallbacks the first part chose, all ending within TOTAL_S seconds.
 #
-#   bash bench/gpu_checks/session.sh            # carry .whl; device timeout_s 600
-#   TOTAL_S=540 BART_S=330 bash bench/gpu_checks/session.sh
+#   bash bench/gpu_checks/session.sh 2>&1       # carry .whl; device timeout_s 600
+#   PROFILE_TRACE_TOKENS=65536 BLOCK=65536 BART_S=300 TOTAL_S=545 bash bench/gpu_checks/session.sh 2>&1
 #   CHECK_SCRIPTS=t5_attention_check BLOCK=65536 bash bench/gpu_checks/session.sh   # rerun one check; a block timed before
 #
 # The device tool brings back at most 8 files: this leaves 7 (checks.jsonl, bart.log, long.log,
