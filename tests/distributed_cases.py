@@ -85,8 +85,6 @@ def one_group_graph_bytes() -> int:
 
 
 def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **cached) -> dict:
-    from deepspeed.utils import safe_get_full_grad
-
     from cached_ds.deepspeed_engine import initialize
 
     # Streaming cross-attention has no attention-probability dropout: the reference gets none there either.
@@ -95,40 +93,18 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
     docs = documents(windows_per_rank, model.config.pad_token_id)
     engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
     streaming_calls = record_streaming_states(engine.module.model)
-    ids, mask, labels = docs[rank]
-    torch.manual_seed(100 + rank)
-    engine.backward(engine(ids, mask, labels=labels).loss)
-    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}  # collective under ZeRO-3
+    error = error_against_mean_reference(engine, pristine, docs, rank)
     engine.step()
-    ref = {}
-    for r, (ids, mask, labels) in enumerate(docs):
-        _, g = windowed_hf_step(pristine, ids, mask, labels, WINDOW, 1, seed=100 + r)
-        for k, v in g.items():
-            ref[k] = ref.get(k, 0) + v / len(docs)
-    num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
-    den = sum(float(ref[k].pow(2).sum()) for k in ref)
     suffix = "".join(f"-{key}" for key, value in cached.items() if value)
-    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": (num / den) ** 0.5,
+    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": error,
             "kept_groups": engine.module.last_kept_groups, "streaming_calls": streaming_calls}
 
 
-
-def plain_deepspeed_case(rank: int) -> dict:
-    """CachedSeq2Seq in an engine from plain ``deepspeed.initialize`` (as HF's Trainer builds one),
-    ZeRO-3, ranks with 2 and 4 window groups: it pads the short rank by itself (it used to
-    abort with a gloo collective mismatch; NCCL hangs) and stays exact."""
-    import deepspeed
+def error_against_mean_reference(engine, pristine, docs, rank: int) -> float:
+    """This rank's document through the engine (its full gradients gathered: a collective under
+    ZeRO-3) against the plain-HF gradients averaged over every rank's document."""
     from deepspeed.utils import safe_get_full_grad
 
-    from cached_ds import CachedConfig, CachedSeq2Seq
-
-    model = make_model("bart")
-    pristine = copy.deepcopy(model)
-    docs = documents([2, 4], model.config.pad_token_id)
-    config = two_rank_config("zero3")
-    config.pop("cached")
-    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1))
-    engine, *_ = deepspeed.initialize(model=wrapped, config=config, model_parameters=list(wrapped.parameters()))
     ids, mask, labels = docs[rank]
     torch.manual_seed(100 + rank)
     engine.backward(engine(ids, mask, labels=labels).loss)
@@ -139,7 +115,26 @@ def plain_deepspeed_case(rank: int) -> dict:
         for k, v in g.items():
             ref[k] = ref.get(k, 0) + v / len(docs)
     num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
-    return {"case": "plain-deepspeed-zero3-windows[2, 4]", "relative_error": (num / sum(float(ref[k].pow(2).sum()) for k in ref)) ** 0.5}
+    return (num / sum(float(ref[k].pow(2).sum()) for k in ref)) ** 0.5
+
+
+
+def plain_deepspeed_case(rank: int) -> dict:
+    """CachedSeq2Seq in an engine from plain ``deepspeed.initialize`` (as HF's Trainer builds one),
+    ZeRO-3, ranks with 2 and 4 window groups: it pads the short rank by itself (it used to
+    abort with a gloo collective mismatch; NCCL hangs) and stays exact."""
+    import deepspeed
+
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    model = make_model("bart")
+    pristine = copy.deepcopy(model)
+    docs = documents([2, 4], model.config.pad_token_id)
+    config = two_rank_config("zero3")
+    config.pop("cached")
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1))
+    engine, *_ = deepspeed.initialize(model=wrapped, config=config, model_parameters=list(wrapped.parameters()))
+    return {"case": "plain-deepspeed-zero3-windows[2, 4]", "relative_error": error_against_mean_reference(engine, pristine, docs, rank)}
 
 
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
