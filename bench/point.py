@@ -357,9 +357,14 @@ def save_partial(spec: dict, result: dict, done: str) -> None:
     """The result so far, marked ``partial`` (what it has done last), where sweep.py reads it if the
     point is stopped (its timeout, the session's deadline) before it writes the whole result."""
     if spec.get("result_file"):
-        staging = Path(spec["result_file"] + ".tmp")
-        staging.write_text(json.dumps({"oom": False, **result, "partial": f"stopped after {done}"}) + "\n")
-        staging.replace(spec["result_file"])
+        write_result(spec["result_file"], {"oom": False, **result, "partial": f"stopped after {done}"})
+
+
+def write_result(path: str, result: dict) -> None:
+    """Written aside and swapped in: a point stopped mid-write leaves the previous, whole file."""
+    staging = Path(path + ".tmp")
+    staging.write_text(json.dumps(result) + "\n")
+    staging.replace(path)
 
 
 def is_oom(error: BaseException) -> bool:
@@ -385,7 +390,7 @@ def main() -> None:
         result = {"oom": True, "error": str(error).splitlines()[0][:300]}
         if torch.cuda.is_available():
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-    Path(args.result).write_text(json.dumps(result) + "\n")
+    write_result(args.result, result)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {axis_label} measured" + ("" if gpu else " (on CPU: --saved_tensor_meter)"),
                     ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(_short(model or "no points", 60), fontsize=9, loc="left")
+        ax.set_title(_short(model or "no points"), fontsize=9, loc="left")
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)  # a 0.94× gap looks like 0.94×, not like a cliff
         ax.set_ylabel(axis_label)
@@ -233,9 +233,9 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
     return written
 
 
-def _short(model: str, width: int = 28) -> str:
-    """A legend's model name: a shape with many overrides (``bart-large(d_model=64,...)``) cut to
-    ``width`` characters, so the legend leaves the axes their room (the table keeps it whole)."""
+def _short(model: str, width: int = 60) -> str:
+    """A panel's model name: a shape with many overrides (``bart-large(d_model=64,...)``) cut to
+    ``width`` characters, so the title stays on one line (the table keeps it whole)."""
     return model if len(model) <= width else model[: width - 2] + "…)"
 
 

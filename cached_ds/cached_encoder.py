@@ -184,8 +184,8 @@ class CachedEncoderFunction(torch.autograd.Function):
     In ``backward`` all groups but the widest (``widest_group``) are recomputed (or taken from
     the forward) in order under ``torch.autograd.grad``, which leaves ``.grad`` and its hooks
     alone (and frees a kept graph as it goes); their parameter gradients are summed in
-    ``grad_dtype``. The widest group runs last, an ordinary nested backward, and a hook on each parameter adds the sum to the
-    incoming gradient: each ``.grad`` is accumulated exactly once per step, so an engine's
+    ``grad_dtype``. The widest group runs last, an ordinary nested backward, and a hook on each
+    parameter adds the sum to the incoming gradient: each ``.grad`` is accumulated exactly once per step, so an engine's
     gradient hooks (DeepSpeed ZeRO's reductions) fire once, not once per group. The embedding's
     encoder share is returned as ``weight``'s gradient and autograd adds it to the decoder's.
     """
@@ -239,9 +239,7 @@ class CachedEncoderFunction(torch.autograd.Function):
             if index == last:
                 held = group, rng, grad  # its slice, cut in order (a host cache streams ahead), runs last
                 continue
-            # A kept graph is used once (a second backward through the same step recomputes).
-            with record_function("cached_ds:recompute"):
-                weight, output = ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
+            weight, output = _group_graph(ctx, index, group, rng, needs_weight)
             targets = [weight] * needs_weight + params
             with record_function("cached_ds:group_backward"):
                 group_grads = torch.autograd.grad(output, targets, grad.to(output.dtype), allow_unused=True)
@@ -251,8 +249,7 @@ class CachedEncoderFunction(torch.autograd.Function):
                 elif g is not None:  # None: unused by this group (LayerDrop)
                     param_sums[target] = _accumulate(param_sums.get(target), g, dtype)
         group, rng, grad = held
-        with record_function("cached_ds:recompute"):
-            weight, output = ctx.kept.pop(last, None) or _recompute(ctx, group, rng, needs_weight)
+        weight, output = _group_graph(ctx, last, group, rng, needs_weight)
         with record_function("cached_ds:last_group_backward"):  # every encoder .grad written, and an engine's reductions
             _backward_adding(output, grad.to(output.dtype), [weight] * needs_weight + params, param_sums)
         weight_sum = _accumulate(weight_sum, weight.grad, dtype)
@@ -305,6 +302,13 @@ def _gradient_cache(ctx, grad_fused: torch.Tensor | None) -> tuple[torch.Tensor,
     if grad_fused is not None:
         total += grad_fused.to(total.device)
     return total, ctx.sink.offload
+
+
+def _group_graph(ctx, index: int, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group ``index``'s graph: kept from the forward, used once (a second backward through the
+    same step recomputes), or recomputed now."""
+    with record_function("cached_ds:recompute"):
+        return ctx.kept.pop(index, None) or _recompute(ctx, group, rng, needs_weight)
 
 
 def _recompute(ctx, group: WindowGroup, rng: RngState, needs_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,10 +98,15 @@ def _split_names(args: DataArgs) -> list[str] | str:
         return "no split this check could list"
 
 
+def _text_columns(args: DataArgs) -> tuple[tuple[str, str], ...]:
+    """(flag, column) of the document and of its summary."""
+    return ("--text_column", args.text_column), ("--summary_column", args.summary_column)
+
+
 def check_columns(dataset: datasets.Dataset, args: DataArgs, where: str) -> datasets.Dataset:
     """The text and summary columns exist and hold text; all-number columns (a csv of years,
     JSON numbers) are read as their text."""
-    for flag, column in (("--text_column", args.text_column), ("--summary_column", args.summary_column)):
+    for flag, column in _text_columns(args):
         if column not in dataset.column_names:
             raise ValueError(f"{flag} {column!r} is not a column of the {where} data; available columns: {dataset.column_names}")
         feature = dataset.features[column]
@@ -120,7 +125,7 @@ def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Data
     """Documents or summaries that are empty (or only whitespace) are skipped and counted. Each
     kept one keeps its row number (``ROW``), so predictions can be joined back to the file."""
     def keep(row, index):
-        for flag, column in (("--text_column", args.text_column), ("--summary_column", args.summary_column)):
+        for flag, column in _text_columns(args):
             value = row[column]
             if value is not None and not isinstance(value, str):  # mixed JSON types reach here as objects
                 raise ValueError(f"row {index} of {flag} {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")

@@ -131,4 +131,3 @@ def check_batch_sizes(config: dict, world_size: int, micro_batch_size: int | Non
             f"train_batch_size={total} but train_micro_batch_size_per_gpu × gradient_accumulation_steps × world size "
             f"= {micro} × {gas} × {world_size} = {micro * gas * world_size}; set train_batch_size to \"auto\" or make them agree"
         )
-

@@ -155,9 +155,9 @@ class Trainer:
             lr_schedule="ours" if lr_scheduler else config.get("scheduler", {}).get("type", "none"), config_path=str(run.deepspeed))
         # A resume is checked against the checkpoint's resume.json now, so that a refused one leaves
         # the earlier run's ds_config.json as it was; older checkpoints have none (checked at load).
-        self.saved = self.store.sidecar(self.resume) if self.resume else None
-        if self.saved is not None:
-            self.state.check(self.saved)
+        saved = self.store.sidecar(self.resume) if self.resume else None
+        if saved is not None:
+            self.state.check(saved)
         if not self.resume and rank() == 0:
             clear_earlier_outputs(self.out)
         self.engine = self._build_engine(config, lr_scheduler)
@@ -273,8 +273,8 @@ class Trainer:
     def train(self) -> dict:
         run = self.run
         epoch, position = 0, 0
-        if self.resume:  # checked in __init__ against its resume.json, where it has one
-            state = self.store.load(self.engine, check=None if self.saved is not None else self.state.check)
+        if self.resume:  # its resume.json was checked in __init__; an older checkpoint's data plan is checked here
+            state = self.store.load(self.engine, check=self.state.check)
             self.step, epoch, position = state["step"], state["epoch"], state["position"]
             logger.info("resumed from step %d", self.step)
             old_lr = self.state.apply_new_lr(self.engine)
