@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from cached_ds import CachedSeq2Seq, families  # noqa: E402
 from cached_ds.evaluation import summarize  # noqa: E402
+from cached_ds.run_outputs import write_atomic  # noqa: E402
 
 logger = logging.getLogger("cached_ds.summarize")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,11 +70,15 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN equals itself here
 
 
+def settings_file(partial: Path) -> Path:
+    """Where the generation settings of ``partial`` are kept, to refuse continuing it under others."""
+    return partial.with_name(partial.name + ".json")
+
+
 def done_before(partial: Path, records: list[dict], output_column: str, settings: dict) -> int:
     """How many documents an interrupted run of the same input and settings already wrote to
-    ``partial`` (its settings in ``partial``.json). Read as bytes: the interruption may have cut
-    the last line inside a character."""
-    sidecar = partial.with_name(partial.name + ".json")
+    ``partial``. Read as bytes: the interruption may have cut the last line inside a character."""
+    sidecar = settings_file(partial)
     if not partial.is_file():
         return 0
     before = json.loads(sidecar.read_text()) if sidecar.is_file() else None
@@ -134,8 +139,8 @@ def main(argv=None) -> None:
     if empty:
         logger.warning("lines %s have an empty %r: their %r is empty", empty[:10], args.text_column, args.output_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = partial.with_name(partial.name + ".json")
-    sidecar.write_text(json.dumps(generation, indent=1) + "\n")
+    sidecar = settings_file(partial)
+    write_atomic(sidecar, json.dumps(generation, indent=1) + "\n")  # a cut-short settings file would block continuing
     with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(records), initial=done, desc="summarising") as bar:
         for record in records[done:]:
             text = record[args.text_column]
