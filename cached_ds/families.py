@@ -40,7 +40,12 @@ def _unsupported(model: nn.Module) -> str | None:
     encoder, config = model.get_encoder(), model.config
     if getattr(config, "num_experts", None):
         return "a mixture-of-experts model's loss needs the encoder's router outputs, which windowed encoding does not give"
-    if not isinstance(getattr(encoder, "embed_tokens", None), nn.Embedding):
+    embedding = getattr(encoder, "embed_tokens", None)
+    if type(embedding).__module__.split(".")[0] == "peft":  # LoRA on it, or peft's trainable tokens
+        return (f"an adapter ({type(embedding).__name__}) wraps its input embedding, and CachED embeds the windows' ids "
+                f"with the table itself, so the adapter would be dropped; leave embed_tokens / shared out of peft's "
+                f"target_modules and trainable_token_indices")
+    if not isinstance(embedding, nn.Embedding):
         return f"its encoder ({type(encoder).__name__}) keeps no embed_tokens embedding for the windows' ids"
     parameters = inspect.signature(encoder.forward).parameters
     required = [p.name for p in parameters.values() if p.default is inspect.Parameter.empty

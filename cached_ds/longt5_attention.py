@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.models.longt5 import modeling_longt5 as hf_longt5
 
+from .projections import embedding_table
 from .t5_attention import (
     Layout,
     OffsetBias,
@@ -131,7 +132,7 @@ def _first_layer_bias(self, mask: torch.Tensor, length: int) -> OffsetBias:
     bias = OffsetBias.of(self, length, length)
     # a clone read in this layer: the table is live here even where an engine (ZeRO-3) releases
     # parameters after their module's forward; autograd carries its gradient back
-    table = self.global_relative_attention_bias.weight.clone()
+    table = embedding_table(self.global_relative_attention_bias, "LongT5 global_relative_attention_bias", "fast_t5_attention").clone()
     side = SideKeys(block_ids, segments, mask, bucket)
     bias.extra = {"block_ids": block_ids, "side": side, "table": table}
     return bias

@@ -102,6 +102,8 @@ def _ungroup_copies(out: torch.Tensor, rows: int) -> torch.Tensor:
 @contextmanager
 def encoder_outputs_not_expanded(model: nn.Module) -> Iterator[None]:
     """HF ``generate`` on ``model`` expands everything per beam except ``encoder_outputs``."""
+    # A peft model's generate runs the HF model's own: the hook has to be shadowed there.
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     hf_expand = getattr(model, EXPANSION_HOOK)
     shadowed = model.__dict__.get(EXPANSION_HOOK)
 

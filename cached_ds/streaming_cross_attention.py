@@ -57,13 +57,14 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 
 import torch
 from torch import nn
 
 from .block_attention import BlockKernel, block_kernel
 from .host_offload import is_offloaded, prefetched, rows_to_device, to_device
+from .projections import LinearParts, linear_parts
 from .tensor_tags import get_tag, set_tag
 from .gradient_sink import (
     GradientSink,
@@ -125,11 +126,6 @@ def layout_of(model: nn.Module) -> CrossAttentionLayout:
 # --------------------------------------------------------------------------- the attention itself
 
 
-def _heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
-    """(batch, n, d) -> projected (batch, heads, n, head_dim)."""
-    return nn.functional.linear(x, weight, bias).view(*x.shape[:2], heads, -1).transpose(1, 2)
-
-
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(batch, heads, n, head_dim) -> (batch, n, heads * head_dim)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
@@ -154,8 +150,10 @@ class _Blocks:
     backward one GEMM each for d(states) and the weights' gradient (``_add_projection_grads``).
     Host-side launches per block are what small blocks pay for (``bench/gpu_checks/pick_block.py``)."""
 
-    def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded=False):
+    def __init__(self, query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded=False, low_rank=(None, None)):
         self.dtype, self.heads, self.block, self.device = query.dtype, query.shape[1], block, query.device
+        # adapters' (A, scaling · B) of both projections, stacked (``stacked_low_rank``), or Nones
+        self.down, self.up = low_rank
         self.states = states  # on the device, or in host memory when offloaded: blocks come over one by one
         self.offloaded = offloaded
         self.kv_weight = torch.cat([k_weight, v_weight]).to(self.dtype)
@@ -176,8 +174,19 @@ class _Blocks:
             blocks = (self.states[:, start : start + self.block].to(self.device).contiguous() for start in starts)
         for start, x in zip(starts, blocks):
             x = x.to(self.dtype)
-            key_value = _heads(x, self.kv_weight, self.kv_bias, 2 * self.heads)  # (batch, 2 · heads, n, head_dim)
+            key_value = self._project(x).view(*x.shape[:2], 2 * self.heads, -1).transpose(1, 2)  # (batch, 2 · heads, n, head_dim)
             yield start, x, key_value[:, : self.heads], key_value[:, self.heads :]
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + b, plus the adapters' terms in their own dtype and summed there, as peft does."""
+        y = nn.functional.linear(x, self.kv_weight, self.kv_bias)
+        if self.down is None:
+            return y
+        return (y + self.low_rank_input(x) @ self.up.transpose(0, 1)).to(self.dtype)
+
+    def low_rank_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x Aᵀ, (batch, n, adapter ranks), in the adapters' dtype."""
+        return nn.functional.linear(x.to(self.down.dtype), self.down)
 
     def _from_host(self, starts: range) -> Iterator[torch.Tensor]:
         """Blocks of host-memory states on the device, block i+1 already on its way while block i
@@ -206,13 +215,16 @@ class StreamingAttentionFunction(torch.autograd.Function):
     (biases may be ``None``); ``scale``; ``block``; ``sink``, a ``GradientSink`` that takes
     d(loss)/d(states) instead of autograd, or ``None``; ``fused``: run each block on the device's
     fused SDPA kernel (``block_attention``) where there is one and ``keep`` is right padding (what
-    CachED's fused states have), else on plain PyTorch ops. Every row needs one visible key."""
+    CachED's fused states have), else on plain PyTorch ops; ``down``, ``up``: adapters' low-rank
+    terms of the stacked K/V projection (``stacked_low_rank``), or ``None``. Every row needs one
+    visible key."""
 
     @staticmethod
-    def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None, fused=True):
+    def forward(ctx, query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink=None, fused=True,
+                down=None, up=None):
         with _no_autocast(query.device):
             offloaded = is_offloaded(states)
-            blocks = _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded)
+            blocks = _Blocks(query, states, k_weight, k_bias, v_weight, v_bias, block, offloaded, (down, up))
             kernel = block_kernel(query) if fused else None
             lengths = _visible_lengths(keep, states.shape[0], states.shape[1]) if kernel is not None else None
             kernel = kernel if lengths is not None else None
@@ -220,16 +232,17 @@ class StreamingAttentionFunction(torch.autograd.Function):
                 out, lse = _attend_fused(query, blocks, lengths, scale, kernel)
             else:
                 out, lse = _attend(query, blocks, keep, scale)
-        ctx.save_for_backward(query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse)
+        ctx.save_for_backward(query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse, down, up)
         ctx.scale, ctx.block, ctx.sink, ctx.offloaded, ctx.kernel, ctx.lengths = scale, block, sink, offloaded, kernel, lengths
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse = ctx.saved_tensors
+        query, states, keep, k_weight, k_bias, v_weight, v_bias, out, lse, down, up = ctx.saved_tensors
         with _no_autocast(query.device):
-            grads = _attend_backward(ctx, grad_out, query, states, keep, (k_weight, k_bias, v_weight, v_bias), out, lse)
-        return (*grads, None, None, None, None)
+            grads, low_rank_grads = _attend_backward(
+                ctx, grad_out, query, states, keep, (k_weight, k_bias, v_weight, v_bias), out, lse, (down, up))
+        return (*grads, None, None, None, None, *low_rank_grads)
 
 
 def _attend(query, blocks: Iterable, keep, scale):
@@ -295,9 +308,10 @@ def _attend_fused(query, blocks: Iterable, lengths: list[int], scale, kernel: Bl
     return out.to(query.dtype), lse
 
 
-def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
+def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse, low_rank):
     """Per block: its share of d(query) and its d(key), d(value) (``_fused_block_grads`` or
-    ``_plain_block_grads``); then through the K/V projections to their weights, biases and ``states``."""
+    ``_plain_block_grads``); then through the K/V projections to their weights, biases, low-rank
+    terms and ``states``. Returns (the gradients of query … v_bias, those of ``low_rank``)."""
     needs_query, needs_states, _, *needs_weights = ctx.needs_input_grad[:7]
     dtype, stats, scale = query.dtype, accumulation_dtype(query.dtype), ctx.scale
     grad_out = grad_out.to(dtype).contiguous()
@@ -311,13 +325,17 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     has_bias = k_bias is not None or v_bias is not None
     bias_sum = torch.zeros(2 * k_weight.shape[0], dtype=stats, device=k_weight.device) \
         if has_bias and (needs_weights[1] or needs_weights[3]) else None
+    down, up = low_rank
+    # the low-rank terms' gradients (the rank-wide input h = x Aᵀ and its gradient, per block)
+    down_sum = torch.zeros(down.shape, dtype=stats, device=down.device) if ctx.needs_input_grad[11] else None
+    up_sum = torch.zeros(up.shape, dtype=stats, device=up.device) if ctx.needs_input_grad[12] else None
     if ctx.kernel is not None:
         out = ctx.kernel.backward_layout(out)
         block_grads = partial(_fused_block_grads, ctx.kernel, grad_out, query, out, lse, ctx.lengths, scale)
     else:
         delta = (grad_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)
         block_grads = partial(_plain_block_grads, grad_out, query, keep, lse, delta, scale, needs_query)
-    blocks = _Blocks(query, states, *weights, ctx.block, ctx.offloaded)
+    blocks = _Blocks(query, states, *weights, ctx.block, ctx.offloaded, low_rank)
     for start, x, key, value in blocks:
         block_grad_query, block_grad_key, block_grad_value = block_grads(start, key, value)
         if grad_query is not None:
@@ -325,8 +343,14 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
         # (batch, block, 2 · inner): the stacked projection's output gradient, in one copy
         grad_kv = torch.stack([block_grad_key.transpose(1, 2), block_grad_value.transpose(1, 2)], 2).flatten(2)
         _add_projection_grads(weight_sum, bias_sum, grad_kv, x)
+        if down is not None:
+            grad_h = torch.matmul(grad_kv.to(up.dtype), up)
+            _add_projection_grads(up_sum, None, grad_kv.to(up.dtype), blocks.low_rank_input(x))
+            _add_projection_grads(down_sum, None, grad_h, x.to(down.dtype))
         if needs_states:
             grad_x = torch.matmul(grad_kv, blocks.kv_weight)
+            if down is not None:
+                grad_x = (grad_x + torch.matmul(grad_h, down)).to(grad_x.dtype)
             if sink is not None:
                 sink.add(states, start, grad_x)
             else:
@@ -336,7 +360,8 @@ def _attend_backward(ctx, grad_out, query, states, keep, weights, out, lse):
     halves = [None if weight_sum is None else weight_sum[:inner], None if bias_sum is None else bias_sum[:inner],
               None if weight_sum is None else weight_sum[inner:], None if bias_sum is None else bias_sum[inner:]]
     grads = [None if g is None or w is None or not need else g.to(w.dtype) for g, w, need in zip(halves, weights, needs_weights)]
-    return (grad_query, grad_states, None, *grads)
+    low_rank_grads = [None if g is None else g.to(t.dtype) for g, t in ((down_sum, down), (up_sum, up))]
+    return (grad_query, grad_states, None, *grads), low_rank_grads
 
 
 def _plain_block_grads(grad_out, query, keep, lse, delta, scale, needs_query, start, key, value):
@@ -376,10 +401,34 @@ def _add_projection_grads(weight_sum, bias_sum, grad, x) -> None:
 
 
 def streaming_cross_attention(
-    query, states, keep, k_weight, k_bias, v_weight, v_bias, scale: float, block: int, sink=None, fused: bool = True
+    query, states, keep, k_weight, k_bias, v_weight, v_bias, scale: float, block: int, sink=None, fused: bool = True,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Attention output (batch, heads, target, head_dim); see ``StreamingAttentionFunction``."""
-    return StreamingAttentionFunction.apply(query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink, fused)
+    """Attention output (batch, heads, target, head_dim); see ``StreamingAttentionFunction``.
+    ``low_rank``: the K/V projections' adapter terms, as ``stacked_low_rank`` gives them."""
+    down, up = low_rank or (None, None)
+    return StreamingAttentionFunction.apply(
+        query, states, keep, k_weight, k_bias, v_weight, v_bias, scale, block, sink, fused, down, up)
+
+
+def stacked_low_rank(k: LinearParts, v: LinearParts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The K and V projections' adapter terms as one pair for the stacked (K; V) projection:
+    ``down`` (ranks, d) stacks every A; ``up`` (2 · inner, ranks) puts each scaling · B in its
+    projection's rows and its adapter's columns, zeros elsewhere. None without adapters."""
+    if not k.low_rank and not v.low_rank:
+        return None
+    dtype = reduce(torch.promote_types, [t.dtype for pair in k.low_rank + v.low_rank for t in pair])
+    k_ranks, v_ranks = (sum(a.shape[0] for a, _ in parts.low_rank) for parts in (k, v))
+
+    def rows(parts: LinearParts, before: int, after: int) -> torch.Tensor:
+        out = parts.weight.shape[0]
+        pieces = [torch.zeros(out, before, dtype=dtype, device=parts.weight.device)] if before else []
+        pieces += [b.to(dtype) for _, b in parts.low_rank]
+        pieces += [torch.zeros(out, after, dtype=dtype, device=parts.weight.device)] if after else []
+        return torch.cat(pieces, 1)
+
+    down = torch.cat([a.to(dtype) for a, _ in k.low_rank + v.low_rank])
+    return down, torch.cat([rows(k, 0, v_ranks), rows(v, k_ranks, 0)])
 
 
 def attend_to_cached(query, key, value, keep, scale: float, block: int) -> torch.Tensor:
@@ -503,16 +552,26 @@ class StreamingCrossAttention(nn.Module):
                     "and scores); call the model with use_cache=False to stream (CachedSeq2Seq does)",
                     stacklevel=2,
                 )
-            self.original.train(self.training)
-            return self.original(hidden_states, *args, **kwargs)
+            return self.synced_original()(hidden_states, *args, **kwargs)
         self._check_no_attention_dropout()
         _, k_name, v_name, _ = self.layout.projections
-        k_proj, v_proj = getattr(self, k_name), getattr(self, v_name)
+        # read each call: peft may wrap the projections after install, and its active adapters change
+        k, v = (linear_parts(getattr(self, name), f"decoder cross-attention {name}", "cross_attention_block")
+                for name in (k_name, v_name))
         out = streaming_cross_attention(
-            self._query(hidden_states), states, keep, k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias,
-            self.scale, self.block, sink_of(states), self.fused,
+            self._query(hidden_states), states, keep, k.weight, k.bias, v.weight, v.bias,
+            self.scale, self.block, sink_of(states), self.fused, stacked_low_rank(k, v),
         )
         return self._output(out)
+
+    def synced_original(self) -> nn.Module:
+        """HF's module, given the projection modules registered here now: something that wrapped
+        them after install (peft applied to a model that already streams) swapped them here only."""
+        for name, child in self.named_children():
+            if getattr(self.original, name, None) is not child:
+                setattr(self.original, name, child)
+        self.original.train(self.training)
+        return self.original
 
     def _shared_forward(self, hidden_states, states, args):
         """Generation inside ``shared_beam_generation``: the encoder mask comes from the shared side
@@ -645,6 +704,4 @@ def _install(model, block):
 
 def _restore(slots) -> None:
     for parent, name in slots:
-        module = getattr(parent, name)
-        module.original.train(module.training)
-        setattr(parent, name, module.original)
+        setattr(parent, name, getattr(parent, name).synced_original())

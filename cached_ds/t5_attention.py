@@ -37,6 +37,8 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerSelfAttention
 
+from .projections import embedding_table
+
 DEFAULT_BLOCK = 128
 # transformers renamed T5Attention.forward's ``past_key_values`` to ``cache`` (5.2x); accept both.
 _CACHE_KW = "cache" if "cache" in inspect.signature(T5Attention.forward).parameters else "past_key_values"
@@ -290,7 +292,7 @@ class OffsetBias:
     def of(cls, module: nn.Module, query_length: int, key_length: int) -> OffsetBias:
         if not getattr(module, "has_relative_attention_bias", False):
             return cls(None, query_length, key_length)
-        table = module.relative_attention_bias.weight
+        table = embedding_table(module.relative_attention_bias, "T5 relative_attention_bias", "fast_t5_attention")
         relative = torch.arange(-(query_length - 1), key_length, device=table.device)
         buckets = module._relative_position_bucket(
             relative, bidirectional=not module.is_decoder, num_buckets=module.relative_attention_num_buckets,
