@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers.models.longt5 import modeling_longt5 as hf_longt5
 
-from .projections import embedding_table
 from .t5_attention import (
     Layout,
     OffsetBias,
@@ -130,9 +129,10 @@ def _first_layer_bias(self, mask: torch.Tensor, length: int) -> OffsetBias:
         )
 
     bias = OffsetBias.of(self, length, length)
-    # a clone read in this layer: the table is live here even where an engine (ZeRO-3) releases
-    # parameters after their module's forward; autograd carries its gradient back
-    table = embedding_table(self.global_relative_attention_bias, "LongT5 global_relative_attention_bias", "fast_t5_attention").clone()
+    # The whole table, through its module (as OffsetBias.of): ZeRO-3 gathers it for the call, the
+    # result lives on after ZeRO-3 releases the parameter, and autograd carries its gradient back.
+    every_bucket = torch.arange(self.relative_attention_num_buckets, device=mask.device)
+    table = self.global_relative_attention_bias(every_bucket)
     side = SideKeys(block_ids, segments, mask, bucket)
     bias.extra = {"block_ids": block_ids, "side": side, "table": table}
     return bias

@@ -218,7 +218,11 @@ class CachedSeq2Seq(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
         """HF ``generate`` (greedy, beam, sampling…) conditioned on the whole documents; the beams
         of a document share one copy of its encoder states and cross-attention K/V
-        (``shared_beam_generation``) instead of HF's one per beam."""
+        (``shared_beam_generation``) instead of HF's one per beam. Under ZeRO-3 on several ranks
+        ``synced_gpus`` defaults to on: a rank whose summaries end first keeps taking decoder
+        steps, or the others would wait on its parameter gathers forever (HF turns it on only for
+        an ``HfDeepSpeedConfig``, which a cached_ds engine does not make)."""
+        generate_kwargs.setdefault("synced_gpus", partitioned_across_ranks(self.model))
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
 

@@ -1,9 +1,9 @@
 """A projection module's parameters, for kernels that apply the projection themselves.
 
-Streaming cross-attention projects the fused encoder states to K and V block by block, and the
-fast T5 kernels read the relative-bias tables: neither calls the module. Reading ``.weight``
-directly would silently drop an adapter that wraps the module: peft's LoRA layer forwards
-``.weight`` to its base layer, so its A and B would get no gradient and change nothing.
+Streaming cross-attention projects the fused encoder states to K and V block by block, without
+calling the projection modules. Reading ``.weight`` directly would silently drop an adapter that
+wraps the module: peft's LoRA layer forwards ``.weight`` to its base layer, so its A and B would
+get no gradient and change nothing.
 
     parts = linear_parts(layer.k_proj, "cross-attention k_proj", "cross_attention_block")
     y = x @ parts.weight.T + parts.bias + Σ (x @ A.T) @ (scaling · B).T   # what the module computes
@@ -83,9 +83,3 @@ def _lora_parts(layer: nn.Module, what: str, setting: str) -> LinearParts:
             parts.bias = bias if parts.bias is None else parts.bias + bias
     return parts
 
-
-def embedding_table(module: nn.Module, what: str, setting: str) -> torch.Tensor:
-    """The table of an ``nn.Embedding`` a kernel reads itself; adapters on it are refused."""
-    if _plain(module, nn.Embedding):
-        return module.weight
-    raise _refusal(what, setting, f"it is a {type(module).__module__}.{type(module).__name__}, not an nn.Embedding")

@@ -37,7 +37,6 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerSelfAttention
 
-from .projections import embedding_table
 
 DEFAULT_BLOCK = 128
 # transformers renamed T5Attention.forward's ``past_key_values`` to ``cache`` (5.2x); accept both.
@@ -292,13 +291,14 @@ class OffsetBias:
     def of(cls, module: nn.Module, query_length: int, key_length: int) -> OffsetBias:
         if not getattr(module, "has_relative_attention_bias", False):
             return cls(None, query_length, key_length)
-        table = embedding_table(module.relative_attention_bias, "T5 relative_attention_bias", "fast_t5_attention")
-        relative = torch.arange(-(query_length - 1), key_length, device=table.device)
+        relative = torch.arange(-(query_length - 1), key_length, device=module.q.weight.device)
         buckets = module._relative_position_bucket(
             relative, bidirectional=not module.is_decoder, num_buckets=module.relative_attention_num_buckets,
             max_distance=module.relative_attention_max_distance,
         )
-        return cls(nn.functional.embedding(buckets, table), query_length, key_length)
+        # The table's module is called, not its .weight read: ZeRO-3 gathers a partitioned table
+        # for a module call (outside the engine's forward too: generate), and an adapter on it applies.
+        return cls(module.relative_attention_bias(buckets), query_length, key_length)
 
     def dense(self, heads: int, dtype: torch.dtype, device) -> torch.Tensor:
         """HF's (1, heads, Lq, Lk) position bias, for a layer that falls back to HF's forward."""

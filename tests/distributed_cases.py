@@ -137,6 +137,29 @@ def plain_deepspeed_case(rank: int) -> dict:
     return {"case": "plain-deepspeed-zero3-windows[2, 4]", "relative_error": error_against_mean_reference(engine, pristine, docs, rank)}
 
 
+def generation_case(rank: int) -> dict:
+    """``engine.module.generate`` under ZeRO-3, outside the engine's forward, as users and the
+    evaluation call it: ranks whose summaries end at different steps (different max_new_tokens
+    here) must not hang waiting on each other's parameter gathers, and the fast T5 kernels must
+    get the partitioned relative-bias tables gathered. Counts the ranks whose tokens equal the
+    same model's outside any engine."""
+    from cached_ds import CachedConfig, CachedSeq2Seq
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("t5", dropout=0.0).eval()
+    settings = {"fast_t5_attention": True, "keep_attention_dropout": False}
+    ids, mask, _ = documents([2, 3], model.config.pad_token_id)[rank]
+    steps = 3 + 3 * rank
+    want = CachedSeq2Seq(copy.deepcopy(model), CachedConfig(window=WINDOW, **settings)).generate(
+        ids, mask, num_beams=2, max_new_tokens=steps)
+    engine, *_ = initialize(model, two_rank_config("zero3", **settings))
+    engine.module.eval()
+    got = engine.module.generate(ids, mask, num_beams=2, max_new_tokens=steps)
+    matching = torch.tensor([float(got.shape == want.shape and torch.equal(got, want))])
+    dist.all_reduce(matching)
+    return {"case": "zero3-generate-fast_t5-uneven-lengths", "ranks_matching": int(matching.item())}
+
+
 def communication_case(stage_config: str, groups: int, counter: CollectiveCounter, rank: int, **cached) -> dict:
     """Collectives issued by one training step after a warm-up step, with ``groups`` window groups."""
     from cached_ds.deepspeed_engine import initialize
@@ -210,6 +233,7 @@ def main(out: str) -> None:
     results.append(communication_case("zero3", 2, counter, rank, keep_encoder_gathered=True, keep_decoder_gathered=True))
     results.append(loss_split_case(rank))
     results.append(plain_deepspeed_case(rank))
+    results.append(generation_case(rank))
     if rank == 0:
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in results))
     dist.barrier()

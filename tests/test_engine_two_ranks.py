@@ -71,3 +71,9 @@ def test_a_gathered_decoder_takes_fewer_gathers_than_per_submodule_ones(results)
     # One flat collective per kept pass (the encoder's two, the decoder's one) plus ZeRO-3's own
     # fetches of the shared embedding: 5 measured. A gather per parameter would be over 100 here.
     assert both["gathers"] < 10, both["counts"]
+
+
+def test_zero3_generation_on_ranks_ending_at_different_steps(results):
+    """No hang without the caller passing synced_gpus, and the fast T5 kernels' bias tables
+    gathered outside the engine's forward: both ranks' tokens equal the model's outside DeepSpeed."""
+    assert results["zero3-generate-fast_t5-uneven-lengths"]["ranks_matching"] == 2

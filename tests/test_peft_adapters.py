@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from reference import assert_grads_match, grads_of, windowed_hf_step
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
+from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout, random_batch
 
 from cached_ds import CachedConfig, CachedSeq2Seq
@@ -144,9 +145,18 @@ def test_lora_with_streamed_cross_attention_in_a_deepspeed_engine(config):
     assert_grads_match({k: g.float() for k, g in grads.items()}, ref)
 
 
+
 @pytest.mark.parametrize("family, table", [("t5", "relative_attention_bias"), ("longt5-tglobal", "global_relative_attention_bias")])
-def test_an_adapter_on_a_table_the_fast_t5_kernel_reads_is_refused_by_name(family, table):
-    model = get_peft_model(make_model_without_cross_attention_dropout(family, dropout=0.0), LoraConfig(r=2, target_modules=[table]))
-    ids, mask, labels = random_batch([2 * WINDOW], [4], model.config.pad_token_id)
-    with pytest.raises(ValueError, match=rf"{table}: it is a peft.*not an nn.Embedding.*fast_t5_attention"):
-        cached_step(model, ids, mask, labels, seed=1, fast_t5_attention=True, keep_attention_dropout=False)
+def test_lora_on_the_tables_the_fast_t5_kernel_reads(family, table):
+    """The kernels call the bias tables' modules (as ZeRO-3 needs), so an adapter there applies."""
+    model = without_attention_dropout(make_model_without_cross_attention_dropout(family, dropout=0.1))  # hidden dropout stays
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=[table, "q"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:  # peft starts the table's A at zero
+                parameter.normal_(0, 0.5)
+    ids, mask, labels = random_batch([3 * WINDOW + 5, 2 * WINDOW], [6, 4], model.config.pad_token_id)
+    _, ref = windowed_hf_step(copy.deepcopy(model), ids, mask, labels, WINDOW, 1, seed=3)
+    _, grads = cached_step(model, ids, mask, labels, seed=3, fast_t5_attention=True, keep_attention_dropout=False)
+    assert sum(table in n and "lora_embedding" in n for n in grads) >= 2, sorted(grads)
+    assert_grads_match(grads, ref)
