@@ -10,17 +10,22 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 
+from .distributed import rank
+from .long_text import token_ids_of_each
 from .run_config import DataArgs
 
 logger = logging.getLogger("cached_ds")
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DOCUMENTS_AT_ONCE = 16  # rows datasets reads, filters and tokenizes at a time (its default, 1000-10000, holds them all)
 
 
 def check_utf8(path: str | Path) -> None:
@@ -58,7 +63,7 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
     if suffix != ".parquet":
         check_utf8(path)
     # csv: pandas would read a summary "NA" or "None" as missing (and skip its document as empty)
-    options = {"keep_default_na": False} if suffix == ".csv" else {}
+    options = {"keep_default_na": False, "chunksize": DOCUMENTS_AT_ONCE} if suffix == ".csv" else {}
     return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
 
 
@@ -73,7 +78,8 @@ def _load_dataset_split(args: DataArgs, split: str) -> datasets.Dataset | None:
         if isinstance(saved, datasets.Dataset):  # one saved split: the training documents
             if split == "train":
                 return saved
-            logger.warning("%s holds one split (saved as a Dataset), used for training: no evaluation", args.dataset)
+            if rank() == 0:
+                logger.warning("%s holds one split (saved as a Dataset), used for training: no evaluation", args.dataset)
             return None
         available = list(saved)
         if name in saved:
@@ -86,7 +92,8 @@ def _load_dataset_split(args: DataArgs, split: str) -> datasets.Dataset | None:
                 raise
             available = _split_names(args)
     if split == "eval":
-        logger.warning("%s has no split %r: no evaluation (name one with %s; it has %s)", args.dataset, name, flag, available)
+        if rank() == 0:
+            logger.warning("%s has no split %r: no evaluation (name one with %s; it has %s)", args.dataset, name, flag, available)
         return None
     raise ValueError(f"--dataset {args.dataset} has no split {name!r}; it has {available}: name one with {flag}")
 
@@ -124,15 +131,15 @@ def check_columns(dataset: datasets.Dataset, args: DataArgs, where: str) -> data
 def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Dataset, int]:
     """Documents or summaries that are empty (or only whitespace) are skipped and counted. Each
     kept one keeps its row number (``ROW``), so predictions can be joined back to the file."""
-    def keep(row, index):
-        for flag, column in _text_columns(args):
-            value = row[column]
+    def keep(text, summary, index):
+        for (flag, column), value in zip(_text_columns(args), (text, summary)):
             if value is not None and not isinstance(value, str):  # mixed JSON types reach here as objects
                 raise ValueError(f"row {index} of {flag} {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")
-        return bool((row[args.text_column] or "").strip()) and bool((row[args.summary_column] or "").strip())
+        return bool((text or "").strip()) and bool((summary or "").strip())
 
     dataset = dataset.add_column(ROW, list(range(len(dataset))))
-    kept = dataset.filter(keep, with_indices=True)
+    kept = dataset.filter(keep, input_columns=[args.text_column, args.summary_column], with_indices=True,
+                          batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE)
     return kept, len(dataset) - len(kept)
 
 
@@ -144,15 +151,18 @@ def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.D
     format: rows are read from the Arrow file when used, as arrays. Held as Python lists every
     rank would keep about 36 bytes per token in memory: 180 GB for 5G tokens of long documents."""
     def encode(batch):
-        sources = tokenizer(batch[args.text_column], truncation=args.max_source_tokens is not None, max_length=args.max_source_tokens)
+        sources = token_ids_of_each(tokenizer, batch[args.text_column], args.max_source_tokens)
         targets = tokenizer(text_target=batch[args.summary_column], truncation=args.max_target_tokens is not None, max_length=args.max_target_tokens)
-        return {"input_ids": sources["input_ids"], "labels": targets["input_ids"],
-                "num_tokens": [len(ids) for ids in sources["input_ids"]],
+        return {"input_ids": sources, "labels": [np.asarray(ids, dtype=np.int32) for ids in targets["input_ids"]],
+                "num_tokens": [len(ids) for ids in sources],
                 "num_label_tokens": [len(ids) for ids in targets["input_ids"]],
                 "reference": [text.strip() for text in batch[args.summary_column]],
                 **({ROW: batch[ROW]} if ROW in batch else {})}
 
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    # A few documents per batch, written out per batch: datasets' default holds 1000 whole
+    # documents in memory at once (hundreds of GB for 1000 books of millions of tokens).
+    encoded = dataset.map(encode, batched=True, batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE,
+                          remove_columns=dataset.column_names, desc="tokenizing")
     return encoded.with_format("numpy")
 
 
@@ -174,6 +184,22 @@ def lengths(dataset: datasets.Dataset, column: str = "num_tokens") -> list[int]:
     """A tokenized dataset's per-document counts (``num_tokens``, ``num_label_tokens``), read
     from that column alone."""
     return dataset[column][:].tolist()
+
+
+class ColumnOf(Sequence):
+    """``dataset[i][column]`` for the rows ``indices``, each read when indexed: evaluation holds
+    one document at a time, not all of a rank's (16 bytes per token as int64 rows)."""
+
+    def __init__(self, dataset: datasets.Dataset, indices: list[int], column: str):
+        self.dataset, self.indices, self.column = dataset, indices, column
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self.dataset[i][self.column] for i in self.indices[item]]
+        return self.dataset[self.indices[item]][self.column]
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
