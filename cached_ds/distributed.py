@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,25 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+PATIENT_TIMEOUT = timedelta(days=7)
+
+
+def patient_group():
+    """A gloo group whose collectives wait up to ``PATIENT_TIMEOUT``, for a wait of unknown length:
+    ranks waiting while rank 0 tokenizes a corpus of books would hit the process group's own
+    timeout (DeepSpeed's default: 30 min) and abort, and every requeue would start the
+    tokenization over. Every rank makes it at the same point (a collective); None on one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+
+
+def patient_barrier(group) -> None:
+    """A barrier on ``patient_group``'s group (nothing on one rank)."""
+    if group is not None:
+        dist.barrier(group=group)
 
 
 def from_rank0(value):

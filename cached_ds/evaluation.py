@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 
 import regex  # Unicode properties (\p{L}, \p{M}); a dependency of transformers
 import torch
@@ -57,8 +58,9 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def summarize(wrapped, tokenizer, documents: list[list[int]], batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
-    """Summaries of token-id documents of any length (CachED windows, HF ``generate``)."""
+def summarize(wrapped, tokenizer, documents: Sequence, batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
+    """Summaries of token-id documents of any length (CachED windows, HF ``generate``), read from
+    ``documents`` one batch at a time."""
     was_training = wrapped.training
     wrapped.eval()
     pad = tokenizer.pad_token_id

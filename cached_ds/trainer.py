@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from . import families
 from .checkpoints import CheckpointStore, injected_fault
-from .distributed import all_reduce_sum, barrier, init_process_group, rank, world_size
+from .distributed import all_reduce_sum, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
@@ -174,9 +174,10 @@ class Trainer:
     def _load_data(self):
         args = self.run.data
         splits = {}
+        waiting = patient_group()  # for as long as rank 0 takes to tokenize (hours, for a corpus of books)
         for split in ("train", "eval"):
             if rank() != 0:
-                barrier()  # rank 0 tokenizes first and fills datasets' cache; the others read it
+                patient_barrier(waiting)  # rank 0 tokenizes first and fills datasets' cache; the others read it
             dataset = data_lib.load_split(args, split)
             if dataset is not None:
                 dataset = data_lib.check_columns(dataset, args, split)
@@ -189,7 +190,7 @@ class Trainer:
                 if split == "eval" and args.max_eval_documents:
                     dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
             if rank() == 0:
-                barrier()
+                patient_barrier(waiting)
             splits[split] = dataset  # Arrow-backed, numpy rows (data.tokenize): read when used
         if splits["train"] is None or len(splits["train"]) == 0:
             raise ValueError("no training documents left after skipping empty ones")
@@ -227,8 +228,9 @@ class Trainer:
         evaluation = self.run.eval
         capped = families.max_new_tokens(self.model, evaluation.max_new_tokens)
         if self.eval_rows and capped < evaluation.max_new_tokens:
-            logger.warning("--max_new_tokens %d reaches past this %s decoder's %d positions: generating at most %d",
-                           evaluation.max_new_tokens, self.model.config.model_type, limit, capped)
+            if rank() == 0:
+                logger.warning("--max_new_tokens %d reaches past this %s decoder's %d positions: generating at most %d",
+                               evaluation.max_new_tokens, self.model.config.model_type, limit, capped)
             self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=capped,
                                                       min_new_tokens=min(evaluation.min_new_tokens, capped)))
 
@@ -353,7 +355,7 @@ class Trainer:
         # a rank with no document of its own too (fewer documents than ranks): it repeats others'.
         padded = [i % count for i in range(rank(), rounds * world_size(), world_size())]
         stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
-        texts = summarize(self.engine.module, self.tokenizer, [self.eval_rows[i]["input_ids"] for i in padded],
+        texts = summarize(self.engine.module, self.tokenizer, data_lib.ColumnOf(self.eval_rows, padded, "input_ids"),
                           num_beams=run.eval.num_beams, max_new_tokens=run.eval.max_new_tokens,
                           min_new_tokens=run.eval.min_new_tokens, length_penalty=run.eval.length_penalty,
                           synced_gpus=stage3, progress=tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from cached_ds import CachedSeq2Seq, families  # noqa: E402
 from cached_ds.evaluation import summarize  # noqa: E402
+from cached_ds.long_text import token_ids  # noqa: E402
 from cached_ds.run_outputs import write_atomic  # noqa: E402
 
 logger = logging.getLogger("cached_ds.summarize")
@@ -115,6 +116,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would summarise every document into the same .partial file
+        raise ValueError(f"summarize.py runs as one process, but this launch has WORLD_SIZE={os.environ['WORLD_SIZE']}: run it "
+                         "with python, once per GPU on a part of the input if you want several (e.g. CUDA_VISIBLE_DEVICES=1 "
+                         "python launchers/summarize.py --input part1.jsonl ...)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
@@ -146,7 +152,7 @@ def main(argv=None) -> None:
             text = record[args.text_column]
             summary = ""
             if text.strip():
-                [summary] = summarize(model, tokenizer, [tokenizer(text)["input_ids"]], num_beams=args.num_beams,
+                [summary] = summarize(model, tokenizer, [token_ids(tokenizer, text)], num_beams=args.num_beams,
                                       max_new_tokens=max_new_tokens, length_penalty=args.length_penalty)
             handle.write(json.dumps({**record, args.output_column: summary}, ensure_ascii=False) + "\n")
             handle.flush()

@@ -77,3 +77,16 @@ def test_zero3_generation_on_ranks_ending_at_different_steps(results):
     """No hang without the caller passing synced_gpus, and the fast T5 kernels' bias tables
     gathered outside the engine's forward: both ranks' tokens equal the model's outside DeepSpeed."""
     assert results["zero3-generate-fast_t5-uneven-lengths"]["ranks_matching"] == 2
+
+
+@pytest.mark.parametrize("wait", ["patient", "plain"])
+def test_ranks_wait_past_the_process_group_timeout_for_rank_0s_tokenization(wait):
+    """The trainer's other ranks wait while rank 0 tokenizes (hours for a corpus of books): on
+    the process group's own barrier they abort at its timeout; on the patient group they wait."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(TESTS / "patient_wait_case.py"), wait]
+    run = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    if wait == "patient":
+        assert run.returncode == 0 and run.stdout.count("waited") == 2, run.stdout[-2000:] + run.stderr[-3000:]
+    else:
+        assert run.returncode != 0 and "rank 1 waited" not in run.stdout

@@ -129,3 +129,16 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     result = summarize(model, docs, tmp_path / "out.jsonl", "--max_new_tokens", str(positions + 50))
     assert result.returncode == 0, result.stderr[-3000:]  # it used to fail with an index error
     assert f"--max_new_tokens {positions + 50} reaches past this bart decoder's positions: generating at most {positions - 1}" in result.stderr
+
+
+def test_a_multi_process_launch_is_refused_before_writing(tmp_path, exported):
+    """Under torchrun or the deepspeed launcher every process would summarise every document into
+    the same .partial file, then all but one crash renaming it."""
+    model, eval_file = exported
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(["python", "launchers/summarize.py", "--model", str(model), "--input", str(eval_file), "--output", str(out)],
+                            cwd=REPO, env={**launcher_env(), "WORLD_SIZE": "2", "RANK": "1"}, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "summarize.py runs as one process, but this launch has WORLD_SIZE=2" in result.stderr
+    assert not list(tmp_path.glob("out.jsonl*"))
