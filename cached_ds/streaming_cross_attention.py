@@ -47,6 +47,10 @@ Decisions:
   attention for fp32 on CUDA), so no (target × block) score tensor is formed either; the blocks'
   outputs are merged by log-sum-exp, and each block's backward is handed the merged output and
   log-sum-exp. Other masks, devices and dtypes run the same algorithm in plain PyTorch ops.
+- **Adapters**: the K/V projections are read through ``projections.linear_parts`` each call, so
+  peft's LoRA on them is applied here too: its low-rank terms ride along each block's projection
+  and get their gradients in backward (not merged into the weight, where bf16 would round a
+  small update away). What cannot be applied exactly (LoRA dropout, DoRA) is refused by name.
 - Not covered here: DeepSpeed ZeRO-3 (the K/V weights are read outside their ``nn.Linear``'s
   forward, where ZeRO-3 has them partitioned): ``deepspeed_engine`` makes these modules leaves.
 """
