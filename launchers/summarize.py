@@ -35,36 +35,64 @@ logger = logging.getLogger("cached_ds.summarize")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def read_records(path: Path) -> tuple[list[dict], list[int]]:
-    """The input's JSON lines and their line numbers in the file (blank lines are skipped)."""
-    records, numbers = [], []
-    # "\n" only: str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold raw
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
-            numbers.append(number)
-    return records, numbers
+class JsonLines:
+    """The input's JSON lines, read one at a time (a file of books need not fit in memory): one
+    pass finds each non-blank line's byte offset and line number. Lines end at "\n" only:
+    str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold raw."""
+
+    def __init__(self, path: Path):
+        self.path, self.offsets, self.numbers = path, [], []
+        offset = 0
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    self.offsets.append(offset)
+                    self.numbers.append(number)
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def records(self, start: int = 0):
+        """(line number, record) of every line from the ``start``-th."""
+        with self.path.open("rb") as handle:
+            for offset, number in zip(self.offsets[start:], self.numbers[start:]):
+                handle.seek(offset)
+                yield number, self._parse(handle.readline(), number)
+
+    def _parse(self, line: bytes, number: int):
+        try:
+            return json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.path}: line {number} is not valid UTF-8 (byte {line[error.start]:#04x}); re-encode the "
+                             "file as UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
 
 
-def check_records(records: list[dict], numbers: list[int], args) -> None:
-    """Every line a JSON object with text in --text_column and no --output_column field yet."""
-    def lines(test):
-        return [number for number, r in zip(numbers, records) if test(r)]
-
+def check_records(lines: JsonLines, args) -> list[int]:
+    """Every line a JSON object with text in --text_column and no --output_column field yet.
+    Returns the lines whose text is empty."""
     problems = {
-        "are not JSON objects": lines(lambda r: not isinstance(r, dict)),
-        f"have no {args.text_column!r} field; set --text_column": lines(lambda r: isinstance(r, dict) and args.text_column not in r),
-        f"hold no text in {args.text_column!r}": lines(
-            lambda r: isinstance(r, dict) and args.text_column in r and not isinstance(r[args.text_column], str)),
+        "are not JSON objects": lambda r: not isinstance(r, dict),
+        f"have no {args.text_column!r} field; set --text_column": lambda r: isinstance(r, dict) and args.text_column not in r,
+        f"hold no text in {args.text_column!r}":
+            lambda r: isinstance(r, dict) and args.text_column in r and not isinstance(r[args.text_column], str),
         f"already have a {args.output_column!r} field, which the generated summary would overwrite; pass another --output_column":
-            lines(lambda r: isinstance(r, dict) and args.output_column in r),
+            lambda r: isinstance(r, dict) and args.output_column in r,
     }
-    for problem, found in problems.items():
-        if found:
-            raise ValueError(f"{args.input}: lines {found[:10]} {problem}")
+    found: dict[str, list[int]] = {problem: [] for problem in problems}
+    empty = []
+    for number, record in lines.records():
+        failed = [problem for problem, test in problems.items() if test(record)]
+        for problem in failed:
+            found[problem].append(number)
+        if not failed and not record[args.text_column].strip():
+            empty.append(number)
+    for problem, numbers in found.items():
+        if numbers:
+            raise ValueError(f"{args.input}: lines {numbers[:10]} {problem}")
+    return empty
 
 
 def _same(a, b) -> bool:
@@ -76,9 +104,10 @@ def settings_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".json")
 
 
-def done_before(partial: Path, records: list[dict], output_column: str, settings: dict) -> int:
+def done_before(partial: Path, lines: JsonLines, output_column: str, settings: dict) -> int:
     """How many documents an interrupted run of the same input and settings already wrote to
-    ``partial``. Read as bytes: the interruption may have cut the last line inside a character."""
+    ``partial``, read line by line. Read as bytes: the interruption may have cut the last line
+    inside a character."""
     sidecar = settings_file(partial)
     if not partial.is_file():
         return 0
@@ -87,19 +116,23 @@ def done_before(partial: Path, records: list[dict], output_column: str, settings
         changed = sorted(k for k in settings if (before or {}).get(k) != settings[k])
         raise ValueError(f"{partial} was written with other settings ({', '.join(changed)}); rerun with the same ones "
                          "to continue it, or delete it to start over")
-    data = partial.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # after the last newline: a line cut short by the interruption
-    lines = complete.decode("utf-8").split("\n")[:-1]
-    for number, line in enumerate(lines):
-        row = json.loads(line)
-        summary = row.pop(output_column, None)
-        if number >= len(records) or not _same(row, records[number]) or not isinstance(summary, str):
-            raise ValueError(f"{partial} holds summaries of other documents (its line {number + 1} is not this input's); "
-                             "delete it to start over")
-    if len(complete) < len(data):
+    done = complete = 0
+    records = lines.records()
+    with partial.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):  # cut short by the interruption
+                break
+            row = json.loads(line.decode("utf-8"))
+            summary = row.pop(output_column, None)
+            _, record = next(records, (None, None))
+            if record is None or not _same(row, record) or not isinstance(summary, str):
+                raise ValueError(f"{partial} holds summaries of other documents (its line {done + 1} is not this input's); "
+                                 "delete it to start over")
+            done, complete = done + 1, complete + len(line)
+    if complete < partial.stat().st_size:
         with partial.open("r+b") as handle:  # drop the cut line, keep the complete ones
-            handle.truncate(len(complete))
-    return len(lines)
+            handle.truncate(complete)
+    return done
 
 
 def main(argv=None) -> None:
@@ -125,14 +158,14 @@ def main(argv=None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
-    records, numbers = read_records(args.input)  # before the model: a bad input fails in a second
-    check_records(records, numbers, args)
+    lines = JsonLines(args.input)  # checked before the model loads: a bad input fails in seconds
+    empty = check_records(lines, args)
     partial = args.output.with_name(args.output.name + ".partial")
     generation = {"model": str(args.model.resolve()), "dtype": dtype, "num_beams": args.num_beams,
                 "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column}
-    done = done_before(partial, records, args.output_column, generation)
+    done = done_before(partial, lines, args.output_column, generation)
     if done:
-        logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(records))
+        logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(lines))
     # checks cached_config.json before HF's load, whose error would not say which folder to pass
     model = CachedSeq2Seq.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
     hf_model = model.model
@@ -141,14 +174,13 @@ def main(argv=None) -> None:
     if max_new_tokens < args.max_new_tokens:
         logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
                        args.max_new_tokens, hf_model.config.model_type, max_new_tokens)
-    empty = [number for number, r in zip(numbers, records) if not r[args.text_column].strip()]
     if empty:
         logger.warning("lines %s have an empty %r: their %r is empty", empty[:10], args.text_column, args.output_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     sidecar = settings_file(partial)
     write_atomic(sidecar, json.dumps(generation, indent=1) + "\n")  # a cut-short settings file would block continuing
-    with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(records), initial=done, desc="summarising") as bar:
-        for record in records[done:]:
+    with partial.open("a", encoding="utf-8") as handle, tqdm(total=len(lines), initial=done, desc="summarising") as bar:
+        for _, record in lines.records(done):
             text = record[args.text_column]
             summary = ""
             if text.strip():

@@ -142,3 +142,27 @@ def test_a_multi_process_launch_is_refused_before_writing(tmp_path, exported):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "summarize.py runs as one process, but this launch has WORLD_SIZE=2" in result.stderr
     assert not list(tmp_path.glob("out.jsonl*"))
+
+
+def test_the_input_is_read_one_document_at_a_time(tmp_path):
+    """Checking a file of long documents holds one at a time (Python's allocations, traced), not
+    the whole file: a corpus of books need not fit in memory."""
+    import importlib.util
+    import tracemalloc
+    from argparse import Namespace
+
+    spec = importlib.util.spec_from_file_location("summarize_launcher", REPO / "launchers" / "summarize.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    docs = tmp_path / "books.jsonl"
+    with docs.open("w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"document": f"word{i} " * 100_000 if i % 7 else " "}) + "\n\n")  # ~0.6 MB each
+    assert docs.stat().st_size > 20 * 2**20
+    tracemalloc.start()
+    lines = launcher.JsonLines(docs)
+    empty = launcher.check_records(lines, Namespace(input=docs, text_column="document", output_column="prediction"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(lines) == 40 and empty == [2 * i + 1 for i in range(0, 40, 7)]  # the blank lines between are skipped
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held to check a {docs.stat().st_size / 2**20:.0f} MiB file"
