@@ -52,8 +52,14 @@ def _unsupported(model: nn.Module) -> str | None:
                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
     if "inputs_embeds" not in parameters or required:
         return f"its encoder's forward does not take inputs_embeds alone (required: {required or 'inputs_embeds missing'})"
-    if hasattr(encoder, "embed_positions") and not hasattr(config, "max_position_embeddings"):
+    if hasattr(encoder, "embed_positions") and _positions(config, "encoder") is None:
         return "its position table's size is not config.max_position_embeddings, which bounds the window"
+    if getattr(config, "attention_type", None) == "block_sparse":  # BigBird-Pegasus
+        # HF's encoder switches itself to full attention for good at the first short input (a
+        # document's last window), and draws its random blocks with numpy: the recompute would
+        # differentiate another function than the forward ran
+        return ('its encoder\'s block-sparse attention changes between a window\'s forward and its recompute; '
+                'load it with attention_type="original_full" (exact: each window is short)')
     return None
 
 
@@ -74,18 +80,34 @@ def embedding_scale(model: nn.Module) -> float:
     return 1.0
 
 
+def _positions(config, side: str) -> int | None:
+    """The size of the encoder's or decoder's position table: LED names each side's
+    (``max_encoder_position_embeddings``: 16384, ``max_decoder_position_embeddings``: 1024),
+    the others one ``max_position_embeddings`` for both."""
+    size = getattr(config, f"max_{side}_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return None if size is None else int(size)
+
+
 def max_window(model: nn.Module) -> int | None:
     """Largest window the encoder can position, or ``None`` for relative-position families."""
     if hasattr(model.get_encoder(), "embed_positions"):
-        return int(model.config.max_position_embeddings)
+        return _positions(model.config, "encoder")
+    return None
+
+
+def decoder_positions(model: nn.Module) -> int | None:
+    """Where learned or sinusoidal decoder positions end (summary tokens, the start token
+    included), or ``None`` for relative-position families."""
+    if hasattr(model.get_decoder(), "embed_positions"):
+        return _positions(model.config, "decoder")
     return None
 
 
 def max_new_tokens(model: nn.Module, asked: int) -> int:
-    """``asked``, capped where learned decoder positions end (BART, mBART, PEGASUS): generating
+    """``asked``, capped where the decoder's positions end (BART, mBART, PEGASUS, LED): generating
     past them fails with an index error (a device-side assert on a GPU). The start token takes a
     position too."""
-    limit = max_window(model)
+    limit = decoder_positions(model)
     return asked if limit is None else min(asked, limit - 1)
 
 

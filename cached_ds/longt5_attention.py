@@ -133,6 +133,8 @@ def _first_layer_bias(self, mask: torch.Tensor, length: int) -> OffsetBias:
     # result lives on after ZeRO-3 releases the parameter, and autograd carries its gradient back.
     every_bucket = torch.arange(self.relative_attention_num_buckets, device=mask.device)
     table = self.global_relative_attention_bias(every_bucket)
+    if segments.shape[1] == 0:  # shorter than a global block: HF's global bias takes no part, and gets no gradient
+        table = table.detach()
     side = SideKeys(block_ids, segments, mask, bucket)
     bias.extra = {"block_ids": block_ids, "side": side, "table": table}
     return bias

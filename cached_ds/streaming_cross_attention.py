@@ -114,7 +114,12 @@ _T5_LIKE = CrossAttentionLayout(
     projections=("q", "k", "v", "o"), heads="n_heads", head_dim="key_value_proj_dim", scaled=False,
     mask_kwarg="mask", dropout_field="dropout_rate", returns_position_bias=True, slots=_t5_slots,
 )
-LAYOUTS = {"bart": _BART_LIKE, "mbart": _BART_LIKE, "pegasus": _BART_LIKE, "t5": _T5_LIKE, "longt5": _T5_LIKE}
+LAYOUTS = {
+    "bart": _BART_LIKE, "mbart": _BART_LIKE, "pegasus": _BART_LIKE, "t5": _T5_LIKE, "longt5": _T5_LIKE, "mt5": _T5_LIKE,
+    # the same cross-attention module as BART's, under other names
+    **dict.fromkeys(("plbart", "marian", "m2m_100", "blenderbot", "blenderbot-small", "pegasus_x", "bigbird_pegasus"), _BART_LIKE),
+    # not LED: its decoder calls cross-attention with another signature (HF's module runs there)
+}
 
 
 def layout_of(model: nn.Module) -> CrossAttentionLayout:

@@ -218,7 +218,7 @@ class Trainer:
         """Learned decoder positions (BART, mBART, PEGASUS) end at the model's limit: a longer
         summary would fail mid-run with an index error (a device-side assert on a GPU), and so
         would generating past it (capped, with a warning)."""
-        limit = families.max_window(self.model)
+        limit = families.decoder_positions(self.model)
         if limit is None:
             return
         longest = max(max(data_lib.lengths(rows, "num_label_tokens")) for rows in (self.train_rows, self.eval_rows) if rows)

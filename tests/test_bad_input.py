@@ -62,8 +62,6 @@ def _bert2bert():
 
 
 UNSUPPORTED = {
-    "led": (lambda: hf.LEDForConditionalGeneration(hf.LEDConfig(**_SMALL, d_model=16, attention_window=[8])),
-            "position table's size is not config.max_position_embeddings"),
     "fsmt": (lambda: hf.FSMTForConditionalGeneration(hf.FSMTConfig(
         langs=["en", "de"], src_vocab_size=50, tgt_vocab_size=50, d_model=16, **{k: v for k, v in _SMALL.items() if k != "vocab_size"})),
         r"does not take inputs_embeds alone \(required: \['input_ids'\]\)"),

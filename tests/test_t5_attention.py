@@ -179,6 +179,17 @@ def test_cached_step_with_fast_attention_equals_windowed_hf(family, local_sdpa):
     assert_cached_step_matches(model, reference, [3 * WINDOW + 5, WINDOW + 2], [7, 4], CachedConfig(window=WINDOW, group_windows=2))
 
 
+@pytest.mark.parametrize("local_sdpa", [False, True], ids=["blocked", "local_sdpa"])
+def test_windows_shorter_than_a_global_block_leave_the_global_table_without_gradient(local_sdpa):
+    """No window reaches a global block: HF's global bias takes no part and gets no gradient
+    (None), where a zero one would still be weight-decayed and moved by Adam's moments."""
+    model, reference = pair("longt5-tglobal", local_sdpa=local_sdpa)
+    for module in [*model.modules(), *reference.modules()]:
+        if hasattr(module, "global_block_size"):
+            module.global_block_size = 2 * WINDOW
+    assert_cached_step_matches(model, reference, [3 * WINDOW + 5, WINDOW + 2], [7, 4], CachedConfig(window=WINDOW, group_windows=2))
+
+
 def assert_cached_step_matches(model, reference, lengths, label_lengths, config):
     """One CachedSeq2Seq step on ``model`` against plain windowed HF on ``reference``."""
     ids, mask, labels = random_batch(lengths, label_lengths, model.config.pad_token_id)

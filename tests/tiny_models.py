@@ -20,6 +20,20 @@ _T5_LIKE = dict(
 )
 
 FAMILIES = ("bart", "mbart", "pegasus", "t5", "longt5-local", "longt5-tglobal")
+_SPECIAL_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+# more encoder-decoders built like BART (learned or sinusoidal positions, BART-like cross-attention)
+MORE_BART_LIKE = {
+    "plbart": (hf.PLBartConfig, hf.PLBartForConditionalGeneration, _SPECIAL_IDS),
+    "marian": (hf.MarianConfig, hf.MarianMTModel, {**_SPECIAL_IDS, "decoder_start_token_id": 1}),
+    "m2m_100": (hf.M2M100Config, hf.M2M100ForConditionalGeneration, {**_SPECIAL_IDS, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0}),
+    "blenderbot": (hf.BlenderbotConfig, hf.BlenderbotForConditionalGeneration, _SPECIAL_IDS),
+    "blenderbot-small": (hf.BlenderbotSmallConfig, hf.BlenderbotSmallForConditionalGeneration, _SPECIAL_IDS),
+    "pegasus_x": (hf.PegasusXConfig, hf.PegasusXForConditionalGeneration,
+                  {**_SPECIAL_IDS, "num_global_tokens": 4, "block_size": 4, "stagger_local_blocks": True}),
+    "bigbird_pegasus": (hf.BigBirdPegasusConfig, hf.BigBirdPegasusForConditionalGeneration,
+                        {**_SPECIAL_IDS, "attention_type": "original_full"}),
+    "led": (hf.LEDConfig, hf.LEDForConditionalGeneration, {**_SPECIAL_IDS, "attention_window": [4, 4]}),
+}
 
 
 def make_model(family: str, dropout: float = DROPOUT, seed: int = 0, **overrides) -> hf.PreTrainedModel:
@@ -33,6 +47,14 @@ def make_model(family: str, dropout: float = DROPOUT, seed: int = 0, **overrides
         model = hf.PegasusForConditionalGeneration(hf.PegasusConfig(**{**_BART_LIKE, **bart_drop, **overrides}))
     elif family == "t5":
         model = hf.T5ForConditionalGeneration(hf.T5Config(**{**_T5_LIKE, "dropout_rate": dropout, **overrides}))
+    elif family in MORE_BART_LIKE:
+        config_class, model_class, extra = MORE_BART_LIKE[family]
+        fields = {**_BART_LIKE, **bart_drop, **extra, **overrides}
+        if family == "led":  # each side names its own position table
+            fields["max_encoder_position_embeddings"] = fields["max_decoder_position_embeddings"] = fields.pop("max_position_embeddings")
+        model = model_class(config_class(**fields))
+    elif family == "mt5":
+        model = hf.MT5ForConditionalGeneration(hf.MT5Config(**{**_T5_LIKE, "dropout_rate": dropout, **overrides}))
     elif family.startswith("longt5"):
         attention = {"longt5-local": "local", "longt5-tglobal": "transient-global"}[family]
         config = hf.LongT5Config(

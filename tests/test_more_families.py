@@ -1,0 +1,69 @@
+"""Encoder-decoders beyond the five the toolkit is built around, as people use them for long
+documents and translation: each trains exactly against the windowed HF reference (dropout on),
+with streaming cross-attention too, and generates HF's tokens; what cannot be exact is refused."""
+
+import copy
+
+import pytest
+import torch
+import transformers as hf
+from reference import assert_grads_match, grads_of, windowed_hf_step
+from tiny_models import MORE_BART_LIKE, make_model, make_model_without_cross_attention_dropout, random_batch
+
+from cached_ds import CachedConfig, CachedSeq2Seq, families
+from cached_ds.streaming_cross_attention import LAYOUTS
+
+WINDOW = 16
+FAMILIES = [*MORE_BART_LIKE, "mt5"]
+
+
+def cached_step(model, ids, mask, labels, seed, **settings):
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1, **settings))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = wrapped(ids, mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), grads_of(model)
+
+
+@pytest.mark.parametrize("family, streaming", [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES if f in LAYOUTS],
+                         ids=[f"{f}-hf-cross-attention" for f in FAMILIES] + [f"{f}-streaming" for f in FAMILIES if f in LAYOUTS])
+def test_training_step_equals_the_windowed_hf_reference(family, streaming):
+    model = make_model_without_cross_attention_dropout(family) if streaming else make_model(family)
+    ids, mask, labels = random_batch([2 * WINDOW + 8, WINDOW + 7], [6, 4], model.config.pad_token_id)
+    ref_loss, ref = windowed_hf_step(copy.deepcopy(model), ids, mask, labels, WINDOW, 1, seed=5)
+    loss, grads = cached_step(model, ids, mask, labels, seed=5, **({"cross_attention_block": 8} if streaming else {}))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert_grads_match(grads, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_equals_hf_on_a_document_within_one_window(family):
+    model = make_model(family).eval()
+    ids, mask, _ = random_batch([WINDOW - 2, WINDOW - 6], [1, 1], model.config.pad_token_id, seed=3)
+    want = copy.deepcopy(model).generate(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False)
+    got = CachedSeq2Seq(model, CachedConfig(window=WINDOW)).generate(ids, mask, num_beams=3, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_led_windows_use_its_encoder_positions_and_summaries_its_decoder_ones():
+    """LED names each side's position table: windows are bounded by the encoder's, generated
+    summaries by the decoder's (a cap by the encoder's would run past the decoder's table).
+    Streaming cross-attention is refused for it by name."""
+    model = make_model("led", max_position_embeddings=64)
+    model.config.max_decoder_position_embeddings = 32
+    assert families.max_window(model) == 64
+    assert families.max_new_tokens(model, 1000) == 31
+    with pytest.raises(ValueError, match="window=65 exceeds the encoder's 64 positions"):
+        CachedSeq2Seq(model, CachedConfig(window=65))
+    with pytest.raises(ValueError, match="streaming cross-attention supports .* got model_type='led'"):
+        CachedSeq2Seq(model, CachedConfig(window=WINDOW, cross_attention_block=8))
+
+
+def test_bigbird_block_sparse_attention_is_refused_naming_the_fix():
+    """HF's BigBird encoder switches to full attention for good at the first short input (a last
+    window) and draws its random blocks with numpy: the recompute would not be the forward."""
+    config = hf.BigBirdPegasusConfig(**{**make_model("bigbird_pegasus").config.to_dict(), "attention_type": "block_sparse"})
+    model = hf.BigBirdPegasusForConditionalGeneration(config)
+    with pytest.raises(ValueError, match='block-sparse attention.*attention_type="original_full"'):
+        CachedSeq2Seq(model, CachedConfig(window=WINDOW))
