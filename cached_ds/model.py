@@ -51,7 +51,7 @@ logger = logging.getLogger("cached_ds")
 CACHED_CONFIG_FILE = "cached_config.json"  # beside a saved HF model: the windows it was trained with
 
 IGNORE_INDEX = -100
-T5_FAMILIES = ("t5", "longt5")
+T5_FAMILIES = ("t5", "mt5", "longt5")
 
 
 class CachedSeq2Seq(nn.Module):

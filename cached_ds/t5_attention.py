@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.mt5.modeling_mt5 import MT5LayerSelfAttention
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerSelfAttention
 
 
@@ -378,7 +379,7 @@ def attention_targets(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
     from . import longt5_attention as longt5
 
     for module in model.modules():
-        if isinstance(module, T5LayerSelfAttention):
+        if isinstance(module, (T5LayerSelfAttention, MT5LayerSelfAttention)):  # mT5: T5's modules, copied
             yield module.SelfAttention, t5_self_attention_forward
         yield from longt5.targets(module)
 

@@ -67,3 +67,16 @@ def test_bigbird_block_sparse_attention_is_refused_naming_the_fix():
     model = hf.BigBirdPegasusForConditionalGeneration(config)
     with pytest.raises(ValueError, match='block-sparse attention.*attention_type="original_full"'):
         CachedSeq2Seq(model, CachedConfig(window=WINDOW))
+
+
+def test_mt5_on_the_fast_t5_attention():
+    """mT5 is T5 in copied module classes: the fast kernels take it from the "cached" settings."""
+    model = make_model("mt5")
+    for module in model.modules():  # the fast path has no attention-probability dropout
+        if type(module).__name__ == "MT5Attention":
+            module.dropout = 0.0
+    ids, mask, labels = random_batch([2 * WINDOW + 8, WINDOW + 7], [6, 4], model.config.pad_token_id)
+    _, ref = windowed_hf_step(copy.deepcopy(model), ids, mask, labels, WINDOW, 1, seed=5)
+    _, grads = cached_step(model, ids, mask, labels, seed=5, fast_t5_attention=True)
+    assert any("_cached_ds_hf_forward" in m.__dict__ for m in model.modules())
+    assert_grads_match(grads, ref)

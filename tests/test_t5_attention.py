@@ -22,7 +22,7 @@ from cached_ds.t5_attention import (
     remove_fast_t5_attention,
 )
 
-FAST_FAMILIES = ("t5", "longt5-local", "longt5-tglobal")
+FAST_FAMILIES = ("t5", "longt5-local", "longt5-tglobal", "mt5")
 BLOCK = 4  # several query/key blocks even in these short sequences
 SEED = 1234
 WINDOW = 16
