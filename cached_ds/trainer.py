@@ -135,7 +135,8 @@ class Trainer:
         self.tokenizer = tokenizer or self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_data()
         seed_everything(run.optim.seed)  # model init independent of data loading
-        self.model = load_model(run.model.model, self.tokenizer)
+        # from_pretrained returns a model in eval mode: fine-tuning would run with dropout off
+        self.model = load_model(run.model.model, self.tokenizer).train()
         self._check_tokenizer()
         self._check_summary_lengths()
         self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),

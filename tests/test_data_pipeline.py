@@ -221,3 +221,10 @@ def test_tokenizer_without_pad_or_with_too_many_tokens(tmp_path, corpus, caplog)
     tokenizer = saved_tokenizer(corpus, tmp_path / "big", more_tokens)
     with pytest.raises(ValueError, match=r"has 286 tokens but the model embeds 186; pass the model's own tokenizer"):
         trainer_for(corpus, tmp_path / "b", "--train_file", corpus["train_file"], "--tokenizer", tokenizer)
+
+
+def test_a_pretrained_model_fine_tunes_in_training_mode(tmp_path, corpus):
+    """HF's from_pretrained returns eval mode: the run must switch dropout on itself, or every
+    fine-tuning step would run without it."""
+    trainer = trainer_for(corpus, tmp_path, "--train_file", corpus["train_file"])
+    assert all(module.training for module in trainer.engine.module.modules())
