@@ -7,6 +7,7 @@ sees the same batches in the same order.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import logging
 import random
@@ -62,9 +63,21 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
         raise ValueError(f"{path} does not exist")
     if suffix != ".parquet":
         check_utf8(path)
-    # csv: pandas would read a summary "NA" or "None" as missing (and skip its document as empty)
-    options = {"keep_default_na": False, "chunksize": DOCUMENTS_AT_ONCE} if suffix == ".csv" else {}
+    # csv: pandas would read a summary "NA" or "None" as missing (and skip its document as empty),
+    # and guesses each chunk's column types on its own (a column of ids "1", "2", ... "doc-31" then
+    # fails in its second chunk): every column is read as the text it is
+    options = {"keep_default_na": False, "chunksize": DOCUMENTS_AT_ONCE, **_csv_as_text(path)} if suffix == ".csv" else {}
     return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
+
+
+def _csv_as_text(path) -> dict:
+    """datasets' ``features`` reading every column of the csv at ``path`` as text, or none where
+    its header has names pandas would rename (empty or repeated)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    if not header or "" in header or len(set(header)) < len(header):
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 def _load_dataset_split(args: DataArgs, split: str) -> datasets.Dataset | None:

@@ -115,6 +115,11 @@ def test_csv_summaries_na_none_and_numbers_are_text(tmp_path):
     args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(years), "--model", "tiny-bart"]).data
     from cached_ds.data import check_columns
     assert check_columns(load_split(args, "train"), args, "train")["summary"] == ["1999", "2000"]
+    # read a few rows at a time (memory), a column's type is still the file's, not one chunk's
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("id,document,summary\n" + "".join(f"{i if i < 30 else f'doc-{i}'},text {i},sum {i}\n" for i in range(40)))
+    args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(mixed), "--model", "tiny-bart"]).data
+    assert load_split(args, "train")["id"][-1] == "doc-39"
 
 
 def test_columns_that_are_not_text_are_named(tmp_path):
