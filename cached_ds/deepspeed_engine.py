@@ -143,11 +143,11 @@ def attach(engine, settings: EngineSettings) -> None:
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
             wrapped.sync_group_count = max_over_ranks
-        hook_ids = _zero3_module_hook_ids(engine)
+        hook_ids, settle = _zero3_module_hook_ids(engine), _prefetch_settler(engine)
         if settings.keep_encoder_gathered:
-            wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids).scope
+            wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids, settle).scope
         if settings.keep_decoder_gathered:
-            wrapped.decoder_scope = _decoder_gathered(wrapped.model, hook_ids).scope
+            wrapped.decoder_scope = _decoder_gathered(wrapped.model, hook_ids, settle).scope
     # DeepSpeed's section has no on/off switch: a non-empty section asks for checkpointing.
     checkpointing = engine.config.get("activation_checkpointing")
     if checkpointing and checkpointing.get("partition_activations"):
@@ -195,7 +195,7 @@ def _linear_as_configured(engine) -> None:
         torch.nn.functional.linear = original
 
 
-def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _GatheredModules:
+def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int], settle) -> _GatheredModules:
     """ZeRO-3: gather the encoder's parameters once for a whole pass over the window groups and
     pin them (``ds_persist``, which ZeRO-3's release logic honours) until the pass ends.
 
@@ -211,10 +211,10 @@ def _encoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _Gath
     open until its backward (or until its graph is freed), so scopes of different steps can end
     in any order; the encoder is released when the last one ends."""
     encoder, embedding = model.get_encoder(), families.input_embedding(model)
-    return _GatheredModules([m for m in encoder.modules() if m is not encoder and m is not embedding], embedding, zero3_hook_ids)
+    return _GatheredModules([m for m in encoder.modules() if m is not encoder and m is not embedding], embedding, zero3_hook_ids, settle)
 
 
-def _decoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _GatheredModules:
+def _decoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int], settle) -> _GatheredModules:
     """ZeRO-3: the same for the decoder and an untied LM head, held by the core from the
     decoder's forward to the end of its backward (``held_scope``): one flat all-gather per
     micro-batch instead of one per submodule in the forward, again in decoder checkpointing's
@@ -226,7 +226,19 @@ def _decoder_gathered(model: nn.Module, zero3_hook_ids: frozenset[int]) -> _Gath
     head = model.get_output_embeddings()
     if head is not None and all(p is not q for p in head.parameters() for q in embedding.parameters()):
         modules.append(head)
-    return _GatheredModules(modules, embedding, zero3_hook_ids)
+    return _GatheredModules(modules, embedding, zero3_hook_ids, settle)
+
+
+def _prefetch_settler(engine):
+    """Waits out and releases ZeRO-3's in-flight prefetches (``_clean_inflight_param_registry``,
+    what its own ``reset_step`` does). A prefetch issued where the module trace came from another
+    pass (``generate`` in an evaluation, outside the engine's forward) can be in flight for a
+    parameter a scope is about to pin; ZeRO-3 later releases it when the prefetch is cleaned,
+    without looking at ``ds_persist``, so a pinned decoder parameter was empty in the backward
+    ("size of tensor a (0) must match", the first step after an evaluation)."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    return getattr(coordinator, "_clean_inflight_param_registry", None)
 
 
 class _GatheredModules:
@@ -235,11 +247,11 @@ class _GatheredModules:
     partitioned parameter as an attribute registers it with the running module (ZeRO-3's
     external parameters), which then releases it, pinned or not, when its own forward ends."""
 
-    def __init__(self, modules: list[nn.Module], embedding: nn.Module, zero3_hook_ids: frozenset[int]):
+    def __init__(self, modules: list[nn.Module], embedding: nn.Module, zero3_hook_ids: frozenset[int], settle=None):
         shared = {id(p) for p in embedding.parameters()}
         params = {id(p): p for m in modules for p in m.parameters(recurse=False) if id(p) not in shared}
         self.params, self.inner = list(params.values()), modules
-        self.hook_ids, self.holders, self._hooks = zero3_hook_ids, 0, None
+        self.hook_ids, self.holders, self._hooks, self.settle = zero3_hook_ids, 0, None, settle
 
     @contextmanager
     def scope(self):
@@ -253,6 +265,8 @@ class _GatheredModules:
         self.holders += 1
         if self.holders > 1:
             return
+        if self.settle is not None and any(p.ds_status == ZeroParamStatus.INFLIGHT for p in self.params):
+            self.settle()  # ZeRO-3 would release these later, pinned or not (_prefetch_settler)
         for p in self.params:
             p.ds_persist = True
         # As ZeRO-3's own fetch does: one flat all-gather for all of them (``all_gather`` would

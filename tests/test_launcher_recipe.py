@@ -52,6 +52,17 @@ def test_zero3_evaluation_with_fewer_documents_than_ranks(tmp_path, corpus):
     assert json.loads(line)["index"] == 0
 
 
+def test_zero3_trains_on_after_intermediate_evaluations(tmp_path, corpus):
+    """The shipped ZeRO-3 config with --eval_steps: generation left ZeRO-3 prefetches in flight for
+    decoder parameters the next step pinned, which ZeRO-3 then released anyway: the first backward
+    after an evaluation failed ("size of tensor a (0) must match")."""
+    out = tmp_path / "run"
+    run_train("--deepspeed", "ds_configs/zero3.json", *data_flags(corpus), "--output_dir", str(out), "--max_steps", "3",
+              "--eval_steps", "1", "--save_steps", "10", "--max_eval_documents", "2")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert all((out / f"eval_results_{name}.json").is_file() for name in ("step1", "step2", "final"))
+
+
 def test_rouge_is_scored_against_the_summaries_own_text(tmp_path, corpus):
     """The references in predictions (and ROUGE) are the eval file's summaries as written, not
     their labels decoded back: with --max_target_tokens 4 the labels hold only a summary's start."""
