@@ -301,10 +301,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", doc_tokens=record["doc_tokens"])
                 if position == len(steps):
                     epoch, position = epoch + 1, 0
-                if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
-                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+                # evaluate, then save: a run stopped during the evaluation resumes before it and redoes
+                # it (saved first, the resumed run would start after it and skip it for good)
                 if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
                     self.evaluate(f"step{self.step}")
+                if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
+                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
                 if position == 0:
                     break  # a new epoch: new document order
         bar.close()
@@ -348,6 +350,8 @@ class Trainer:
         """Summaries of the held-out documents (sharded over ranks), ROUGE on rank 0."""
         if not self.eval_rows:
             return {}
+        if injected_fault("kill_during_eval", self.step):  # tests only: a run stopped mid-evaluation
+            os.kill(os.getpid(), signal.SIGKILL)
         run = self.run
         count = len(self.eval_rows)
         mine = list(range(rank(), count, world_size()))

@@ -129,6 +129,19 @@ def test_resume_after_sigkill_during_training(tmp_path, corpus, uninterrupted):
     assert_same_curve(curve(out), uninterrupted)
 
 
+def test_an_evaluation_stopped_midway_is_redone_on_resume(tmp_path, corpus):
+    """Killed during the step-2 evaluation, with a checkpoint due at step 2: the requeued run
+    starts before that evaluation and does it (the checkpoint used to be saved first, and the
+    requeued run started after the evaluation, which was never written)."""
+    out = tmp_path / "run"
+    flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
+             "--eval_steps", "2", "--max_eval_documents", "2", *data_flags(corpus)]
+    crashed = run_train(*flags, check=False, CACHED_DS_FAULT="kill_during_eval@2")
+    assert crashed.returncode == -signal.SIGKILL and not (out / "eval_results_step2.json").exists()
+    run_train(*flags, "--resume", "auto")  # as a requeued job does: here from the start, no checkpoint was due yet
+    assert (out / "eval_results_step2.json").is_file() and [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
 def test_resume_after_sigkill_during_checkpoint_write(tmp_path, corpus, uninterrupted):
     out = tmp_path / "run"
     flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", *data_flags(corpus)]
