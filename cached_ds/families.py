@@ -44,7 +44,7 @@ def _unsupported(model: nn.Module) -> str | None:
     if type(embedding).__module__.split(".")[0] == "peft":  # LoRA on it, or peft's trainable tokens
         return (f"an adapter ({type(embedding).__name__}) wraps its input embedding, and CachED embeds the windows' ids "
                 f"with the table itself, so the adapter would be dropped; leave embed_tokens / shared out of peft's "
-                f"target_modules and trainable_token_indices")
+                f"target_modules, modules_to_save and trainable_token_indices")
     if not isinstance(embedding, nn.Embedding):
         return f"its encoder ({type(encoder).__name__}) keeps no embed_tokens embedding for the windows' ids"
     parameters = inspect.signature(encoder.forward).parameters
@@ -80,12 +80,21 @@ def embedding_scale(model: nn.Module) -> float:
     return 1.0
 
 
+def _positions_field(config, side: str) -> str:
+    """The config field with the size of the encoder's or decoder's position table: LED names
+    each side's (``max_encoder_position_embeddings``: 16384, ``max_decoder_position_embeddings``:
+    1024), the others one ``max_position_embeddings`` for both."""
+    own = f"max_{side}_position_embeddings"
+    return own if getattr(config, own, None) else "max_position_embeddings"
+
+
 def _positions(config, side: str) -> int | None:
-    """The size of the encoder's or decoder's position table: LED names each side's
-    (``max_encoder_position_embeddings``: 16384, ``max_decoder_position_embeddings``: 1024),
-    the others one ``max_position_embeddings`` for both."""
-    size = getattr(config, f"max_{side}_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    size = getattr(config, _positions_field(config, side), None)
     return None if size is None else int(size)
+
+
+def encoder_positions_field(config) -> str:
+    return _positions_field(config, "encoder")
 
 
 def max_window(model: nn.Module) -> int | None:

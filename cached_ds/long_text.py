@@ -24,11 +24,14 @@ PIECE_CHARS = 1 << 18  # ~100K tokens: a piece's own peak is ~40 MB
 def token_ids(tokenizer, text: str, max_length: int | None = None, piece_chars: int = PIECE_CHARS) -> np.ndarray:
     """``tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]``
     as int32, in pieces of about ``piece_chars`` characters when the text is longer than two."""
-    if len(text) <= 2 * piece_chars:
+    prefix, suffix = special_tokens_around(tokenizer) if len(text) > 2 * piece_chars else ([], [])
+    # HF's own call where pieces would not give its ids: a short text, truncation from the left,
+    # or a max_length that the special tokens alone fill (HF then leaves the text whole)
+    if (len(text) <= 2 * piece_chars or (max_length is not None and getattr(tokenizer, "truncation_side", "right") != "right")
+            or (max_length is not None and max_length <= len(prefix) + len(suffix))):
         whole = tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
         return np.asarray(whole, dtype=np.int32)
-    prefix, suffix = special_tokens_around(tokenizer)
-    budget = None if max_length is None else max(max_length - len(prefix) - len(suffix), 0)
+    budget = None if max_length is None else max_length - len(prefix) - len(suffix)
     pieces, count = [], 0
     for piece in split_between_words(text, piece_chars):
         ids = np.asarray(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=np.int32)

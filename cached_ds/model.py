@@ -64,8 +64,8 @@ class CachedSeq2Seq(nn.Module):
         limit = families.max_window(model)
         if limit is not None and self.window > limit:
             raise ValueError(
-                f"window={self.window} exceeds the encoder's {limit} positions "
-                f"(config.max_position_embeddings of {model.config.model_type}); set window <= {limit}"
+                f"window={self.window} exceeds the encoder's {limit} positions (config."
+                f"{families.encoder_positions_field(model.config)} of {model.config.model_type}); set window <= {limit}"
             )
         if self.cached_config.group_tokens is not None and self.cached_config.group_tokens < self.window:
             raise ValueError(

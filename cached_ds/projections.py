@@ -77,6 +77,9 @@ def _lora_parts(layer: nn.Module, what: str, setting: str) -> LinearParts:
             raise _refusal(what, setting, f"adapter {name!r} has lora_dropout={dropout.p} (0.0 works: dropout on the "
                                  f"adapter's input would need a mask over every input token)")
         down, up = layer.lora_A[name], layer.lora_B[name]
+        if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)) or hasattr(layer, "lora_E"):
+            raise _refusal(what, setting, f"adapter {name!r} is a {type(layer).__name__}, not plain LoRA (AdaLoRA and the "
+                                          f"like keep other factors)")
         parts.low_rank.append((down.weight, up.weight * layer.scaling[name]))
         if up.bias is not None:  # peft's lora_bias: B's bias, scaled as its output is
             bias = up.bias * layer.scaling[name]

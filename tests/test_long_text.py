@@ -51,11 +51,17 @@ def test_pieces_give_the_whole_texts_ids(tokenizer):
     assert got.dtype == np.int32 and got.tolist() == want
 
 
-@pytest.mark.parametrize("max_length", [5, 37, 10**6])
-def test_truncation_keeps_the_special_tokens_as_hf_does(tokenizer, max_length):
+@pytest.mark.parametrize("max_length", [1, 2, 5, 37, 10**6])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_keeps_the_special_tokens_as_hf_does(tokenizer, max_length, side):
+    """Either side, and a max_length the special tokens alone fill (HF then keeps the text whole)."""
     text = corpus_text()
-    want = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-    assert token_ids(tokenizer, text, max_length, piece_chars=40).tolist() == want
+    tokenizer.truncation_side = side
+    try:
+        want = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        assert token_ids(tokenizer, text, max_length, piece_chars=40).tolist() == want
+    finally:
+        tokenizer.truncation_side = "right"
 
 
 def test_a_text_without_spaces_is_not_cut():

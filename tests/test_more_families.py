@@ -54,7 +54,7 @@ def test_led_windows_use_its_encoder_positions_and_summaries_its_decoder_ones():
     model.config.max_decoder_position_embeddings = 32
     assert families.max_window(model) == 64
     assert families.max_new_tokens(model, 1000) == 31
-    with pytest.raises(ValueError, match="window=65 exceeds the encoder's 64 positions"):
+    with pytest.raises(ValueError, match=r"window=65 exceeds the encoder's 64 positions \(config.max_encoder_position_embeddings"):
         CachedSeq2Seq(model, CachedConfig(window=65))
     with pytest.raises(ValueError, match="streaming cross-attention supports .* got model_type='led'"):
         CachedSeq2Seq(model, CachedConfig(window=WINDOW, cross_attention_block=8))

@@ -92,6 +92,12 @@ def test_what_the_streamed_kernel_cannot_apply_is_refused_by_name():
     with pytest.raises(ValueError, match=r"LoRA variant"):
         cached_step(dora, ids, mask, labels, seed=1, cross_attention_block=8)
 
+    from peft import AdaLoraConfig
+    adalora = get_peft_model(make_model_without_cross_attention_dropout("bart", dropout=0.0),
+                             AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"k_proj: adapter 'default' is a SVDLinear, not plain LoRA"):
+        cached_step(adalora, ids, mask, labels, seed=1, cross_attention_block=8)
+
 
 def test_an_adapter_on_the_input_embedding_is_refused_by_name():
     model = get_peft_model(make_model_without_cross_attention_dropout("bart"), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
