@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -26,14 +27,21 @@ def barrier() -> None:
 PATIENT_TIMEOUT = timedelta(days=7)
 
 
+@contextmanager
 def patient_group():
     """A gloo group whose collectives wait up to ``PATIENT_TIMEOUT``, for a wait of unknown length:
     ranks waiting while rank 0 tokenizes a corpus of books would hit the process group's own
     timeout (DeepSpeed's default: 30 min) and abort, and every requeue would start the
-    tokenization over. Every rank makes it at the same point (a collective); None on one rank."""
+    tokenization over. Every rank enters it at the same point (a collective); None on one rank.
+    The group is destroyed on exit (its sockets and threads would otherwise live on)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    return dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
 
 
 def patient_barrier(group) -> None:

@@ -173,29 +173,33 @@ class Trainer:
             raise ValueError(f"cannot load a tokenizer from {name!r} ({error}); pass --tokenizer ID_OR_DIR") from None
 
     def _load_data(self):
-        args = self.run.data
         splits = {}
-        waiting = patient_group()  # for as long as rank 0 takes to tokenize (hours, for a corpus of books)
-        for split in ("train", "eval"):
-            if rank() != 0:
-                patient_barrier(waiting)  # rank 0 tokenizes first and fills datasets' cache; the others read it
-            dataset = data_lib.load_split(args, split)
-            if dataset is not None:
-                dataset = data_lib.check_columns(dataset, args, split)
-                dataset, dropped = data_lib.drop_empty(dataset, args)
-                if dropped and rank() == 0:
-                    logger.warning("skipped %d %s documents with an empty text or summary", dropped, split)
-                dataset = data_lib.tokenize(dataset, self.tokenizer, args)
-                if split == "train" and rank() == 0 and len(dataset):
-                    data_lib.check_ends_with_eos(dataset, self.tokenizer)
-                if split == "eval" and args.max_eval_documents:
-                    dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
-            if rank() == 0:
-                patient_barrier(waiting)
-            splits[split] = dataset  # Arrow-backed, numpy rows (data.tokenize): read when used
+        with patient_group() as waiting:  # for as long as rank 0 takes to tokenize (hours, for a corpus of books)
+            for split in ("train", "eval"):
+                if rank() != 0:
+                    patient_barrier(waiting)  # rank 0 tokenizes first and fills datasets' cache; the others read it
+                splits[split] = self._load_split(split)  # Arrow-backed, numpy rows (data.tokenize): read when used
+                if rank() == 0:
+                    patient_barrier(waiting)
         if splits["train"] is None or len(splits["train"]) == 0:
             raise ValueError("no training documents left after skipping empty ones")
         return splits["train"], splits["eval"]
+
+    def _load_split(self, split: str):
+        args = self.run.data
+        dataset = data_lib.load_split(args, split)
+        if dataset is None:
+            return None
+        dataset = data_lib.check_columns(dataset, args, split)
+        dataset, dropped = data_lib.drop_empty(dataset, args)
+        if dropped and rank() == 0:
+            logger.warning("skipped %d %s documents with an empty text or summary", dropped, split)
+        dataset = data_lib.tokenize(dataset, self.tokenizer, args)
+        if split == "train" and rank() == 0 and len(dataset):
+            data_lib.check_ends_with_eos(dataset, self.tokenizer)
+        if split == "eval" and args.max_eval_documents:
+            dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
+        return dataset
 
     def _check_tokenizer(self) -> None:
         """Token ids past the model's embedding table fail in the first step (a device-side assert

@@ -15,11 +15,11 @@ import torch.distributed as dist
 from cached_ds.distributed import patient_barrier, patient_group
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))
-group = patient_group()
-if dist.get_rank() == 0:
-    time.sleep(8)  # as rank 0 tokenizing a corpus
-if sys.argv[1] == "patient":
-    patient_barrier(group)
-else:
-    dist.barrier()
+with patient_group() as group:
+    if dist.get_rank() == 0:
+        time.sleep(8)  # as rank 0 tokenizing a corpus
+    if sys.argv[1] == "patient":
+        patient_barrier(group)
+    else:
+        dist.barrier()
 print(f"rank {dist.get_rank()} waited", flush=True)
