@@ -59,10 +59,18 @@ def from_rank0(value):
     return box[0]
 
 
+def _reduction_device() -> torch.device:
+    """Where a tensor must live for the default group to reduce it: NCCL (DeepSpeed's backend on
+    GPUs) takes CUDA tensors only ("No backend type associated with device type cpu")."""
+    if "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: float) -> float:
     if not dist.is_initialized():
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    total = torch.tensor([value], dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(total)
     return float(total.item())
 
@@ -128,7 +136,7 @@ def init_process_group() -> None:
 def max_over_ranks(count: int) -> int:
     """ZeRO-3 gathers parameters in every encoder call: ranks with fewer window groups pad up
     to the most any rank has (2 ranks at 2 vs 4 groups: gloo aborts, NCCL hangs)."""
-    total = torch.tensor([count], dtype=torch.long)
+    total = torch.tensor([count], dtype=torch.long, device=_reduction_device())
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     return int(total.item())
 
