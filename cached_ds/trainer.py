@@ -39,6 +39,7 @@ from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model
+from .stop_signals import StopSignals
 from .resume import ResumeState, choose_checkpoint
 from .run_config import RunConfig
 from .run_outputs import clear_earlier_outputs, forget_metrics_after, write_atomic
@@ -291,33 +292,46 @@ class Trainer:
                 forget_metrics_after(self.out, self.step, self.engine.global_samples, getattr(self.engine.monitor, "csv_monitor", None))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
         metrics_file = self.out / "metrics.jsonl"
-        while self.step < self.total_steps:
-            steps = self.plan.epoch(epoch, rank())
-            while position < len(steps) and self.step < self.total_steps:
-                record = self._train_step([data_lib.collate([self.train_rows[i] for i in batch], self.tokenizer.pad_token_id) for batch in steps[position]])
-                position += 1
-                self.step += 1
-                if rank() == 0 and self.step % run.logging.logging_steps == 0:
-                    with metrics_file.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    self.engine.monitor.write_events([(f"train/{k}", v, self.step) for k, v in record.items() if k != "step" and v is not None])
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", doc_tokens=record["doc_tokens"])
-                if position == len(steps):
-                    epoch, position = epoch + 1, 0
-                # evaluate, then save: a run stopped during the evaluation resumes before it and redoes
-                # it (saved first, the resumed run would start after it and skip it for good)
-                if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
-                    self.evaluate(f"step{self.step}")
-                if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
-                    self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
-                if position == 0:
-                    break  # a new epoch: new document order
+        with StopSignals() as stop:  # SIGTERM / SIGUSR1: finish the step, save, exit (stop_signals.py)
+            while self.step < self.total_steps:
+                steps = self.plan.epoch(epoch, rank())
+                while position < len(steps) and self.step < self.total_steps:
+                    record = self._train_step([data_lib.collate([self.train_rows[i] for i in batch], self.tokenizer.pad_token_id) for batch in steps[position]])
+                    position += 1
+                    self.step += 1
+                    if rank() == 0 and self.step % run.logging.logging_steps == 0:
+                        with metrics_file.open("a") as handle:
+                            handle.write(json.dumps(record) + "\n")
+                        self.engine.monitor.write_events([(f"train/{k}", v, self.step) for k, v in record.items() if k != "step" and v is not None])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", doc_tokens=record["doc_tokens"])
+                    if position == len(steps):
+                        epoch, position = epoch + 1, 0
+                    # evaluate, then save: a run stopped during the evaluation resumes before it and redoes
+                    # it (saved first, the resumed run would start after it and skip it for good)
+                    if run.eval.eval_steps and self.step % run.eval.eval_steps == 0 and self.step < self.total_steps:
+                        self.evaluate(f"step{self.step}")
+                    if run.checkpoint.save_steps and self.step % run.checkpoint.save_steps == 0:
+                        self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+                    if stop.requested():
+                        self._stop_for(stop, epoch, position, bar)
+                    if position == 0:
+                        break  # a new epoch: new document order
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
             self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         return self.evaluate("final")
+
+    def _stop_for(self, stop: StopSignals, epoch: int, position: int, bar) -> None:
+        """A scheduler asked the run to stop: checkpoint this step (unless just saved) and exit."""
+        bar.close()
+        if self.store.latest() != f"step{self.step:08d}":
+            self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+        if rank() == 0:
+            logger.warning("stopped by %s after step %d: checkpoint %s saved; the same command with --resume auto "
+                           "continues from it", stop.name(), self.step, self.store.latest())
+        raise stop.exit()
 
     def _data_plan(self) -> dict:
         """What the document order and the place in an epoch depend on."""

@@ -129,6 +129,30 @@ def test_resume_after_sigkill_during_training(tmp_path, corpus, uninterrupted):
     assert_same_curve(curve(out), uninterrupted)
 
 
+def test_sigterm_saves_a_checkpoint_and_a_requeue_continues_from_it(tmp_path, corpus):
+    """As SLURM preempts: SIGTERM mid-run. The run finishes its step, checkpoints it, says so and
+    exits 143; the same command with --resume auto continues from that step, no row twice."""
+    import time
+
+    from launcher_helpers import train_command
+
+    out = tmp_path / "run"
+    flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "40", "--save_steps", "1000",
+             "--resume", "auto", *data_flags(corpus)]
+    run = subprocess.Popen(train_command(*flags), cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped = metrics(out)[-1]["step"]
+    assert stopped < 40 and f"stopped by SIGTERM after step {stopped}" in stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
+    run_train(*flags)
+    assert [r["step"] for r in metrics(out)] == list(range(1, 41))
+
+
 def test_an_evaluation_stopped_midway_is_redone_on_resume(tmp_path, corpus):
     """Killed during the step-2 evaluation, with a checkpoint due at step 2: the requeued run
     starts before that evaluation and does it (the checkpoint used to be saved first, and the
