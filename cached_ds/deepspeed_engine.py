@@ -29,6 +29,9 @@ for the decoder, and keeping the encoder and the decoder gathered under ZeRO-3
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,6 +43,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from . import families
+from .checkpoints import injected_fault
 from .config import CachedConfig
 from .distributed import barrier, init_process_group, max_over_ranks, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
@@ -418,9 +422,20 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
             state = {k.removeprefix("model."): v for k, v in state.items()}
     if rank() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        wrapped.save_pretrained(output_dir, state_dict=state)
+        # written beside it, then swapped in: a run stopped mid-export leaves the earlier folder
+        # (or none), never weights without their tokenizer that look complete
+        staging, old = output_dir.with_name(output_dir.name + ".partial"), output_dir.with_name(output_dir.name + ".old")
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir(parents=True)
+        wrapped.save_pretrained(staging, state_dict=state)
         if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+            tokenizer.save_pretrained(staging)
+        if injected_fault("kill_during_export", 0):  # tests only
+            os.kill(os.getpid(), signal.SIGKILL)
+        if output_dir.exists():
+            output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return output_dir

@@ -153,6 +153,17 @@ def test_sigterm_saves_a_checkpoint_and_a_requeue_continues_from_it(tmp_path, co
     assert [r["step"] for r in metrics(out)] == list(range(1, 41))
 
 
+def test_an_export_stopped_midway_leaves_no_folder_that_looks_complete(tmp_path, corpus):
+    out = tmp_path / "run"
+    flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "2", "--max_eval_documents", "1",
+             "--resume", "auto", *data_flags(corpus)]
+    crashed = run_train(*flags, check=False, CACHED_DS_FAULT="kill_during_export@0")
+    assert crashed.returncode == -signal.SIGKILL and not (out / "exported").exists()
+    run_train(*flags)
+    assert (out / "exported" / "config.json").is_file() and hf.AutoTokenizer.from_pretrained(out / "exported")
+    assert not (out / "exported.partial").exists() and not (out / "exported.old").exists()
+
+
 def test_an_evaluation_stopped_midway_is_redone_on_resume(tmp_path, corpus):
     """Killed during the step-2 evaluation, with a checkpoint due at step 2: the requeued run
     starts before that evaluation and does it (the checkpoint used to be saved first, and the
