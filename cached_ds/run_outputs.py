@@ -22,7 +22,8 @@ from pathlib import Path
 from .checkpoints import fsync
 
 logger = logging.getLogger("cached_ds")
-LOGS = ("metrics.jsonl", "csv", "tensorboard")
+RUN_COMPLETE = "run_complete.json"  # the step and checkpoint a run exported and evaluated at its end
+LOGS = ("metrics.jsonl", "csv", "tensorboard", RUN_COMPLETE)
 
 
 def clear_earlier_outputs(out: Path) -> None:

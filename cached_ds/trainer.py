@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from . import families
 from .checkpoints import CheckpointStore, injected_fault
-from .distributed import all_reduce_sum, init_process_group, patient_barrier, patient_group, rank, world_size
+from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
@@ -42,7 +42,7 @@ from .model_zoo import load_model
 from .stop_signals import StopSignals
 from .resume import ResumeState, choose_checkpoint
 from .run_config import RunConfig
-from .run_outputs import clear_earlier_outputs, forget_metrics_after, write_atomic
+from .run_outputs import RUN_COMPLETE, clear_earlier_outputs, forget_metrics_after, write_atomic
 
 logger = logging.getLogger("cached_ds")
 
@@ -320,8 +320,23 @@ class Trainer:
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
             self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+        finished = {"step": self.step, "checkpoint": self.store.latest()}
+        if from_rank0(self._completed() == finished):  # a requeue of a run that had finished: nothing to redo
+            logger.info("the run was already complete at step %d (%s): nothing to do; delete it to export and evaluate "
+                        "again", self.step, self.out / RUN_COMPLETE)
+            return json.loads((self.out / "eval_results.json").read_text()) if (self.out / "eval_results.json").is_file() else {}
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
-        return self.evaluate("final")
+        results = self.evaluate("final")
+        if rank() == 0:
+            write_atomic(self.out / RUN_COMPLETE, json.dumps(finished) + "\n")
+        return results
+
+    def _completed(self) -> dict | None:
+        path = self.out / RUN_COMPLETE
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            return None
 
     def _stop_for(self, stop: StopSignals, epoch: int, position: int, bar) -> None:
         """A scheduler asked the run to stop: checkpoint this step (unless just saved) and exit."""

@@ -164,6 +164,20 @@ def test_an_export_stopped_midway_leaves_no_folder_that_looks_complete(tmp_path,
     assert not (out / "exported.partial").exists() and not (out / "exported.old").exists()
 
 
+def test_a_requeued_finished_run_says_so_and_redoes_nothing(tmp_path, corpus):
+    out = tmp_path / "run"
+    flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "2", "--max_eval_documents", "1",
+             "--resume", "auto", *data_flags(corpus)]
+    run_train(*flags)
+    exported = (out / "exported" / "model.safetensors").stat().st_mtime_ns
+    again = run_train(*flags)
+    assert "the run was already complete at step 2" in again.stderr
+    assert (out / "exported" / "model.safetensors").stat().st_mtime_ns == exported
+    longer = run_train(*flags[:5], "4", *flags[6:])  # a larger --max_steps continues the run
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "run_complete.json").read_text())["step"] == 4 and "already complete" not in longer.stderr
+
+
 def test_an_evaluation_stopped_midway_is_redone_on_resume(tmp_path, corpus):
     """Killed during the step-2 evaluation, with a checkpoint due at step 2: the requeued run
     starts before that evaluation and does it (the checkpoint used to be saved first, and the
