@@ -4,10 +4,11 @@ with streaming cross-attention too, and generates HF's tokens; what cannot be ex
 
 import copy
 
+import cached_steps
 import pytest
 import torch
 import transformers as hf
-from reference import assert_grads_match, grads_of, windowed_hf_step
+from reference import assert_grads_match, windowed_hf_step
 from tiny_models import MORE_BART_LIKE, make_model, make_model_without_cross_attention_dropout, random_batch
 
 from cached_ds import CachedConfig, CachedSeq2Seq, families
@@ -18,12 +19,7 @@ FAMILIES = [*MORE_BART_LIKE, "mt5"]
 
 
 def cached_step(model, ids, mask, labels, seed, **settings):
-    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1, **settings))
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = wrapped(ids, mask, labels=labels).loss
-    loss.backward()
-    return loss.detach(), grads_of(model)
+    return cached_steps.cached_step(model, ids, mask, labels, seed, WINDOW, **settings)
 
 
 @pytest.mark.parametrize("family, streaming", [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES if f in LAYOUTS],

@@ -5,10 +5,11 @@ refused by name; beam search and the other order of wrapping keep the adapters."
 
 import copy
 
+import cached_steps
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import assert_grads_match, grads_of, windowed_hf_step
+from reference import assert_grads_match, windowed_hf_step
 from test_engine_single_rank import CACHED, micro_batches, reference_gradients, train_step
 from test_t5_attention import without_attention_dropout
 from tiny_models import make_model_without_cross_attention_dropout, random_batch
@@ -33,12 +34,7 @@ def with_lora(model, family, dropout=0.0, seed=0, **settings):
 
 
 def cached_step(model, ids, mask, labels, seed, **settings):
-    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1, **settings))
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = wrapped(ids, mask, labels=labels).loss
-    loss.backward()
-    return loss.detach(), grads_of(model)
+    return cached_steps.cached_step(model, ids, mask, labels, seed, WINDOW, **settings)
 
 
 def cross_attention_lora_names(grads):
