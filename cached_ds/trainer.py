@@ -20,7 +20,7 @@ import random
 import resource
 import signal
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 
 import numpy as np
@@ -317,10 +317,10 @@ class Trainer:
                         self._stop_for(stop, epoch, position, bar)
                     if position == 0:
                         break  # a new epoch: new document order
-        bar.close()
-        if self.store.latest() != f"step{self.step:08d}":
-            self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
-        finished = {"step": self.step, "checkpoint": self.store.latest()}
+            bar.close()
+            if self.store.latest() != f"step{self.step:08d}":
+                self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+        finished = self._finished()
         if from_rank0(self._completed() == finished):  # a requeue of a run that had finished: nothing to redo
             logger.info("the run was already complete at step %d (%s): nothing to do; delete it to export and evaluate "
                         "again", self.step, self.out / RUN_COMPLETE)
@@ -331,10 +331,19 @@ class Trainer:
             write_atomic(self.out / RUN_COMPLETE, json.dumps(finished) + "\n")
         return results
 
+    def _finished(self) -> dict:
+        """What a finished run's outputs were made from: its last checkpoint and the settings of
+        the export and the final evaluation (another eval file or beam width redoes them)."""
+        settings = {"eval": asdict(self.run.eval), "data": asdict(self.run.data), "tokenizer": self.run.model.tokenizer}
+        return json.loads(json.dumps({"step": self.step, "checkpoint": self.store.latest(), **settings}, default=str))
+
     def _completed(self) -> dict | None:
+        """``run_complete.json`` where its outputs are all still there, else None."""
         path = self.out / RUN_COMPLETE
+        if not (path.is_file() and (self.out / "exported" / "config.json").is_file()):
+            return None
         try:
-            return json.loads(path.read_text()) if path.is_file() else None
+            return json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
 
@@ -343,9 +352,9 @@ class Trainer:
         bar.close()
         if self.store.latest() != f"step{self.step:08d}":
             self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
-        if rank() == 0:
-            logger.warning("stopped by %s after step %d: checkpoint %s saved; the same command with --resume auto "
-                           "continues from it", stop.name(), self.step, self.store.latest())
+        if rank() == 0:  # (the tag is this step's: store.latest() is a collective, not for rank 0 alone)
+            logger.warning("stopped by %s after step %d: checkpoint step%08d saved; the same command with --resume auto "
+                           "continues from it", stop.name(), self.step, self.step)
         raise stop.exit()
 
     def _data_plan(self) -> dict:

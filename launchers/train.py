@@ -84,7 +84,13 @@ def main(argv=None) -> None:
         else:
             from cached_ds.trainer import Trainer
 
-            Trainer(run).train()
+            try:
+                Trainer(run).train()
+            except SystemExit as stop:  # stopped by SIGTERM after a checkpoint (cached_ds/stop_signals.py)
+                from cached_ds.distributed import shutdown
+
+                shutdown()  # every rank stopped at the same step
+                exit_now(stop.code if isinstance(stop.code, int) else 1)
     except USER_ERRORS as error:  # data, model, batch plan, earlier run, NaN loss: the message says what to fix
         if not raised_here(error):
             raise

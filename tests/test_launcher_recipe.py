@@ -129,9 +129,11 @@ def test_resume_after_sigkill_during_training(tmp_path, corpus, uninterrupted):
     assert_same_curve(curve(out), uninterrupted)
 
 
-def test_sigterm_saves_a_checkpoint_and_a_requeue_continues_from_it(tmp_path, corpus):
-    """As SLURM preempts: SIGTERM mid-run. The run finishes its step, checkpoints it, says so and
-    exits 143; the same command with --resume auto continues from that step, no row twice."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_a_requeue_continues_from_it(tmp_path, corpus, ranks):
+    """As SLURM preempts: SIGTERM mid-run (to torchrun, which passes it on, with 2 ranks). The run
+    finishes its step, checkpoints it, says so and exits 143 (torchrun: 1); the same command with
+    --resume auto continues from that step, no row twice."""
     import time
 
     from launcher_helpers import train_command
@@ -139,17 +141,18 @@ def test_sigterm_saves_a_checkpoint_and_a_requeue_continues_from_it(tmp_path, co
     out = tmp_path / "run"
     flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "40", "--save_steps", "1000",
              "--resume", "auto", *data_flags(corpus)]
-    run = subprocess.Popen(train_command(*flags), cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(train_command(*flags, ranks=ranks), cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert run.returncode == (128 + signal.SIGTERM if ranks == 1 else 1), stderr[-3000:]
     stopped = metrics(out)[-1]["step"]
     assert stopped < 40 and f"stopped by SIGTERM after step {stopped}" in stderr
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
-    run_train(*flags)
+    run_train(*flags, ranks=ranks)
     assert [r["step"] for r in metrics(out)] == list(range(1, 41))
 
 
@@ -173,6 +176,8 @@ def test_a_requeued_finished_run_says_so_and_redoes_nothing(tmp_path, corpus):
     again = run_train(*flags)
     assert "the run was already complete at step 2" in again.stderr
     assert (out / "exported" / "model.safetensors").stat().st_mtime_ns == exported
+    other = run_train(*flags, "--num_beams", "2")  # other evaluation settings: evaluated again
+    assert "already complete" not in other.stderr and (out / "exported" / "model.safetensors").stat().st_mtime_ns != exported
     longer = run_train(*flags[:5], "4", *flags[6:])  # a larger --max_steps continues the run
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
     assert json.loads((out / "run_complete.json").read_text())["step"] == 4 and "already complete" not in longer.stderr
