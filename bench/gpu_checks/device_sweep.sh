@@ -61,58 +61,37 @@ sweep() {  # sweep ARGS...: run if the deadline leaves time, bounded by it
 # open questions first (results/2026-11-27-nvidia-h200*/NOTES.md). A session has about 150 s for
 # BART after the checks and about 240 s for LongT5, so each list starts with what decides its
 # target and leaves the A/Bs for later calls.
-# BART-large: 64K first (0.83x in the first session). Its breakdown put `cached`'s decoder
-# backward at ~0.45 s at both 64K and 256K, against 0.53 s for all of `hf_ds_gc`'s backward: a
-# near-constant excess. The breakdown now also clocks the decoder's own backward for both
-# methods (to the encoder states' gradient), CachED's entry and its encoder gather, and the
-# profile has spans inside CachED's backward (PROFILE_TRACE_TOKENS=65536 keeps the timeline).
-# Then the same with HF's hidden^2 reduce bucket (1M elements: what that session ran; the
-# shipped configs set 5e7), the prime suspect for a constant host cost: ~200 decoder flushes,
-# the host waiting whenever 3 are pending (stage3.py max_param_reduce_events = 2). Then 256K for
-# the ratio (median of 3 steps: two earlier runs gave 0.94x and 1.01x), 64K with streaming (no
-# decoder checkpointing), 512K with its baseline (0.89x and the 300K tok/s target), then the
-# A/Bs, the growth per token with streaming (2M, 4M, with the allocator's trace), the offloaded
-# reach (4M, 16M: 16M pins 96 GiB of host memory), and the rest. A step costs about 5.7 s per
-# million tokens (H200): lines of 2M and more take one step, no warm-up, no breakdown step.
+# BART-large: the [bench] ratio at the lengths not yet run in one run id (64K 1.85x, 256K 1.03x,
+# 512K 1.00x on 2026-11-28: results/2026-11-28-nvidia-h200/NOTES.md): 16K, 32K and 128K, then 512K
+# again with more steps (it was level with one), then [decoder-memory]'s open figures: the growth
+# per token with streaming (2M, 4M, with the allocator's trace), the offloaded reach (4M, 16M: 16M
+# pins 96 GiB of host memory), 1M with its baseline, the other methods, and the A/Bs last. A step
+# costs about 5.7 s per million tokens (H200): lines of 2M and more take one step, no warm-up, no
+# breakdown step.
 LONG="--steps 1 --no_breakdown"
-BART_PLAN="--tokens 65536 --methods hf_ds_gc,cached --profile
---tokens 65536 --methods hf_ds_gc,cached --reduce_bucket_size 1048576
---tokens 262144 --methods hf_ds_gc,cached --steps 3
---tokens 65536 --methods cached --cross_attention_block $BLOCK
---tokens 524288 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1
---tokens 65536 --methods cached --keep_graphs_gib 40
---tokens 65536 --methods hf_ds_gc,cached --memory_efficient_linear
---tokens 262144 --methods cached --group_tokens 65536 --steps 3 --no_breakdown
---tokens 262144 --methods cached --keep_graphs_gib 40 --steps 3 --no_breakdown
+BART_PLAN="--tokens 16384,32768,131072 --methods hf_ds_gc,cached
+--tokens 524288 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --warmup 1 --steps 3 --no_breakdown
 --tokens 2097152 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --memory_trace
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG
 --tokens 16777216 --methods cached --cross_attention_block $BLOCK --offload --warmup 0 $LONG --point_timeout 600
 --tokens 1048576 --methods hf_ds_gc,cached,full_gc --warmup 1
 --tokens 262144 --methods full,full_gc
+--tokens 65536 --methods cached --cross_attention_block $BLOCK
+--tokens 65536 --methods cached --keep_graphs_gib 40
+--tokens 65536 --methods hf_ds_gc,cached --memory_efficient_linear
+--tokens 262144 --methods cached --group_tokens 65536 --steps 3 --no_breakdown
 --tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600"
-# LongT5-tglobal-large ([t5-speed]: >= 5x hf_ds_gc; 1.24x at 16K and 2.12x at 64K on the H200).
-# `cached` with streaming cross-attention (its decoder took 1.05 s of 2.3 s at 16K with HF's T5
-# cross-attention and decoder checkpointing), profiled with the breakdown; then its encoder
-# attention as SDPA over blocks instead of flex (--local_sdpa_t5_attention: flex with the T5
-# bias ran at ~5 TFLOP/s); then the 16K baseline (its profile from the H200 still stands); then
-# 64K both ways, and HF at 64K last of these (115.8 GiB on the H200: out of memory on an H100,
-# itself a result). Then the A/Bs: the window group's graph kept from the forward, no
-# streaming (the H200 sessions' setting), ZeRO-3's decoder hooks back on, HF's reduce bucket,
-# the linear wrapper; then the 4M target.
-LONGT5_PLAN="--tokens 16384 --methods cached --cross_attention_block $BLOCK --profile
---tokens 16384 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention
---tokens 16384 --methods hf_ds_gc --cross_attention_block $BLOCK --no_breakdown
---tokens 65536 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1 --no_breakdown
---tokens 65536 --methods cached --cross_attention_block $BLOCK --local_sdpa_t5_attention --warmup 1 --steps 1 --no_breakdown
+# LongT5-tglobal-large ([t5-speed]: >= 5x hf_ds_gc; 1.98x at 16K with streaming cross-attention on
+# 2026-11-28, 2.12x at 64K without it earlier). 64K both ways with streaming first, then the 4M
+# target, then the A/Bs. At 16K the encoder's flex attention (T5 bias score_mod) is most of the
+# step: its profile there stands; local_sdpa was as fast with 1.8x the memory.
+LONGT5_PLAN="--tokens 65536 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
 --tokens 65536 --methods hf_ds_gc --cross_attention_block $BLOCK --warmup 1 --steps 1 --no_breakdown
---tokens 16384 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40 --no_breakdown
---tokens 16384 --methods cached --no_breakdown
---tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
---tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --reduce_bucket_size 1048576 --no_breakdown
---tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --memory_efficient_linear --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
+--tokens 16384 --methods cached --cross_attention_block $BLOCK --keep_graphs_gib 40 --no_breakdown
+--tokens 16384 --methods cached --cross_attention_block $BLOCK --zero3_decoder_hooks --no_breakdown
 --tokens 32768 --methods hf_ds_gc,cached --cross_attention_block $BLOCK"
 case "$MODEL" in
     long-t5*) PLAN=${PLAN:-$LONGT5_PLAN}; SWEEP_ARGS=${SWEEP_ARGS-"--fast_t5_attention"} ;;

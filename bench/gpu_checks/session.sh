@@ -4,7 +4,7 @@
 # key block and kernel fallbacks the first part chose, all ending within TOTAL_S seconds.
 #
 #   bash bench/gpu_checks/session.sh 2>&1       # carry .whl; device timeout_s 600
-#   PROFILE_TRACE_TOKENS=65536 BLOCK=65536 BART_S=300 TOTAL_S=545 bash bench/gpu_checks/session.sh 2>&1
+#   BLOCK=65536 BART_S=300 TOTAL_S=520 bash bench/gpu_checks/session.sh 2>&1
 #   CHECK_SCRIPTS=t5_attention_check BLOCK=65536 bash bench/gpu_checks/session.sh   # rerun one check; a block timed before
 #
 # The device tool brings back at most 8 files: this leaves 7 (checks.jsonl, bart.log, long.log,
