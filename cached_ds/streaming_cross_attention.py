@@ -16,8 +16,10 @@ shared by every layer) — nothing else grows with N.
 
 Decisions:
 
-- **Families**: BART, mBART, PEGASUS (scores scaled by head_dim**-0.5, biases on q/k/v/out) and
-  T5, LongT5 (no scaling, no biases, no relative bias in cross-attention) — the ``LAYOUTS`` table.
+- **Families**: BART, mBART, PEGASUS and the others with BART's module (PLBart, Marian, M2M100,
+  BlenderBot, PEGASUS-X, BigBird-Pegasus: scores scaled by head_dim**-0.5, biases on q/k/v/out)
+  and T5, mT5, LongT5 (no scaling, no biases, no relative bias in cross-attention) — the
+  ``LAYOUTS`` table.
   Biases are read from the projection modules, so a family without them simply has ``None``.
 - **Same parameters**: the replacement registers the original's projection modules under their
   own names, so ``state_dict`` keys, saved models and optimizer state are unchanged.
