@@ -24,13 +24,20 @@ PIECE_CHARS = 1 << 18  # ~100K tokens: a piece's own peak is ~40 MB
 def token_ids(tokenizer, text: str, max_length: int | None = None, piece_chars: int = PIECE_CHARS) -> np.ndarray:
     """``tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]``
     as int32, in pieces of about ``piece_chars`` characters when the text is longer than two."""
-    prefix, suffix = special_tokens_around(tokenizer) if len(text) > 2 * piece_chars else ([], [])
-    # HF's own call where pieces would not give its ids: a short text, truncation from the left,
-    # or a max_length that the special tokens alone fill (HF then leaves the text whole)
-    if (len(text) <= 2 * piece_chars or (max_length is not None and getattr(tokenizer, "truncation_side", "right") != "right")
-            or (max_length is not None and max_length <= len(prefix) + len(suffix))):
-        whole = tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
-        return np.asarray(whole, dtype=np.int32)
+    if _long(text, piece_chars):
+        prefix, suffix = special_tokens_around(tokenizer)
+        # pieces give HF's ids unless it truncates from the left, or the special tokens alone fill
+        # max_length (HF then leaves the text whole): HF's own call there
+        if max_length is None or (getattr(tokenizer, "truncation_side", "right") == "right" and max_length > len(prefix) + len(suffix)):
+            return _in_pieces(tokenizer, text, max_length, piece_chars, prefix, suffix)
+    return np.asarray(tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"], dtype=np.int32)
+
+
+def _long(text: str, piece_chars: int = PIECE_CHARS) -> bool:
+    return len(text) > 2 * piece_chars
+
+
+def _in_pieces(tokenizer, text: str, max_length: int | None, piece_chars: int, prefix: list[int], suffix: list[int]) -> np.ndarray:
     budget = None if max_length is None else max_length - len(prefix) - len(suffix)
     pieces, count = [], 0
     for piece in split_between_words(text, piece_chars):
@@ -47,7 +54,7 @@ def token_ids_of_each(tokenizer, texts: list[str], max_length: int | None = None
     """``token_ids`` of every text: the short ones in one batched call (the tokenizer's threads),
     the long ones in pieces."""
     out: list[np.ndarray | None] = [None] * len(texts)
-    short = [i for i, text in enumerate(texts) if len(text) <= 2 * PIECE_CHARS]
+    short = [i for i, text in enumerate(texts) if not _long(text)]
     if short:
         encoded = tokenizer([texts[i] for i in short], truncation=max_length is not None, max_length=max_length)["input_ids"]
         for i, ids in zip(short, encoded):

@@ -38,7 +38,6 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.mt5.modeling_mt5 import MT5LayerSelfAttention
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerSelfAttention
 
-
 DEFAULT_BLOCK = 128
 # transformers renamed T5Attention.forward's ``past_key_values`` to ``cache`` (5.2x); accept both.
 _CACHE_KW = "cache" if "cache" in inspect.signature(T5Attention.forward).parameters else "past_key_values"

@@ -318,8 +318,7 @@ class Trainer:
                     if position == 0:
                         break  # a new epoch: new document order
             bar.close()
-            if self.store.latest() != f"step{self.step:08d}":
-                self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+            self._save_unless_saved(epoch, position)
         finished = self._finished()
         if from_rank0(self._completed() == finished):  # a requeue of a run that had finished: nothing to redo
             logger.info("the run was already complete at step %d (%s): nothing to do; delete it to export and evaluate "
@@ -350,12 +349,16 @@ class Trainer:
     def _stop_for(self, stop: StopSignals, epoch: int, position: int, bar) -> None:
         """A scheduler asked the run to stop: checkpoint this step (unless just saved) and exit."""
         bar.close()
-        if self.store.latest() != f"step{self.step:08d}":
-            self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
+        self._save_unless_saved(epoch, position)
         if rank() == 0:  # (the tag is this step's: store.latest() is a collective, not for rank 0 alone)
             logger.warning("stopped by %s after step %d: checkpoint step%08d saved; the same command with --resume auto "
                            "continues from it", stop.name(), self.step, self.step)
         raise stop.exit()
+
+    def _save_unless_saved(self, epoch: int, position: int) -> None:
+        """A checkpoint of this step, unless --save_steps has just written it."""
+        if self.store.latest() != f"step{self.step:08d}":
+            self.store.save(self.engine, self.step, self._client_state(epoch, position), self.state.sidecar())
 
     def _data_plan(self) -> dict:
         """What the document order and the place in an epoch depend on."""
