@@ -132,6 +132,11 @@ class Trainer:
         init_distributed()
         self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
         self.resume = choose_checkpoint(self.store, run.checkpoint.resume)  # a tag or None; before anything is written
+        # A requeue of a run that had finished: said before the data, model and engine are built,
+        # which for a large corpus and model take minutes of the requeued job for nothing.
+        self.complete = self._completed_at(self.resume) if self.resume else None
+        if self.complete is not None:
+            return
         seed_everything(run.optim.seed)
         self.tokenizer = tokenizer or self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_data()
@@ -279,6 +284,11 @@ class Trainer:
 
     # ---- training ---------------------------------------------------------------------------
     def train(self) -> dict:
+        if self.complete is not None:
+            logger.info("the run was already complete at step %d (%s): nothing to do; delete it to export and evaluate "
+                        "again", self.complete["step"], self.out / RUN_COMPLETE)
+            results = self.out / "eval_results.json"
+            return json.loads(results.read_text()) if results.is_file() else {}
         run = self.run
         epoch, position = 0, 0
         if self.resume:  # its resume.json was checked in __init__; an older checkpoint's data plan is checked here
@@ -319,32 +329,34 @@ class Trainer:
                         break  # a new epoch: new document order
             bar.close()
             self._save_unless_saved(epoch, position)
-        finished = self._finished()
-        if from_rank0(self._completed() == finished):  # a requeue of a run that had finished: nothing to redo
-            logger.info("the run was already complete at step %d (%s): nothing to do; delete it to export and evaluate "
-                        "again", self.step, self.out / RUN_COMPLETE)
-            return json.loads((self.out / "eval_results.json").read_text()) if (self.out / "eval_results.json").is_file() else {}
+        finished = self._finished(self.step, self.store.latest())
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         results = self.evaluate("final")
         if rank() == 0:
             write_atomic(self.out / RUN_COMPLETE, json.dumps(finished) + "\n")
         return results
 
-    def _finished(self) -> dict:
-        """What a finished run's outputs were made from: its last checkpoint and the settings of
-        the export and the final evaluation (another eval file or beam width redoes them)."""
-        settings = {"eval": asdict(self.run.eval), "data": asdict(self.run.data), "tokenizer": self.run.model.tokenizer}
-        return json.loads(json.dumps({"step": self.step, "checkpoint": self.store.latest(), **settings}, default=str))
+    def _finished(self, step: int, tag: str | None) -> dict:
+        """What a finished run's outputs were made from: its last checkpoint, the length asked for
+        (a larger --max_steps or --epochs trains on) and the settings of the export and the final
+        evaluation (another eval file or beam width redoes them)."""
+        run = self.run
+        settings = {"length": {"max_steps": run.optim.max_steps, "epochs": run.optim.epochs}, "eval": asdict(run.eval),
+                    "data": asdict(run.data), "tokenizer": run.model.tokenizer}
+        return json.loads(json.dumps({"step": step, "checkpoint": tag, **settings}, default=str))
 
-    def _completed(self) -> dict | None:
-        """``run_complete.json`` where its outputs are all still there, else None."""
-        path = self.out / RUN_COMPLETE
-        if not (path.is_file() and (self.out / "exported" / "config.json").is_file()):
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+    def _completed_at(self, tag: str) -> dict | None:
+        """``run_complete.json`` where it records this run's end at checkpoint ``tag`` with these
+        settings and its outputs are all still there, else None (every rank calls this together)."""
+        path, recorded = self.out / RUN_COMPLETE, None
+        if rank() == 0 and path.is_file() and (self.out / "exported" / "config.json").is_file():
+            try:
+                recorded = json.loads(path.read_text())
+            except json.JSONDecodeError:  # cut short: not a record of anything
+                pass
+        saved = self.store.sidecar(tag) or {}  # the checkpoint's resume.json holds its step
+        finished = recorded is not None and "step" in saved and recorded == self._finished(saved["step"], tag)
+        return from_rank0(recorded if finished else None)
 
     def _stop_for(self, stop: StopSignals, epoch: int, position: int, bar) -> None:
         """A scheduler asked the run to stop: checkpoint this step (unless just saved) and exit."""

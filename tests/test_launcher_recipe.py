@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,13 +169,17 @@ def test_an_export_stopped_midway_leaves_no_folder_that_looks_complete(tmp_path,
 
 
 def test_a_requeued_finished_run_says_so_and_redoes_nothing(tmp_path, corpus):
-    out = tmp_path / "run"
+    out, train_file = tmp_path / "run", tmp_path / "train.jsonl"
+    documents = Path(corpus["train_file"]).read_text()
+    train_file.write_text(documents)
     flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "2", "--max_eval_documents", "1",
-             "--resume", "auto", *data_flags(corpus)]
+             "--resume", "auto", *data_flags({**corpus, "train_file": str(train_file)})]
     run_train(*flags)
     exported = (out / "exported" / "model.safetensors").stat().st_mtime_ns
+    train_file.write_text("not JSON: the requeue must not read the data, let alone build the engine\n")
     again = run_train(*flags)
     assert "the run was already complete at step 2" in again.stderr
+    train_file.write_text(documents)
     assert (out / "exported" / "model.safetensors").stat().st_mtime_ns == exported
     other = run_train(*flags, "--num_beams", "2")  # other evaluation settings: evaluated again
     assert "already complete" not in other.stderr and (out / "exported" / "model.safetensors").stat().st_mtime_ns != exported
