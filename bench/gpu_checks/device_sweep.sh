@@ -84,9 +84,12 @@ BART_PLAN="--tokens 16384,32768,131072 --methods hf_ds_gc,cached
 --tokens 8388608 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600"
 # LongT5-tglobal-large ([t5-speed]: >= 5x hf_ds_gc; 1.98x at 16K with streaming cross-attention on
 # 2026-11-28, 2.12x at 64K without it earlier). 64K both ways with streaming first, then the 4M
-# target, then the A/Bs. At 16K the encoder's flex attention (T5 bias score_mod) is most of the
-# step: its profile there stands; local_sdpa was as fast with 1.8x the memory.
-LONGT5_PLAN="--tokens 65536 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
+# target, then the A/Bs. At 16K the encoder's flex attention (T5 bias score_mod) was most of the
+# step (its forward kernel 392 ms for 72 calls, ~5 TFLOP/s); the flex score_mod now reads its bias
+# tables heads-first (coalesced), so 16K profiled comes first: the kernel's time against that, and
+# the ratio. local_sdpa was as fast with 1.8x the memory.
+LONGT5_PLAN="--tokens 16384 --methods hf_ds_gc,cached --cross_attention_block $BLOCK --profile
+--tokens 65536 --methods cached --cross_attention_block $BLOCK --warmup 1 --steps 1
 --tokens 65536 --methods hf_ds_gc --cross_attention_block $BLOCK --warmup 1 --steps 1 --no_breakdown
 --tokens 4194304 --methods cached --cross_attention_block $BLOCK --warmup 0 $LONG --point_timeout 600
 --tokens 262144 --methods cached --cross_attention_block $BLOCK --warmup 1
