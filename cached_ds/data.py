@@ -152,7 +152,7 @@ def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Data
 
     dataset = dataset.add_column(ROW, list(range(len(dataset))))
     kept = dataset.filter(keep, input_columns=[args.text_column, args.summary_column], with_indices=True,
-                          batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE)
+                          batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE, num_proc=_workers(args, dataset))
     return kept, len(dataset) - len(kept)
 
 
@@ -174,9 +174,16 @@ def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.D
 
     # A few documents per batch, written out per batch: datasets' default holds 1000 whole
     # documents in memory at once (hundreds of GB for 1000 books of millions of tokens).
+    # With workers, each one's contiguous share is its own cache file, reused by a rerun.
     encoded = dataset.map(encode, batched=True, batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE,
-                          remove_columns=dataset.column_names, desc="tokenizing")
+                          remove_columns=dataset.column_names, desc="tokenizing", num_proc=_workers(args, dataset))
     return encoded.with_format("numpy")
+
+
+def _workers(args: DataArgs, dataset: datasets.Dataset) -> int | None:
+    """``--preprocessing_num_workers``, at most one per document (datasets refuses more)."""
+    workers = args.preprocessing_num_workers
+    return min(workers, len(dataset)) if workers and workers > 1 and len(dataset) > 1 else None
 
 
 def check_ends_with_eos(dataset: datasets.Dataset, tokenizer, sample: int = 64) -> None:

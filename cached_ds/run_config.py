@@ -37,13 +37,14 @@ class DataArgs:
     max_source_tokens: int | None = field(default=None, metadata={"help": "truncate sources to this many tokens (ablations only; default: whole documents)"})
     max_target_tokens: int | None = field(default=None, metadata={"help": "truncate summaries to this many tokens (default: none)"})
     max_eval_documents: int | None = field(default=None, metadata={"help": "evaluate on at most this many documents (default: all)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes that read and tokenize the documents (datasets' num_proc; default: one). Each one's share is cached when done, so a run stopped during tokenization redoes only the unfinished shares"})
 
     def validate(self) -> None:
         if self.dataset and (self.train_file or self.eval_file):
             raise ValueError("give either --dataset or --train_file/--eval_file, not both")
         if self.eval_file and not self.train_file:
             raise ValueError("--eval_file needs --train_file")
-        for name in ("max_source_tokens", "max_target_tokens", "max_eval_documents"):
+        for name in ("max_source_tokens", "max_target_tokens", "max_eval_documents", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")

@@ -341,8 +341,9 @@ class Trainer:
         (a larger --max_steps or --epochs trains on) and the settings of the export and the final
         evaluation (another eval file or beam width redoes them)."""
         run = self.run
+        data = {k: v for k, v in asdict(run.data).items() if k != "preprocessing_num_workers"}  # how, not what
         settings = {"length": {"max_steps": run.optim.max_steps, "epochs": run.optim.epochs}, "eval": asdict(run.eval),
-                    "data": asdict(run.data), "tokenizer": run.model.tokenizer}
+                    "data": data, "tokenizer": run.model.tokenizer}
         return json.loads(json.dumps({"step": step, "checkpoint": tag, **settings}, default=str))
 
     def _completed_at(self, tag: str) -> dict | None:

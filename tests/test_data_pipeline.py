@@ -2,13 +2,16 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import transformers as hf
 from ds_helpers import single_rank_distributed
-from launcher_helpers import make_corpus
+from launcher_helpers import launcher_env, make_corpus
 
 from cached_ds.data import ROW, BatchPlan, load_split
 from cached_ds.run_config import parse_args
@@ -233,3 +236,40 @@ def test_a_pretrained_model_fine_tunes_in_training_mode(tmp_path, corpus):
     fine-tuning step would run without it."""
     trainer = trainer_for(corpus, tmp_path, "--train_file", corpus["train_file"])
     assert all(module.training for module in trainer.engine.module.modules())
+
+
+TOKENIZE_SCRIPT = """
+import json, sys
+import transformers as hf
+from cached_ds import data
+from cached_ds.run_config import DataArgs
+args = DataArgs(train_file=sys.argv[1], preprocessing_num_workers=int(sys.argv[3]) or None)
+dataset, _ = data.drop_empty(data.check_columns(data.load_split(args, "train"), args, "train"), args)
+rows = data.tokenize(dataset, hf.AutoTokenizer.from_pretrained(sys.argv[2]), args)
+print(json.dumps([[int(r[data.ROW]), r["input_ids"].tolist(), r["labels"].tolist()] for r in rows]))
+"""
+
+
+def test_tokenizing_workers_give_the_same_rows_and_a_rerun_redoes_only_a_missing_share(tmp_path, corpus):
+    """--preprocessing_num_workers: the rows of one process, and each worker's share cached on its
+    own, so a run stopped during tokenization (a share not written) redoes only that share, in a
+    new process as a requeued job is."""
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(Path(corpus["train_file"]).read_text())
+    env = launcher_env(HF_DATASETS_CACHE=str(tmp_path / "cache"))
+
+    def tokenized(workers: int) -> list:
+        run = subprocess.run([sys.executable, "-c", TOKENIZE_SCRIPT, str(train_file), corpus["model"], str(workers)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.splitlines()[-1])
+
+    one = tokenized(1)
+    assert len(one) == 8 and tokenized(3) == one
+    shares = sorted((tmp_path / "cache").rglob("cache-*_of_00003.arrow"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(shares) == 6  # the empty-document filter's and the tokenizer's, 3 each
+    lost, kept = shares[-1], shares[:-1]  # the tokenizer's last share, as if its worker was killed
+    lost.unlink()
+    written = {f: f.stat().st_mtime_ns for f in kept}
+    assert tokenized(3) == one
+    assert lost.is_file() and all(f.stat().st_mtime_ns == t for f, t in written.items())

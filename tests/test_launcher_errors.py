@@ -152,6 +152,7 @@ def test_model_without_data():
     (["--num_beams", "0"], "--num_beams must be at least 1, got 0"),
     (["--save_steps", "-2"], "--save_steps must be at least 0, got -2"),
     (["--min_new_tokens", "9", "--max_new_tokens", "8"], "--min_new_tokens 9 is more than --max_new_tokens 8"),
+    (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be a positive integer, got 0"),
 ])
 def test_bad_run_flags_name_the_flag(tmp_path, corpus, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
