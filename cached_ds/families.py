@@ -125,8 +125,18 @@ def default_window(model: nn.Module) -> int:
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The encoder's input embeddings computed from an explicit ``weight`` (same ops as HF)."""
+    """The encoder's input embeddings computed from an explicit ``weight`` (same ops as HF), for
+    the encoder to be called with ``inputs_embeds``.
+
+    M2M100/NLLB number positions from the ids where given: a pad id, even inside the text, takes
+    the padding position and every later token moves down one; from ``inputs_embeds`` positions
+    just count. Where a window holds a pad id, the difference of the two is added here (the
+    position table is fixed: no gradient changes), so the encoder's states are HF's from ids."""
     embedding = input_embedding(model)
     embeds = nn.functional.embedding(input_ids, weight, embedding.padding_idx)
     scale = embedding_scale(model)
-    return embeds * scale if scale != 1.0 else embeds
+    embeds = embeds * scale if scale != 1.0 else embeds
+    positions = getattr(model.get_encoder(), "embed_positions", None)
+    if hasattr(positions, "create_position_ids_from_input_ids") and bool((input_ids == positions.padding_idx).any()):
+        embeds = embeds + (positions(input_ids=input_ids) - positions(inputs_embeds=embeds)).to(embeds.dtype)
+    return embeds
