@@ -83,8 +83,9 @@ def test_resume_auto_starts_fresh_then_resumes_and_a_fresh_start_clears_a_crashe
     assert "starting fresh: removed metrics.jsonl, csv, tensorboard of an earlier run that left no checkpoint" in fresh.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4] and csv_steps(out, "train_loss.csv") == [1, 2, 3, 4]
     assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1
-    again = run_train(*flags)  # a requeue after the end: resumes at step 4, trains nothing more
-    assert "--resume auto: resuming from step00000004" in again.stderr and "resumed from step 4" in again.stderr
+    again = run_train(*flags)  # a requeue after the end: finds step 4 complete, loads and trains nothing
+    assert "--resume auto: resuming from step00000004" in again.stderr and "the run was already complete at step 4" in again.stderr
+    assert "resumed from step" not in again.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
