@@ -19,11 +19,21 @@ _FALLBACK_RELATIVE_WINDOW = 512
 
 
 def require_encoder_decoder(model: nn.Module) -> None:
+    if hasattr(model, "cached_config") and isinstance(getattr(model, "model", None), nn.Module):  # a CachedSeq2Seq
+        raise ValueError(
+            f"model is already a {type(model).__name__}: pass the Hugging Face model it wraps (its .model), with its "
+            "settings in the DeepSpeed config's \"cached\" section (or the CachedConfig), and it is wrapped once"
+        )
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
         raise ValueError(
             f"model must be a Hugging Face encoder–decoder (config.is_encoder_decoder=True), got "
             f"{type(model).__name__}; load one with AutoModelForSeq2SeqLM (BART, mBART, PEGASUS, T5, LongT5)"
+        )
+    if model.get_output_embeddings() is None:  # BartModel, T5Model: no logits, no loss
+        raise ValueError(
+            f"{type(model).__name__} has no language-modelling head (no logits or loss for summaries); load the model "
+            f"with AutoModelForSeq2SeqLM (e.g. BartForConditionalGeneration), not AutoModel"
         )
     reason = _unsupported(model)
     if reason:
@@ -95,6 +105,10 @@ def _positions(config, side: str) -> int | None:
 
 def encoder_positions_field(config) -> str:
     return _positions_field(config, "encoder")
+
+
+def decoder_positions_field(config) -> str:
+    return _positions_field(config, "decoder")
 
 
 def max_window(model: nn.Module) -> int | None:

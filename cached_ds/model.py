@@ -51,6 +51,8 @@ logger = logging.getLogger("cached_ds")
 CACHED_CONFIG_FILE = "cached_config.json"  # beside a saved HF model: the windows it was trained with
 
 IGNORE_INDEX = -100
+IN_PLACE = ("decoder_gradient_checkpointing", "encoder_gradient_checkpointing", "cross_attention_block", "cross_attention_kernel",
+            "fast_t5_attention", "t5_attention_kernel", "keep_attention_dropout")
 T5_FAMILIES = ("t5", "mt5", "longt5")
 
 
@@ -58,8 +60,21 @@ class CachedSeq2Seq(nn.Module):
     def __init__(self, model: nn.Module, config: CachedConfig | None = None):
         super().__init__()
         families.require_encoder_decoder(model)
+        config = config or CachedConfig()
+        # The settings that change the model in place (its modules, checkpointing flags, dropout):
+        # a second wrapper with others would not undo the first's, and would not describe the model.
+        changes = {name: getattr(config, name) for name in IN_PLACE}
+        earlier = getattr(model, "_cached_ds_changes", None)
+        if earlier is not None and earlier != changes:
+            differ = ", ".join(f"{name} {earlier[name]!r} then, {changes[name]!r} now" for name in IN_PLACE if earlier[name] != changes[name])
+            warnings.warn(f"this {type(model).__name__} was wrapped before by a CachedSeq2Seq that changed it in place with "
+                          f"other settings ({differ}); those changes stay, so this wrapper's cached_config (and what "
+                          "save_pretrained writes) does not describe the model: load (or copy.deepcopy before wrapping) "
+                          "another model for other settings", stacklevel=2)
         self.model = model
-        self.cached_config = config or CachedConfig()
+        model._cached_ds_changes = changes
+        self.train(model.training)  # HF's from_pretrained gives eval mode: say so, as the model does
+        self.cached_config = config
         self.window = self.cached_config.window or families.default_window(model)
         limit = families.max_window(model)
         if limit is not None and self.window > limit:
@@ -175,6 +190,9 @@ class CachedSeq2Seq(nn.Module):
         weight the core reads, as they do for training."""
         if not encode_only:
             _check_labels(labels, input_ids, decoder_input_ids)
+            _check_summary_positions(self.model, labels if labels is not None else decoder_input_ids)
+            if labels is not None and labels.dtype != torch.long:
+                labels = labels.long()  # int32 ids are ids too (as input_ids may be); HF's loss takes int64 only
         plan = self.plan(input_ids, attention_mask)
         device = families.input_embedding(self.model).weight.device
         if encode_only:
@@ -223,6 +241,12 @@ class CachedSeq2Seq(nn.Module):
         steps, or the others would wait on its parameter gathers forever (HF turns it on only for
         an ``HfDeepSpeedConfig``, which a cached_ds engine does not make)."""
         generate_kwargs.setdefault("synced_gpus", partitioned_across_ranks(self.model))
+        limit = families.decoder_positions(self.model)
+        for name, most in (("max_new_tokens", None if limit is None else limit - 1), ("max_length", limit)):
+            if most is not None and (generate_kwargs.get(name) or 0) > most:
+                raise ValueError(f"{name}={generate_kwargs[name]} runs past the decoder's {limit} positions (config."
+                                 f"{families.decoder_positions_field(self.model.config)}, the start token takes one); "
+                                 f"set {name} <= {most}")
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
 
@@ -277,6 +301,16 @@ def _enable_checkpointing(stack: nn.Module) -> None:
             module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
 
+def _check_summary_positions(model: nn.Module, summaries: torch.Tensor | None) -> None:
+    """Summaries longer than a learned/sinusoidal decoder position table fail inside HF with an
+    index error (a device-side assert on a GPU); say which field and what to do instead."""
+    limit = families.decoder_positions(model)
+    if summaries is not None and limit is not None and summaries.shape[-1] > limit:
+        raise ValueError(f"the summaries have {summaries.shape[-1]} tokens, past the decoder's {limit} positions (config."
+                         f"{families.decoder_positions_field(model.config)}); truncate them to {limit} tokens "
+                         f"(launchers/train.py: --max_target_tokens {limit})")
+
+
 def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None) -> None:
     if labels is None:
         if decoder_input_ids is not None:  # logits only (scoring, a loss of the caller's own), as in HF
@@ -290,6 +324,8 @@ def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor, decoder_
             f"labels must be a non-empty (batch, summary_tokens) tensor with some tokens not equal to "
             f"{IGNORE_INDEX}, got shape {tuple(labels.shape)}; check the summary column is not empty"
         )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold token ids (an integer dtype, -100 where ignored), got {labels.dtype}")
     if input_ids.dim() == 2 and labels.shape[0] != input_ids.shape[0]:
         raise ValueError(
             f"labels has {labels.shape[0]} rows but input_ids has {input_ids.shape[0]}: one summary per document"

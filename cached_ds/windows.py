@@ -76,6 +76,8 @@ class WindowPlan:
                 f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}; "
                 "add a batch dimension with input_ids.unsqueeze(0)"
             )
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold token ids (an integer dtype), got {input_ids.dtype}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:

@@ -1,5 +1,7 @@
 """Bad input fails early with a ValueError that names the argument and the fix."""
 
+import re
+
 import pytest
 import torch
 import transformers as hf
@@ -33,6 +35,63 @@ def test_missing_or_empty_labels(wrapped, labels, message):
     ids, mask, _ = random_batch([20], [3], 1)
     with pytest.raises(ValueError, match=message):
         wrapped(ids, mask, labels=labels)
+
+
+@pytest.mark.parametrize("ids_dtype, labels_dtype, message", [
+    (torch.float32, torch.long, "input_ids must hold token ids (an integer dtype), got torch.float32"),
+    (torch.long, torch.float32, "labels must hold token ids (an integer dtype, -100 where ignored), got torch.float32"),
+])
+def test_ids_and_labels_that_are_not_integers(wrapped, ids_dtype, labels_dtype, message):
+    ids, mask, labels = random_batch([20], [3], 1)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wrapped(ids.to(ids_dtype), mask, labels=labels.to(labels_dtype))
+
+
+def test_int32_ids_and_labels_give_the_int64_loss(wrapped):
+    ids, mask, labels = random_batch([20, 37], [3, 5], 1)
+    torch.manual_seed(0)
+    want = wrapped(ids, mask, labels=labels).loss
+    torch.manual_seed(0)
+    assert torch.equal(wrapped(ids.int(), mask.int(), labels=labels.int()).loss, want)
+
+
+def test_summaries_past_the_decoder_positions_name_the_limit(wrapped):
+    ids, mask, _ = random_batch([20], [3], 1)
+    labels = torch.randint(4, 50, (1, 65))
+    with pytest.raises(ValueError, match=re.escape("the summaries have 65 tokens, past the decoder's 64 positions "
+                                                   "(config.max_position_embeddings); truncate them to 64 tokens")):
+        wrapped(ids, mask, labels=labels)
+    assert wrapped(ids, mask, labels=labels[:, :64]).loss.isfinite()
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens=64 runs past the decoder's 64 positions")):
+        wrapped.generate(ids, mask, max_new_tokens=64)
+    with pytest.raises(ValueError, match=re.escape("max_length=65 runs past")):
+        wrapped.generate(ids, mask, max_length=65)
+    assert wrapped.generate(ids, mask, max_new_tokens=63, min_new_tokens=63).shape[1] == 64
+
+
+def test_models_without_a_language_modelling_head_are_refused():
+    with pytest.raises(ValueError, match=r"BartModel has no language-modelling head.*AutoModelForSeq2SeqLM"):
+        CachedSeq2Seq(make_model("bart").model)
+
+
+def test_a_wrapper_is_not_wrapped_again_and_rewrapping_with_other_settings_warns():
+    from cached_ds.deepspeed_engine import initialize
+
+    model = make_model("bart")
+    wrapper = CachedSeq2Seq(model, CachedConfig(window=16, cross_attention_block=8, keep_attention_dropout=False))
+    with pytest.raises(ValueError, match=r"model is already a CachedSeq2Seq: pass the Hugging Face model it wraps \(its .model\)"):
+        initialize(wrapper, {"train_micro_batch_size_per_gpu": 1})
+    assert CachedSeq2Seq(model, wrapper.cached_config).cached_config == wrapper.cached_config  # the same settings: fine
+    with pytest.warns(UserWarning, match=r"wrapped before by a CachedSeq2Seq that changed it in place with other settings \(cross_attention_block 8 then, None now, keep_attention_dropout False then, True now\)"):
+        CachedSeq2Seq(model, CachedConfig(window=16))  # still streams, and save_pretrained would say it does not
+
+
+def test_the_wrapper_is_in_the_mode_of_the_model_it_wraps(tmp_path):
+    model = make_model("bart")
+    model.save_pretrained(tmp_path)
+    loaded = hf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)  # eval mode, as HF gives it
+    assert not CachedSeq2Seq(loaded, CachedConfig(window=16)).training
+    assert CachedSeq2Seq(make_model("bart"), CachedConfig(window=16)).training
 
 
 def test_window_larger_than_positions():
