@@ -73,7 +73,8 @@ def load_split(args: DataArgs, split: str) -> datasets.Dataset | None:
 def _csv_as_text(path) -> dict:
     """datasets' ``features`` reading every column of the csv at ``path`` as text, or none where
     its header has names pandas would rename (empty or repeated)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first name; pandas drops it
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         header = next(csv.reader(handle), [])
     if not header or "" in header or len(set(header)) < len(header):
         return {}

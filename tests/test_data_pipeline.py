@@ -123,6 +123,11 @@ def test_csv_summaries_na_none_and_numbers_are_text(tmp_path):
     mixed.write_text("id,document,summary\n" + "".join(f"{i if i < 30 else f'doc-{i}'},text {i},sum {i}\n" for i in range(40)))
     args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(mixed), "--model", "tiny-bart"]).data
     assert load_split(args, "train")["id"][-1] == "doc-39"
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first column's name
+    marked = tmp_path / "excel.csv"
+    marked.write_text("\ufeffdocument,summary\nنص طويل,ملخص\n", encoding="utf-8")
+    args = parse_args(["--deepspeed", "ds_configs/zero0.json", "--train_file", str(marked), "--model", "tiny-bart"]).data
+    assert check_columns(load_split(args, "train"), args, "train")["document"] == ["نص طويل"]
 
 
 def test_columns_that_are_not_text_are_named(tmp_path):
