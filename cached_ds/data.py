@@ -201,6 +201,19 @@ def check_ends_with_eos(dataset: datasets.Dataset, tokenizer, sample: int = 64) 
                        "BART/T5/PEGASUS tokenizers do)", missing, len(rows), tokenizer.eos_token)
 
 
+def check_known_tokens(dataset: datasets.Dataset, tokenizer, sample: int = 8, share: float = 0.05) -> None:
+    """Warns (rank 0) when the first documents are more than ``share`` unknown tokens: a tokenizer
+    that does not cover their script (an English T5 vocabulary on Chinese) trains on ``<unk>``."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None or not len(dataset):
+        return
+    ids = np.concatenate([row[:10_000] for row in dataset.select(range(min(sample, len(dataset))))["input_ids"]])
+    if len(ids) and (ids == unknown).mean() > share:
+        logger.warning("%.0f%% of the first documents' tokens are the tokenizer's unknown token %s: it does not cover their "
+                       "language or script, and the model would learn from %s; use a tokenizer that does (--tokenizer, "
+                       "or a multilingual model)", 100 * (ids == unknown).mean(), tokenizer.unk_token, tokenizer.unk_token)
+
+
 def lengths(dataset: datasets.Dataset, column: str = "num_tokens") -> list[int]:
     """A tokenized dataset's per-document counts (``num_tokens``, ``num_label_tokens``), read
     from that column alone."""

@@ -40,6 +40,24 @@ def check_model_name(name_or_path: str) -> None:
         raise ValueError(f"--model {name_or_path!r} is neither a local directory nor a shipped config ({', '.join(shipped_configs())}) nor an HF id (org/name)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "*.spm", "vocab.*", "merges.txt")
+
+
+def load_tokenizer(name_or_path: str, fix: str = "pass --tokenizer ID_OR_DIR"):
+    """``AutoTokenizer.from_pretrained``, refusing a local folder without tokenizer files: from a
+    folder with only a config and weights, transformers 5 builds an empty tokenizer of the config's
+    class (tens of tokens), and every document would become unknown tokens. ``fix``: what the
+    caller's user can do instead."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ValueError(f"{name_or_path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); {fix}, or save the "
+                         "tokenizer the model was trained with there (tokenizer.save_pretrained)")
+    try:
+        return hf.AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r} ({error}); {fix}") from None
+
+
 def load_model(name_or_path: str, tokenizer=None, **config_overrides) -> hf.PreTrainedModel:
     """A seq2seq LM; random-init configs get the tokenizer's vocabulary size and special ids."""
     if name_or_path in shipped_configs():

@@ -22,6 +22,8 @@ PRESETS = ("default", "smoke")
 class ModelArgs:
     model: str | None = field(default=None, metadata={"help": "HF model id or local directory (from_pretrained), or a shipped config name for random init (tiny-bart, bart-large, long-t5-tglobal-large, ...); required with --train_file/--dataset; with neither (and no --model) the embedded default job trains its own tiny BART"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer id or directory; default: the model's"})
+    lang: str | None = field(default=None, metadata={"help": "language code of the documents and summaries for a multilingual tokenizer (mBART, mBART-50, M2M100, NLLB; e.g. de_DE, deu_Latn): its src_lang and tgt_lang, and mBART-cc25's decoder start (default: the languages the tokenizer was saved with)"})
+    forced_bos_token: str | None = field(default=None, metadata={"help": "token every generated summary starts with (mBART-50, M2M100, NLLB: the summaries' language code, e.g. de_DE), kept in the exported model's generation config"})
 
 
 @dataclass

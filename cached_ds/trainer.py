@@ -31,14 +31,14 @@ import transformers as hf
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import families
+from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
-from .model_zoo import load_model
+from .model_zoo import load_model, load_tokenizer
 from .stop_signals import StopSignals
 from .resume import ResumeState, choose_checkpoint
 from .run_config import RunConfig
@@ -139,10 +139,14 @@ class Trainer:
             return
         seed_everything(run.optim.seed)
         self.tokenizer = tokenizer or self._load_tokenizer()
+        unsure = languages.set_language(self.tokenizer, run.model.lang)  # before tokenizing: the codes it adds
+        if unsure and rank() == 0:
+            logger.warning(unsure)
         self.train_rows, self.eval_rows = self._load_data()
         seed_everything(run.optim.seed)  # model init independent of data loading
         # from_pretrained returns a model in eval mode: fine-tuning would run with dropout off
         self.model = load_model(run.model.model, self.tokenizer).train()
+        languages.set_generation_start(self.model, self.tokenizer, run.model.forced_bos_token)
         self._check_tokenizer()
         self._check_summary_lengths()
         self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),
@@ -172,11 +176,7 @@ class Trainer:
 
     # ---- building ---------------------------------------------------------------------------
     def _load_tokenizer(self):
-        name = self.run.model.tokenizer or self.run.model.model
-        try:
-            return hf.AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot load a tokenizer from {name!r} ({error}); pass --tokenizer ID_OR_DIR") from None
+        return load_tokenizer(self.run.model.tokenizer or self.run.model.model)
 
     def _load_data(self):
         splits = {}
@@ -203,6 +203,7 @@ class Trainer:
         dataset = data_lib.tokenize(dataset, self.tokenizer, args)
         if split == "train" and rank() == 0 and len(dataset):
             data_lib.check_ends_with_eos(dataset, self.tokenizer)
+            data_lib.check_known_tokens(dataset, self.tokenizer)
         if split == "eval" and args.max_eval_documents:
             dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
         return dataset
@@ -343,7 +344,7 @@ class Trainer:
         run = self.run
         data = {k: v for k, v in asdict(run.data).items() if k != "preprocessing_num_workers"}  # how, not what
         settings = {"length": {"max_steps": run.optim.max_steps, "epochs": run.optim.epochs}, "eval": asdict(run.eval),
-                    "data": data, "tokenizer": run.model.tokenizer}
+                    "data": data, "tokenizer": run.model.tokenizer, "lang": run.model.lang, "forced_bos_token": run.model.forced_bos_token}
         return json.loads(json.dumps({"step": step, "checkpoint": tag, **settings}, default=str))
 
     def _completed_at(self, tag: str) -> dict | None:

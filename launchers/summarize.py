@@ -23,12 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import transformers as hf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cached_ds import CachedSeq2Seq, families  # noqa: E402
 from cached_ds.evaluation import summarize  # noqa: E402
 from cached_ds.long_text import token_ids  # noqa: E402
+from cached_ds.model_zoo import load_tokenizer  # noqa: E402
 from cached_ds.run_outputs import write_atomic  # noqa: E402
 
 logger = logging.getLogger("cached_ds.summarize")
@@ -145,6 +145,7 @@ def main(argv=None) -> None:
                         help="field each output line gets the generated summary in (an input field of that name is refused, not overwritten)")
     parser.add_argument("--num_beams", type=int, default=4, help="beam width")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary (capped where learned decoder positions end)")
+    parser.add_argument("--min_new_tokens", type=int, default=0, help="shortest summary")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
@@ -154,6 +155,10 @@ def main(argv=None) -> None:
         raise ValueError(f"summarize.py runs as one process, but this launch has WORLD_SIZE={os.environ['WORLD_SIZE']}: run it "
                          "with python, once per GPU on a part of the input if you want several (e.g. CUDA_VISIBLE_DEVICES=1 "
                          "python launchers/summarize.py --input part1.jsonl ...)")
+    if args.num_beams < 1 or args.max_new_tokens < 1 or args.min_new_tokens < 0 or args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--num_beams {args.num_beams}, --max_new_tokens {args.max_new_tokens}, --min_new_tokens "
+                         f"{args.min_new_tokens}: beams and the longest summary must be at least 1, the shortest between 0 "
+                         "and the longest")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
@@ -162,14 +167,15 @@ def main(argv=None) -> None:
     empty = check_records(lines, args)
     partial = args.output.with_name(args.output.name + ".partial")
     generation = {"model": str(args.model.resolve()), "dtype": dtype, "num_beams": args.num_beams,
-                "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column}
+                "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column,
+                **({"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else {})}  # as earlier versions recorded them
     done = done_before(partial, lines, args.output_column, generation)
     if done:
         logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(lines))
     # checks cached_config.json before HF's load, whose error would not say which folder to pass
     model = CachedSeq2Seq.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
     hf_model = model.model
-    tokenizer = hf.AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model, fix="give --model the folder train.py exported (<output_dir>/exported)")
     max_new_tokens = families.max_new_tokens(hf_model, args.max_new_tokens)
     if max_new_tokens < args.max_new_tokens:
         logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
@@ -185,7 +191,8 @@ def main(argv=None) -> None:
             summary = ""
             if text.strip():
                 [summary] = summarize(model, tokenizer, [token_ids(tokenizer, text)], num_beams=args.num_beams,
-                                      max_new_tokens=max_new_tokens, length_penalty=args.length_penalty)
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min(args.min_new_tokens, max_new_tokens),
+                                      length_penalty=args.length_penalty)
             handle.write(json.dumps({**record, args.output_column: summary}, ensure_ascii=False) + "\n")
             handle.flush()
             bar.update(1)

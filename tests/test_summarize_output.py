@@ -44,6 +44,12 @@ def test_training_format_input_keeps_its_reference_summary(tmp_path, exported):
     rows = [json.loads(line) for line in named.read_text().splitlines()]
     assert all(isinstance(r["generated"], str) and "prediction" not in r for r in rows)
 
+    longer = tmp_path / "longer.jsonl"  # --min_new_tokens, as the training run's evaluation takes it
+    assert summarize(model, docs, longer, "--min_new_tokens", "4").returncode == 0
+    assert all(json.loads(line)["prediction"].strip() for line in longer.read_text().splitlines())
+    refused = summarize(model, docs, tmp_path / "no.jsonl", "--min_new_tokens", "5")
+    assert refused.returncode == 1 and "--min_new_tokens 5: beams and the longest summary must be at least 1" in refused.stderr
+
 
 def test_an_output_column_the_input_has_is_refused(tmp_path, exported):
     model, eval_file = exported
@@ -129,6 +135,21 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     result = summarize(model, docs, tmp_path / "out.jsonl", "--max_new_tokens", str(positions + 50))
     assert result.returncode == 0, result.stderr[-3000:]  # it used to fail with an index error
     assert f"--max_new_tokens {positions + 50} reaches past this bart decoder's positions: generating at most {positions - 1}" in result.stderr
+
+
+def test_a_saved_wrapper_without_its_tokenizer_is_refused(tmp_path, exported):
+    """CachedSeq2Seq.save_pretrained writes no tokenizer; transformers 5 then builds an empty one
+    from the config, and every document was summarised from unknown tokens, exit status 0."""
+    model, eval_file = exported
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", CACHED_CONFIG_FILE):
+        (bare / name).write_bytes((model / name).read_bytes())
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(Path(eval_file).read_text().splitlines()[0] + "\n")
+    result = summarize(bare, docs, tmp_path / "out.jsonl")
+    assert result.returncode == 1 and f"{bare} holds no tokenizer files" in result.stderr
+    assert "give --model the folder train.py exported (<output_dir>/exported)" in result.stderr
 
 
 def test_a_multi_process_launch_is_refused_before_writing(tmp_path, exported):
