@@ -86,6 +86,19 @@ def _fmt(value, digits=1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _significant(value) -> str:
+    """One decimal, or three significant digits below 10 (a CPU run's 0.004 TFLOP/s is not 0.0)."""
+    return "–" if value is None else f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def setup(point: dict) -> str:
+    """Precision, ZeRO stage and window: rows of sweeps with other settings in one folder differ here."""
+    parts = [point.get("dtype"), point.get("zero_stage"), point.get("window")]
+    if all(part is None for part in parts):
+        return "–"
+    return " ".join(f"{prefix}{part}" for prefix, part in zip(("", "ZeRO-", "w"), parts) if part is not None)
+
+
 def _step(point: dict) -> str:
     """The median step time, and with several timed steps half their range as a share of it
     (``1.885 ±3%``): how far one point's ratio can be trusted."""
@@ -96,10 +109,14 @@ def _step(point: dict) -> str:
 
 
 def status_of(point: dict) -> str:
+    if point.get("not_run"):
+        return f"not run ({point['not_run']})"
     if point.get("skipped"):
-        return "OOM (shorter length did)"
+        return f"{'timeout' if point['skipped'] == 'timeout' else 'OOM'} (shorter length did)"
     if point.get("oom"):
         return "OOM"
+    if str(point.get("error", "")).startswith("exit timeout"):
+        return "timeout (deadline)" if point.get("deadline_cut") else "timeout"
     if point.get("error"):  # its last line, e.g. "IndexError: index out of range in self" (the log has the rest)
         last = str(point["error"]).replace("|", "/").rstrip().rsplit(" / ", 1)[-1].strip()
         return f"error: {last[-80:]}"
@@ -109,17 +126,21 @@ def status_of(point: dict) -> str:
 def table(points: list[dict]) -> str:
     """One row per point; ``vs hf_ds_gc`` is tokens/s over the baseline's at the same length and
     model, with the same DeepSpeed config (``zero_ab``: an A/B line changes it for both)."""
-    baseline = {comparable(p): p.get("tokens_per_s") for p in points if p["method"] == BASELINE and not p.get("oom")}
-    rows = ["| model | method | tokens | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    baselines = [p for p in points if p["method"] == BASELINE and p.get("tokens_per_s")]
+    # the baseline a sweep measured itself where it did (a rerun into the same run id measures
+    # its own), else the latest of the run id with the same settings (a later call's A/B lines)
+    latest = {comparable(p): p["tokens_per_s"] for p in baselines}
+    own = {(comparable(p), p.get("invocation")): p["tokens_per_s"] for p in baselines if p.get("invocation")}
+    rows = ["| model | method | tokens | setup | attn | peak alloc GiB | peak reserved GiB | step s | tokens/s | vs hf_ds_gc | model TFLOP/s | enc. saved MiB | status |",
+            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in sorted(points, key=lambda p: (p["model"], p["tokens"], label(p))):
-        base = baseline.get(comparable(p))
+        base = own.get((comparable(p), p.get("invocation"))) or latest.get(comparable(p))
         ratio = p["tokens_per_s"] / base if base and p.get("tokens_per_s") else None
         saved = p.get("encoder_saved_peak_bytes")
         rows.append("| " + " | ".join([
-            p["model"], label(p), _tokens(p["tokens"]), p.get("attn_implementation") or "–",
+            p["model"], label(p), _tokens(p["tokens"]), setup(p), p.get("attn_implementation") or "–",
             _fmt(p.get("peak_allocated_gib")), _fmt(p.get("peak_reserved_gib")), _step(p),
-            _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _fmt(p.get("model_tflops_per_s")),
+            _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _significant(p.get("model_tflops_per_s")),
             "–" if saved is None else f"{saved / 2**20:.2f}", status_of(p),
         ]) + " |")
     return "\n".join(rows) + "\n"
@@ -190,10 +211,15 @@ def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
     """One panel per model, sharing the length axis: BART-large's 140K tokens/s and LongT5's 7K on
     one y-axis would flatten the smaller model's curves into the floor."""
     models = sorted({p["model"] for p in points}) or [None]
+    setups = {setup(p) for p in points}
+
+    def line_of(p: dict) -> str:  # one line per method, and per setup where the folder holds several
+        return label(p) if len(setups) < 2 else f"{label(p)} ({setup(p)})"
+
     fig, axes = plt.subplots(len(models), 1, figsize=(10, 1.0 + 3.5 * len(models)), sharex=True, squeeze=False)
     for ax, model in zip(axes[:, 0], models):
-        for method in sorted({label(p) for p in points if p["model"] == model}):
-            row = [p for p in points if (p["model"], label(p)) == (model, method)]
+        for method in sorted({line_of(p) for p in points if p["model"] == model}):
+            row = [p for p in points if (p["model"], line_of(p)) == (model, method)]
             ok = sorted((p["tokens"], p[key]) for p in row if not p.get("oom") and p.get(key) is not None)
             failed = sorted(p["tokens"] for p in row if p.get("oom"))
             if not ok and not failed:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,12 +36,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 from methods import METHODS  # noqa: E402
-from report import label, points_file, read_points, status_of, write_report  # noqa: E402
+from report import label, points_file, read_points, status_of, write_report, zero_ab  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The shipped configs, read as files here: cached_ds.model_zoo would import transformers for a listing
 MODEL_CONFIGS = HERE.parent / "cached_ds" / "model_configs"
 DEFAULT_TOKENS = [2**k for k in range(14, 25)]  # 16K … 16M
+MIN_POINT_S = 10.0  # below it a point could not even start: the sweep stops at its deadline instead
 SMOKE = dict(model="tiny-bart", tokens=[1024, 4096], target_tokens=64, dtype="fp32", group_tokens=512,
              steps=2, warmup=1, saved_tensor_meter=True)
 
@@ -139,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--tokens must be positive")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0 (the median is over the timed steps)")
+    if args.point_timeout < MIN_POINT_S:
+        parser.error(f"--point_timeout must be at least {MIN_POINT_S:g} s (a point builds its model and engine first)")
+    for name in ("window", "group_tokens", "target_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     positions = model_positions(args.model, args.config_overrides)  # learned positions (BART-like), or None
     if positions is not None:
         if args.target_tokens is not None and args.target_tokens > positions:
@@ -204,10 +212,15 @@ def child_env(device: str) -> dict:
     return env
 
 
-def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
+def run_point(spec: dict, out: Path, timeout: float, device: str, invocation: str) -> dict:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # the sweep's own invocation in the name: two sweeps into one folder (another ZeRO stage, a
+    # rerun) keep their logs apart, and one never reads the other's result file
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{spec['model']}-{label(spec)}-{spec['tokens']}")
+    if len(stem) > 120:  # many --config_overrides: a file name too long for the filesystem (255 bytes)
+        stem = stem[:100] + "-" + hashlib.sha1(stem.encode()).hexdigest()[:10]
+    stem += f".{invocation}"
     result_file, log_file = logs / f"{stem}.json", logs / f"{stem}.log"
     result_file.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -227,6 +240,28 @@ def run_point(spec: dict, out: Path, timeout: float, device: str) -> dict:
         tail = log_file.read_text().splitlines()[-5:]
         point.update(oom=code == -9, error=f"exit {code}: " + " / ".join(tail)[-500:])
     return point
+
+
+def rerun_key(point: dict) -> tuple:
+    """What makes a point the same measurement as one its run id already has (its window as
+    asked: the point records the one it resolved); older points, without it, are measured again."""
+    return (label(point), point["tokens"], point.get("dtype"), point.get("zero_stage"), point.get("target_tokens"),
+            point.get("window_asked", "not recorded"), point.get("group_tokens"), zero_ab(point), point.get("steps"), point.get("warmup"))
+
+
+def timed_out(point: dict) -> bool:
+    return str(point.get("error", "")).startswith("exit timeout")
+
+
+def stopped_by(point: dict) -> bool:
+    """Out of memory or out of time at its length (or skipped for it): longer lengths would be too."""
+    return bool(point.get("oom") or (timed_out(point) and not point.get("deadline_cut")) or point.get("skipped"))
+
+
+def failed_at_timeout(points: list[dict], name: str) -> bool:
+    """Whether the shortest length where ``name`` stopped ran out of time rather than memory."""
+    stops = sorted((p["tokens"], not p.get("oom")) for p in points if label(p) == name and stopped_by(p))
+    return bool(stops) and stops[0][1]
 
 
 def kernels(args) -> dict:
@@ -250,9 +285,16 @@ def main(argv=None) -> Path | None:
     out = args.out or HERE / "results" / f"{dt.date.today().isoformat()}-{device}"
     if device == "cpu" and args.tokens == DEFAULT_TOKENS:
         sys.exit("sweep.py: error: the default plan (16K to 16M tokens) is for GPUs; on CPU give --smoke or --tokens")
+    if device == "cpu" and not args.model.startswith("tiny") and not args.config_overrides:
+        # e.g. an array task on a node without the GPU it did not request: hours per point, in fp32
+        sys.exit(f"sweep.py: error: no GPU here, and {args.model} at its real size takes hours per point on CPU; request a "
+                 "GPU (sbatch --gpus=1), or give --smoke, a tiny-* model or --config_overrides (a CPU proxy)")
     out.mkdir(parents=True, exist_ok=True)
-    failed_at = {label(p): p["tokens"] for p in read_points(out)
-                 if p.get("oom") and p["model"] == args.model_name and p.get("run_id") == args.run_id}
+    earlier = [p for p in read_points(out) if p["model"] == args.model_name and p.get("run_id") == args.run_id]
+    # a method that ran out of memory or time at a length is not tried at longer ones
+    failed_at = {label(p): p["tokens"] for p in earlier if stopped_by(p)}
+    measured = {rerun_key(p) for p in earlier if status_of(p) == "ok"}  # a rerun of the run id skips these
+    invocation = f"{dt.datetime.now():%H%M%S}-{os.getpid()}"  # this process: its points' baselines are its own
     plan = [(tokens, method) for tokens in args.tokens for method in args.methods]
     errors = 0
     for tokens, method in tqdm(plan, desc="sweep points", unit="point"):
@@ -264,24 +306,31 @@ def main(argv=None) -> Path | None:
                     kernels=kernels(args) if method == "cached" else {},
                     keep_graphs_gib=args.keep_graphs_gib if method == "cached" else None, no_attention_dropout=bool(kernels(args)),
                     zero3_decoder_hooks=args.zero3_decoder_hooks and method == "cached", reduce_bucket_size=args.reduce_bucket_size,
-                    memory_efficient_linear=args.memory_efficient_linear or None, run_id=args.run_id)
+                    memory_efficient_linear=args.memory_efficient_linear or None, run_id=args.run_id, window_asked=args.window)
         if args.config_overrides:  # ``model`` names the changed shape; point.py builds it from these
             spec.update(shipped_model=args.model, config_overrides=args.config_overrides)
         name = label(spec)
         timeout = args.point_timeout if args.deadline is None else min(args.point_timeout, args.deadline - time.time())
-        if name in failed_at and tokens > failed_at[name]:
-            point = {**spec, "device": device, "oom": True, "skipped": True}
-        elif timeout < 10:
-            tqdm.write(f"{name:>9} {tokens:>9} tokens: skipped (deadline)")
+        if rerun_key(spec) in measured:
+            tqdm.write(f"{name:>9} {tokens:>9} tokens: measured before in run {args.run_id} ({out}); not again")
             continue
+        if name in failed_at and tokens > failed_at[name]:
+            point = {**spec, "device": device, "skipped": "timeout" if failed_at_timeout(earlier, name) else "oom"}
+            point["oom"] = point["skipped"] == "oom"
+        elif timeout < MIN_POINT_S:  # recorded: the table says which points the deadline left out
+            point = {**spec, "device": device, "not_run": "deadline"}
         else:
-            point = run_point(spec, out, timeout, device)
-            if point.get("oom"):
-                failed_at[name] = min(tokens, failed_at.get(name, tokens))
+            point = run_point(spec, out, timeout, device, invocation)
+            if timed_out(point) and timeout < args.point_timeout:
+                point["deadline_cut"] = True  # stopped by the sweep's deadline: says nothing about longer lengths
+        point["invocation"] = invocation
+        if stopped_by(point):
+            failed_at[name] = min(tokens, failed_at.get(name, tokens))
+        earlier.append(point)
         with open(points_file(out), "a") as f:
             f.write(json.dumps(point) + "\n")
         write_report(out)
-        errors += bool(point.get("error")) and not point.get("oom")
+        errors += bool(point.get("error")) and not point.get("oom") and not timed_out(point)
         status = status_of(point)
         status = f"{point['tokens_per_s']:,.0f} tok/s" if status == "ok" else status
         tqdm.write(f"{name:>9} {tokens:>9} tokens: {status}")

@@ -2,12 +2,14 @@
 its own process, outputs well-formed, and CachED's encoder memory flat in document length."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+from launcher_helpers import launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"method": str, "model": str, "tokens": int, "zero_stage": int, "dtype": str, "device": str,
@@ -277,9 +279,9 @@ def test_zero_config_abs_are_labelled_and_compared_with_their_own_baseline():
     assert label(rows[3]) == "cached+bucket=1048576" and label(rows[2]) == "hf_ds_gc+bucket=1048576"
     assert label(rows[5]) == "cached+mem_efficient_linear"
     text = table(rows)
-    assert "| m | cached | 16K | – | – | – | – | 150 | 1.50× |" in text
-    assert "| m | cached+bucket=1048576 | 16K | – | – | – | – | 240 | 2.00× |" in text
-    assert "| m | cached+mem_efficient_linear | 16K | – | – | – | – | 100 | 1.25× |" in text
+    assert "| m | cached | 16K | – | – | – | – | – | 150 | 1.50× |" in text
+    assert "| m | cached+bucket=1048576 | 16K | – | – | – | – | – | 240 | 2.00× |" in text
+    assert "| m | cached+mem_efficient_linear | 16K | – | – | – | – | – | 100 | 1.25× |" in text
 
 
 def test_zero_config_abs_reach_every_engine(smoke, tmp_path):
@@ -428,3 +430,70 @@ def test_a_point_that_errors_fails_the_sweep(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "1 point(s) failed with an error; their logs are in" in proc.stderr, proc.stderr[-3000:]
     assert "| error: " in (tmp_path / "table.md").read_text()
+
+
+def test_each_row_divides_by_the_baseline_its_own_sweep_measured():
+    """Two sweeps of one run id into one folder (a rerun, a requeued array task): each row's
+    ratio is against its own sweep's hf_ds_gc (hf_ds_gc 1.00×), a line without one against the
+    run's latest. It used to take whichever hf_ds_gc came last, for every row."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import table
+
+    def point(method, tokens_per_s, invocation):
+        return {"model": "m", "method": method, "tokens": 1024, "dtype": "bf16", "zero_stage": 3, "target_tokens": 64,
+                "window": 128, "run_id": "r", "invocation": invocation, "tokens_per_s": tokens_per_s, "step_s": 1024 / tokens_per_s}
+
+    rows = table([point("hf_ds_gc", 100, "a"), point("cached", 150, "a"), point("hf_ds_gc", 200, "b"),
+                  point("cached", 300, "b"), point("full", 50, "c")]).splitlines()[2:]
+    ratios = {(cells[2], cells[10]) for cells in ([c.strip() for c in row.split("|")] for row in rows)}
+    assert ratios == {("hf_ds_gc", "1.00×"), ("cached", "1.50×"), ("full", "0.25×")}
+    assert all("| bf16 ZeRO-3 w128 |" in row for row in rows)
+
+
+def test_timeouts_and_points_left_out_say_so():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import status_of
+
+    base = {"method": "cached", "model": "m", "tokens": 1024}
+    assert status_of({**base, "oom": False, "error": "exit timeout: Loading model / step 1"}) == "timeout"
+    assert status_of({**base, "oom": False, "error": "exit timeout: step 1", "deadline_cut": True}) == "timeout (deadline)"
+    assert status_of({**base, "oom": False, "skipped": "timeout"}) == "timeout (shorter length did)"
+    assert status_of({**base, "oom": True, "skipped": "oom"}) == "OOM (shorter length did)"
+    assert status_of({**base, "not_run": "deadline"}) == "not run (deadline)"
+
+
+def test_a_rerun_of_a_run_id_skips_what_it_measured_and_bad_flags_are_refused_first(tmp_path):
+    command = [sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--methods", "cached", "--tokens", "1024",
+               "--steps", "1", "--warmup", "0", "--no_breakdown", "--run_id", "again", "--out", str(tmp_path)]
+    for _ in range(2):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "measured before in run again" in proc.stderr + proc.stdout
+    assert len((tmp_path / "points.jsonl").read_text().splitlines()) == 1
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 1
+    for flags, message in ((["--point_timeout", "5"], "--point_timeout must be at least 10 s"),
+                           (["--window", "0"], "--window must be a positive integer, got 0"),
+                           (["--group_tokens", "0"], "--group_tokens must be a positive integer, got 0")):
+        proc = subprocess.run(command + flags, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    full_size = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--model", "bart-large", "--tokens", "16384",
+                                "--out", str(tmp_path / "big")], capture_output=True, text=True, timeout=120)
+    assert full_size.returncode == 1 and "no GPU here, and bart-large at its real size takes hours per point" in full_size.stderr
+
+
+def test_sweep_sbatch_gives_each_task_its_own_length_whatever_sweep_args_hold(tmp_path):
+    """A --tokens list in SWEEP_ARGS (with SWEEP_TOKENS unset, the array's lengths come from it)
+    used to override each task's own length: every task ran every length."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drops --ntasks=1
+    (fake / "srun").chmod(0o755)
+    env = {**launcher_env(), "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(ROOT),
+           "SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", "SWEEP_OUT": str(tmp_path / "out"),
+           "SWEEP_ARGS": "--smoke --methods cached --steps 1 --warmup 0 --no_breakdown --tokens 512,1024"}
+    env.pop("SWEEP_TOKENS", None)
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm" / "sweep.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    points = [json.loads(line) for line in (tmp_path / "out" / "points.task0.jsonl").read_text().splitlines()]
+    assert [p["tokens"] for p in points] == [512]
