@@ -246,7 +246,10 @@ def rerun_key(point: dict) -> tuple:
     """What makes a point the same measurement as one its run id already has (its window as
     asked: the point records the one it resolved); older points, without it, are measured again."""
     return (label(point), point["tokens"], point.get("dtype"), point.get("zero_stage"), point.get("target_tokens"),
-            point.get("window_asked", "not recorded"), point.get("group_tokens"), zero_ab(point), point.get("steps"), point.get("warmup"))
+            point.get("window_asked", "not recorded"), point.get("group_tokens"), zero_ab(point), point.get("steps"), point.get("warmup"),
+            # a line asking for a profile, an allocator trace or a breakdown wants it measured (the
+            # point keeps the profile's summary where the spec had True)
+            bool(point.get("profile")), bool(point.get("memory_trace")), bool(point.get("breakdown_step")))
 
 
 def timed_out(point: dict) -> bool:
@@ -318,7 +321,7 @@ def main(argv=None) -> Path | None:
             point = {**spec, "device": device, "skipped": "timeout" if failed_at_timeout(earlier, name) else "oom"}
             point["oom"] = point["skipped"] == "oom"
         elif timeout < MIN_POINT_S:  # recorded: the table says which points the deadline left out
-            point = {**spec, "device": device, "not_run": "deadline"}
+            point = {**spec, "device": device, "oom": False, "not_run": "deadline"}
         else:
             point = run_point(spec, out, timeout, device, invocation)
             if timed_out(point) and timeout < args.point_timeout:
