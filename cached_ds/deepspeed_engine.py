@@ -408,12 +408,15 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     inference uses the same windows. Call on every rank; rank 0 consolidates and writes.
 
     Weights come from ``zero_to_fp32`` for ZeRO 1–3 (fp32 master weights); it rejects stage-0
-    checkpoints, whose module weights are the full weights, so stage 0 exports them directly."""
+    checkpoints, whose module weights are the full weights, so stage 0 exports them directly, and
+    so does DeepSpeed's BF16_Optimizer (bf16 with ``data_types.grad_accum_dtype`` fp32 under
+    ZeRO 0–1), whose checkpoints it does not read ("... is not a zero checkpoint", after the whole
+    run had trained): its module holds every weight, in bf16."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     output_dir = Path(output_dir)
     wrapped: CachedSeq2Seq = engine.module
-    if engine.zero_optimization_stage() == 0:
+    if engine.zero_optimization_stage() == 0 or type(engine.optimizer).__name__ == "BF16_Optimizer":
         state = {k: v.detach().float().clone() for k, v in wrapped.model.state_dict().items()}
     else:
         barrier()  # every rank's shard is on disk

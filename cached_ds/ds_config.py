@@ -35,9 +35,11 @@ def load_config(config: str | Path | dict) -> dict:
 # (data_types.keep_in_fp32_modules, pipeline.stages) and stay for it to interpret.
 AUTO_FIELDS = frozenset({
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping", "lr",
-    "weight_decay", "warmup_max_lr", "warmup_min_lr", "warmup_num_steps", "total_num_steps", "bf16.enabled",
-    "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_reuse_distance",
+    "weight_decay", "betas", "eps", "warmup_max_lr", "warmup_min_lr", "warmup_num_steps", "total_num_steps", "bf16.enabled",
+    "fp16.enabled", "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    "stage3_max_reuse_distance",
 })
+DEEPSPEED_AUTO = ("data_types.keep_in_fp32_modules", "pipeline.stages")  # "auto" DeepSpeed itself reads
 
 
 def _field(parent: str | None, key: str) -> str | None:
@@ -66,12 +68,14 @@ def resolve_auto(config: dict, values: dict) -> dict:
 
 
 def unresolved_auto(config: dict, parent: str | None = None, prefix: str = "") -> list[str]:
-    """Dotted paths of the ``AUTO_FIELDS`` fields still set to ``"auto"``."""
+    """Dotted paths of the fields still set to ``"auto"``, but those DeepSpeed reads itself
+    (``DEEPSPEED_AUTO``): elsewhere DeepSpeed takes the string for a number and fails deep inside
+    (``betas`` in Adam's C++ call) or, in a section its model drops it from, runs its default."""
     found = []
     for key, value in config.items():
         if isinstance(value, dict):
             found += unresolved_auto(value, key, f"{prefix}{key}.")
-        elif value == "auto" and _field(parent, key) is not None:
+        elif value == "auto" and prefix + key not in DEEPSPEED_AUTO:
             found.append(prefix + key)
     return found
 
@@ -86,12 +90,15 @@ def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, worl
         "gradient_clipping": max_grad_norm,
         "lr": lr,
         "weight_decay": weight_decay,
+        "betas": [0.9, 0.999],  # HF's TrainingArguments defaults (adam_beta1, adam_beta2, adam_epsilon)
+        "eps": 1e-8,
         "warmup_max_lr": lr,
         # WarmupDecayLR rises from warmup_min_lr and decays back to it; it needs >= 1 warm-up step
         "warmup_min_lr": 0.0,
         "warmup_num_steps": max(1, warmup_steps),
         "total_num_steps": max(total_steps, warmup_steps + 1),
         "bf16.enabled": bf16,
+        "fp16.enabled": False,  # train.py has no --fp16: bf16 or fp32
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": 10 * hidden_size,
@@ -120,6 +127,9 @@ def check_batch_sizes(config: dict, world_size: int, micro_batch_size: int | Non
     micro × GAS × world. Say which fields disagree and how to fix."""
     for key, flag, value in (("train_micro_batch_size_per_gpu", "--micro_batch_size", micro_batch_size),
                              ("gradient_accumulation_steps", "--gradient_accumulation_steps", gradient_accumulation_steps)):
+        if value is not None and config.get(key) is None:
+            raise ValueError(f'{source} does not set {key}; add "{key}": "auto" there ({flag}, {value}, fills it: the '
+                             "data plan follows the flag)")
         if value is not None and config.get(key) != value:
             raise ValueError(f'{source} sets {key}={config.get(key)} but {flag} is {value} (the data plan '
                              f'follows {flag}); set {key} to "auto" there, or pass {flag} {config.get(key)}')
@@ -131,3 +141,52 @@ def check_batch_sizes(config: dict, world_size: int, micro_batch_size: int | Non
             f"train_batch_size={total} but train_micro_batch_size_per_gpu × gradient_accumulation_steps × world size "
             f"= {micro} × {gas} × {world_size} = {micro * gas * world_size}; set train_batch_size to \"auto\" or make them agree"
         )
+
+
+# The numbers a config may hold where the launcher has a flag: a flag the user gave must agree (as
+# HF's Trainer checks), the config's number wins where the flag was left at its default.
+FLAG_FIELDS = (("optimizer.params.lr", "optim", "lr", "--lr"), ("optimizer.params.weight_decay", "optim", "weight_decay", "--weight_decay"),
+               ("gradient_clipping", "optim", "max_grad_norm", "--max_grad_norm"))
+# DeepSpeed's warm-up schedulers that the launcher runs as HF's schedule instead (trainer.py)
+REPLACED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed config") -> None:
+    """What the launcher would otherwise ignore without a word. ``chosen``: the flags the user
+    gave, by (section, name). A number that disagrees with a given flag; a numeric parameter of a
+    WarmupLR/WarmupDecayLR scheduler (the launcher runs HF's schedule from its flags instead); no
+    optimizer (the launcher builds none); an "auto" it does not fill; data_efficiency, which needs
+    DeepSpeed's dataloader."""
+    for dotted, section, name, flag in FLAG_FIELDS:
+        number, given = _get(config, dotted), chosen.get((section, name))
+        if given is not None and isinstance(number, (int, float)) and not isinstance(number, bool) and number != given:
+            raise ValueError(f'{source} sets {dotted}={number} but {flag} is {given}; set it to "auto" there (the flag fills '
+                             f"it), or pass {flag} {number}")
+    if not isinstance(config.get("optimizer"), dict):
+        raise ValueError(f'{source} has no "optimizer" section, and train.py builds no optimizer of its own; add one, e.g. '
+                         '"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}} (as ds_configs/*.json)')
+    scheduler = config.get("scheduler") or {}
+    if scheduler.get("type") in REPLACED_SCHEDULERS:
+        fixed = {k: v for k, v in (scheduler.get("params") or {}).items() if v != "auto"}
+        if fixed:
+            raise ValueError(f"{source}: train.py runs {scheduler['type']} as HF's warm-up schedule from its flags (DeepSpeed's "
+                             f"loses its first two steps: docs/engine.md), so scheduler.params {fixed} would be ignored; set "
+                             'them to "auto" and use --lr, --warmup_steps and --lr_decay')
+    left = [path for path in unresolved_auto(config) if path.rsplit(".", 1)[-1] not in AUTO_FIELDS
+            and path not in ("bf16.enabled", "fp16.enabled")]
+    if left:
+        raise ValueError(f'{source} has "auto" in {left}, which train.py does not fill (it fills {sorted(AUTO_FIELDS)}); '
+                         "write numbers there")
+    efficiency = config.get("data_efficiency") or {}
+    if isinstance(efficiency, dict) and efficiency.get("enabled"):
+        raise ValueError(f'{source}: "data_efficiency" works through DeepSpeed\'s own dataloader (or a converted model), which '
+                         "train.py does not use, so it would have no effect; remove it")

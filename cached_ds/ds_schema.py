@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import json
 
 # DeepSpeed's pydantic models by class name (a ValidationError's title) -> the JSON section each
@@ -161,3 +162,53 @@ def _allowed(model, loc: tuple) -> str | None:
             values = list(dict.fromkeys(member.value for member in candidate))
             return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
     return None
+
+
+# Top-level settings whose misspelling DeepSpeed would ignore without a word, leaving the run
+# without them (e.g. "gradient_cliping": no clipping at all): a key this close to one is an error.
+CORE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+             "optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "activation_checkpointing", "tensorboard",
+             "csv_monitor", "wandb", "comet", "steps_per_print", "zero_allow_untested_optimizer", "data_types", "checkpoint",
+             "flops_profiler", "comms_logger", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+             "wall_clock_breakdown", "memory_breakdown", "torch_autocast", "compile", "aio", "cached")
+# Modules whose UPPER_CASE string constants name the keys DeepSpeed reads (a superset of the top level)
+KEY_MODULES = ("deepspeed.runtime.constants", "deepspeed.monitor.constants", "deepspeed.profiling.constants",
+               "deepspeed.comm.constants", "deepspeed.runtime.data_pipeline.constants", "deepspeed.compression.constants",
+               "deepspeed.autotuning.constants", "deepspeed.elasticity.constants", "deepspeed.nebula.constants",
+               "deepspeed.runtime.swap_tensor.constants", "deepspeed.runtime.activation_checkpointing.config",
+               "deepspeed.runtime.zero.constants", "deepspeed.checkpoint.constants", "deepspeed.runtime.precision_config",
+               "deepspeed.runtime.config")
+MONITOR_PACKAGES = {"wandb": "wandb", "comet": "comet_ml"}
+
+
+def deepspeed_keys() -> set[str]:
+    keys = set(CORE_KEYS)
+    for name in KEY_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a DeepSpeed without the module: fewer known keys, more warnings
+            continue
+        keys |= {value for key, value in vars(module).items() if key.isupper() and isinstance(value, str) and value.islower()}
+    return keys
+
+
+def check_top_level(config: dict, source: str = "the DeepSpeed config") -> list[str]:
+    """Top-level keys DeepSpeed would ignore: an error where one is a near-miss of a setting it
+    reads (``CORE_KEYS``), else returned as warnings; and a monitor whose package is missing,
+    refused now rather than after data and model are built."""
+    known, errors, warnings = deepspeed_keys(), [], []
+    for key in config:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, CORE_KEYS, n=1, cutoff=0.8)
+        if close:
+            errors.append(f'"{key}" is not a DeepSpeed setting; did you mean "{close[0]}"? (DeepSpeed ignores unknown keys: as '
+                          "written it has no effect)")
+        else:
+            warnings.append(f'{source}: "{key}" is not a setting this DeepSpeed version reads; it is ignored')
+    for section, package in MONITOR_PACKAGES.items():
+        if isinstance(config.get(section), dict) and config[section].get("enabled") and importlib.util.find_spec(package) is None:
+            errors.append(f'"{section}" is enabled but its package is not installed: pip install {package}, or remove the section')
+    if errors:
+        raise _schema_value_error(errors, source)
+    return warnings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
@@ -166,12 +167,17 @@ class RunConfig:
 
     def validate(self) -> None:
         from .deepspeed_engine import EngineSettings
-        from .ds_config import load_config
-        from .ds_schema import check_sections
+        from .ds_config import check_against_flags, load_config
+        from .ds_schema import check_sections, check_top_level
 
         ds_config = load_config(self.deepspeed)  # bad path or JSON: fail now, before data and model
         EngineSettings.from_section(ds_config.get("cached"))  # unknown "cached" keys
-        check_sections(ds_config, repr(str(self.deepspeed)))  # DeepSpeed's own schema: zero_optimization, bf16, fp16
+        source = repr(str(self.deepspeed))
+        check_sections(ds_config, source)  # DeepSpeed's own schema: zero_optimization, bf16, fp16
+        for warning in check_top_level(ds_config, source):  # near-misses of its settings: errors
+            logging.getLogger("cached_ds").warning(warning)
+        flags = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "max_grad_norm"))
+        check_against_flags(ds_config, {(s, n): getattr(getattr(self, s), n) for s, n in flags if self.user_set(s, n)}, source)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         given = "--dataset" if self.data.dataset else "--train_file" if self.data.train_file else None

@@ -280,6 +280,10 @@ class Trainer:
         if rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            zero = (config.get("zero_optimization") or {}).get("stage", 0)
+            if (config.get("bf16") or {}).get("enabled") and zero == 0 and "data_types" not in config:
+                logger.warning("bf16 under ZeRO stage 0: DeepSpeed keeps no fp32 master weights there (its optimizer updates "
+                               "the bf16 weights, and trains differently from ZeRO 1-3); use ZeRO 1 or more for bf16 training")
         engine, *_ = initialize(self.model, config, lr_scheduler=lr_scheduler)
         return engine
 
@@ -330,6 +334,10 @@ class Trainer:
                         break  # a new epoch: new document order
             bar.close()
             self._save_unless_saved(epoch, position)
+        import deepspeed.comm
+
+        if deepspeed.comm.comms_logger.enabled:  # the config's comms_logger: its table, which nothing else prints
+            deepspeed.comm.log_summary()  # every rank: it synchronises them
         finished = self._finished(self.step, self.store.latest())
         export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
         results = self.evaluate("final")

@@ -88,7 +88,8 @@ def test_shipped_configs_reduce_in_5e7_buckets_while_auto_stays_hfs():
 
 def test_deepspeeds_own_auto_fields_are_left_to_it():
     """DeepSpeed interprets some "auto" itself (data_types.keep_in_fp32_modules): neither the
-    resolution nor initialize's check touches them; an fp16 section's "enabled" is not bf16's."""
+    resolution nor initialize's check touches them; an fp16 section's "enabled" is its own (off,
+    as HF's Trainer without --fp16), not bf16's."""
     config = resolved_config("zero2")
     config["data_types"] = {"keep_in_fp32_modules": "auto"}
     config["fp16"] = {"enabled": "auto"}
@@ -96,7 +97,7 @@ def test_deepspeeds_own_auto_fields_are_left_to_it():
                          warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=16)
     assert set(values) == AUTO_FIELDS
     resolved = resolve_auto(config | {"bf16": {"enabled": "auto"}}, values)
-    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] == "auto"
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
     assert resolved["data_types"]["keep_in_fp32_modules"] == "auto"
     assert unresolved_auto(resolved) == []
     del config["fp16"]

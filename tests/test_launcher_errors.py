@@ -406,3 +406,70 @@ def test_embedded_default_honours_the_optimisation_flags_given(tmp_path):
     assert given.optim.max_steps == preset.steps and given.cached.window == preset.window  # not given: the preset's
     left = _with_preset(parse_args(["--deepspeed", "ds_configs/zero3.json"]), preset, tmp_path)
     assert (left.optim.lr, left.optim.lr_decay, left.eval.max_new_tokens) == (preset.lr, False, preset.max_new_tokens)
+
+
+def _edited(name: str, change) -> dict:
+    config = shipped_config(name)
+    change(config)
+    return config
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    # DeepSpeed ignores unknown keys: this one left the run without clipping at all
+    (lambda c: c.update(gradient_cliping=c.pop("gradient_clipping")), [], 'did you mean "gradient_clipping"?'),
+    (lambda c: c.update(optimiser=c.pop("optimizer")), [], 'did you mean "optimizer"?'),
+    (lambda c: c.pop("optimizer"), [], 'has no "optimizer" section, and train.py builds no optimizer of its own'),
+    # a flag the user gave lost to the config's number without a word
+    (lambda c: c["optimizer"]["params"].update(lr=1e-4), ["--lr", "1e-3"],
+     'sets optimizer.params.lr=0.0001 but --lr is 0.001; set it to "auto" there'),
+    (lambda c: c.update(gradient_clipping=0.5), ["--max_grad_norm", "2"], "sets gradient_clipping=0.5 but --max_grad_norm is 2.0"),
+    # the launcher runs these as HF's schedule from its flags: their numbers were ignored
+    (lambda c: c["scheduler"]["params"].update(warmup_num_steps=2, warmup_min_lr=1e-5), [],
+     "scheduler.params {'warmup_min_lr': 1e-05, 'warmup_num_steps': 2} would be ignored"),
+    (lambda c: c.update(steps_per_print="auto"), [], "has \"auto\" in ['steps_per_print'], which train.py does not fill"),
+    (lambda c: c.update(data_efficiency={"enabled": True}), [], '"data_efficiency" works through DeepSpeed\'s own dataloader'),
+    (lambda c: c.update(wandb={"enabled": True}), [], '"wandb" is enabled but its package is not installed: pip install wandb'),
+], ids=["clipping-typo", "optimizer-typo", "no-optimizer", "lr-flag", "clipping-flag", "scheduler-numbers", "auto-not-filled",
+        "data-efficiency", "wandb-missing"])
+def test_config_settings_the_run_would_ignore_are_refused_at_parse_time(tmp_path, corpus, change, extra, message):
+    config = written(tmp_path, _edited("zero2", change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(flags(corpus, tmp_path, *extra, config=str(config)))
+
+
+def test_unknown_settings_far_from_any_are_warned_about_and_hf_autos_are_filled(tmp_path, corpus, caplog):
+    from cached_ds.ds_config import auto_values, resolve_auto
+
+    config = _edited("zero2", lambda c: c.update(my_note="tuned on 8 GPUs"))
+    config["optimizer"]["params"].update(betas="auto", eps="auto")  # HF's documented ZeRO configs
+    config["fp16"] = {"enabled": "auto"}
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        parse_args(flags(corpus, tmp_path, config=str(written(tmp_path, config))))
+    assert '"my_note" is not a setting this DeepSpeed version reads; it is ignored' in caplog.text
+    values = auto_values(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0, warmup_steps=0,
+                         total_steps=10, max_grad_norm=1.0, bf16=False, hidden_size=16)
+    resolved = resolve_auto(config, values)
+    assert resolved["optimizer"]["params"]["betas"] == [0.9, 0.999] and resolved["optimizer"]["params"]["eps"] == 1e-8
+    assert resolved["fp16"] == {"enabled": False}
+
+
+def test_a_config_with_only_train_batch_size_says_what_to_add(tmp_path, corpus):
+    from cached_ds.ds_config import check_batch_sizes
+
+    with pytest.raises(ValueError, match=re.escape('does not set train_micro_batch_size_per_gpu; add "train_micro_batch_size_per_gpu": '
+                                                   '"auto" there (--micro_batch_size, 2, fills it')):
+        check_batch_sizes({"train_batch_size": 2, "gradient_accumulation_steps": 1}, 1, 2, 1)
+
+
+def test_bf16_with_deepspeeds_bf16_optimizer_exports_and_the_comms_logger_reports(tmp_path, corpus, capsys):
+    """bf16 + data_types.grad_accum_dtype fp32 under ZeRO-1 runs DeepSpeed's BF16_Optimizer, whose
+    checkpoints zero_to_fp32 does not read: the export failed after the whole run had trained."""
+    config = _edited("zero1", lambda c: c.update(data_types={"grad_accum_dtype": "fp32"}, comms_logger={"enabled": True}))
+    config["bf16"] = {"enabled": True}
+    run = parse_args(flags(corpus, tmp_path, "--max_steps", "1", "--max_eval_documents", "1", "--max_new_tokens", "4",
+                           config=str(written(tmp_path, config))))
+    trainer = Trainer(run)
+    assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
+    trainer.train()
+    assert hf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "exported") is not None
+    assert "Comm. Op" in capsys.readouterr().out
