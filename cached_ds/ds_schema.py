@@ -6,6 +6,9 @@ pydantic ``ValidationError`` from deep inside ``deepspeed.initialize``.
     "zero_optimization.stage" is 5: must be one of 0, 1, 2, 3
     "zero_optimization.stage3_prefech_bucket_size" is not a DeepSpeed setting in zero_optimization;
         did you mean 'stage3_prefetch_bucket_size'? (value 5)
+
+DeepSpeed also ignores unknown top-level keys: ``check_top_level`` refuses a near-miss of a
+setting it reads ("gradient_cliping" ran without clipping) and returns the rest as warnings.
 """
 
 from __future__ import annotations

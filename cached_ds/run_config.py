@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
@@ -175,7 +176,8 @@ class RunConfig:
         source = repr(str(self.deepspeed))
         check_sections(ds_config, source)  # DeepSpeed's own schema: zero_optimization, bf16, fp16
         for warning in check_top_level(ds_config, source):  # near-misses of its settings: errors
-            logging.getLogger("cached_ds").warning(warning)
+            if os.environ.get("RANK", "0") == "0":  # every rank parses; one says it
+                logging.getLogger("cached_ds").warning(warning)
         flags = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "max_grad_norm"))
         check_against_flags(ds_config, {(s, n): getattr(getattr(self, s), n) for s, n in flags if self.user_set(s, n)}, source)
         if self.preset not in PRESETS:
