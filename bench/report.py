@@ -108,6 +108,11 @@ def _step(point: dict) -> str:
     return f"{median:.3f} ±{(max(times) - min(times)) / 2 / median:.0%}"
 
 
+def timed_out(point: dict) -> bool:
+    """The point's process ran past its timeout (``sweep.run_point``'s "exit timeout")."""
+    return str(point.get("error", "")).startswith("exit timeout")
+
+
 def status_of(point: dict) -> str:
     if point.get("not_run"):
         return f"not run ({point['not_run']})"
@@ -115,7 +120,7 @@ def status_of(point: dict) -> str:
         return f"{'timeout' if point['skipped'] == 'timeout' else 'OOM'} (shorter length did)"
     if point.get("oom"):
         return "OOM"
-    if str(point.get("error", "")).startswith("exit timeout"):
+    if timed_out(point):
         return "timeout (deadline)" if point.get("deadline_cut") else "timeout"
     if point.get("error"):  # its last line, e.g. "IndexError: index out of range in self" (the log has the rest)
         last = str(point["error"]).replace("|", "/").rstrip().rsplit(" / ", 1)[-1].strip()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # cached_ds from a plain checkout too
 from methods import METHODS  # noqa: E402
-from report import label, points_file, read_points, status_of, write_report, zero_ab  # noqa: E402
+from report import label, points_file, read_points, status_of, timed_out, write_report, zero_ab  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The shipped configs, read as files here: cached_ds.model_zoo would import transformers for a listing
@@ -250,10 +250,6 @@ def rerun_key(point: dict) -> tuple:
             # a line asking for a profile, an allocator trace or a breakdown wants it measured (the
             # point keeps the profile's summary where the spec had True)
             bool(point.get("profile")), bool(point.get("memory_trace")), bool(point.get("breakdown_step")))
-
-
-def timed_out(point: dict) -> bool:
-    return str(point.get("error", "")).startswith("exit timeout")
 
 
 def stopped_by(point: dict) -> bool:

@@ -208,10 +208,11 @@ def check_known_tokens(dataset: datasets.Dataset, tokenizer, sample: int = 8, sh
     if unknown is None or not len(dataset):
         return
     ids = np.concatenate([row[:10_000] for row in dataset.select(range(min(sample, len(dataset))))["input_ids"]])
-    if len(ids) and (ids == unknown).mean() > share:
+    unknown_share = (ids == unknown).mean() if len(ids) else 0.0
+    if unknown_share > share:
         logger.warning("%.0f%% of the first documents' tokens are the tokenizer's unknown token %s: it does not cover their "
                        "language or script, and the model would learn from %s; use a tokenizer that does (--tokenizer, "
-                       "or a multilingual model)", 100 * (ids == unknown).mean(), tokenizer.unk_token, tokenizer.unk_token)
+                       "or a multilingual model)", 100 * unknown_share, tokenizer.unk_token, tokenizer.unk_token)
 
 
 def lengths(dataset: datasets.Dataset, column: str = "num_tokens") -> list[int]:

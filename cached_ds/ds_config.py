@@ -67,15 +67,16 @@ def resolve_auto(config: dict, values: dict) -> dict:
     return walk(config)
 
 
-def unresolved_auto(config: dict, parent: str | None = None, prefix: str = "") -> list[str]:
+def unresolved_auto(config: dict, parent: str | None = None, prefix: str = "", fillable: bool = True) -> list[str]:
     """Dotted paths of the fields still set to ``"auto"``, but those DeepSpeed reads itself
     (``DEEPSPEED_AUTO``): elsewhere DeepSpeed takes the string for a number and fails deep inside
-    (``betas`` in Adam's C++ call) or, in a section its model drops it from, runs its default."""
+    (``betas`` in Adam's C++ call) or, in a section its model drops it from, runs its default.
+    ``fillable=False``: only those ``resolve_auto`` would not fill either."""
     found = []
     for key, value in config.items():
         if isinstance(value, dict):
-            found += unresolved_auto(value, key, f"{prefix}{key}.")
-        elif value == "auto" and prefix + key not in DEEPSPEED_AUTO:
+            found += unresolved_auto(value, key, f"{prefix}{key}.", fillable)
+        elif value == "auto" and prefix + key not in DEEPSPEED_AUTO and (fillable or _field(parent, key) is None):
             found.append(prefix + key)
     return found
 
@@ -181,8 +182,7 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
             raise ValueError(f"{source}: train.py runs {scheduler['type']} as HF's warm-up schedule from its flags (DeepSpeed's "
                              f"loses its first two steps: docs/engine.md), so scheduler.params {fixed} would be ignored; set "
                              'them to "auto" and use --lr, --warmup_steps and --lr_decay')
-    left = [path for path in unresolved_auto(config) if path.rsplit(".", 1)[-1] not in AUTO_FIELDS
-            and path not in ("bf16.enabled", "fp16.enabled")]
+    left = unresolved_auto(config, fillable=False)
     if left:
         raise ValueError(f'{source} has "auto" in {left}, which train.py does not fill (it fills {sorted(AUTO_FIELDS)}); '
                          "write numbers there")

@@ -168,7 +168,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from .deepspeed_engine import EngineSettings
-        from .ds_config import check_against_flags, load_config
+        from .ds_config import FLAG_FIELDS, check_against_flags, load_config
         from .ds_schema import check_sections, check_top_level
 
         ds_config = load_config(self.deepspeed)  # bad path or JSON: fail now, before data and model
@@ -178,8 +178,8 @@ class RunConfig:
         for warning in check_top_level(ds_config, source):  # near-misses of its settings: errors
             if os.environ.get("RANK", "0") == "0":  # every rank parses; one says it
                 logging.getLogger("cached_ds").warning(warning)
-        flags = (("optim", "lr"), ("optim", "weight_decay"), ("optim", "max_grad_norm"))
-        check_against_flags(ds_config, {(s, n): getattr(getattr(self, s), n) for s, n in flags if self.user_set(s, n)}, source)
+        given = {(s, n): getattr(getattr(self, s), n) for _, s, n, _ in FLAG_FIELDS if self.user_set(s, n)}
+        check_against_flags(ds_config, given, source)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         given = "--dataset" if self.data.dataset else "--train_file" if self.data.train_file else None

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, replace
 from functools import partial
 
+import deepspeed.comm
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -307,7 +308,7 @@ class Trainer:
                 forget_metrics_after(self.out, self.step, self.engine.global_samples, getattr(self.engine.monitor, "csv_monitor", None))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=rank() != 0, dynamic_ncols=True)
         metrics_file = self.out / "metrics.jsonl"
-        with StopSignals() as stop:  # SIGTERM / SIGUSR1: finish the step, save, exit (stop_signals.py)
+        with StopSignals() as stop:  # SIGTERM: finish the step, save, exit (stop_signals.py)
             while self.step < self.total_steps:
                 steps = self.plan.epoch(epoch, rank())
                 while position < len(steps) and self.step < self.total_steps:
@@ -334,12 +335,11 @@ class Trainer:
                         break  # a new epoch: new document order
             bar.close()
             self._save_unless_saved(epoch, position)
-        import deepspeed.comm
-
         if deepspeed.comm.comms_logger.enabled:  # the config's comms_logger: its table, which nothing else prints
             deepspeed.comm.log_summary()  # every rank: it synchronises them
-        finished = self._finished(self.step, self.store.latest())
-        export_hf(self.engine, self.store.root, self.out / "exported", tag=self.store.latest(), tokenizer=self.tokenizer)
+        tag = self.store.latest()  # a collective (rank 0's view, broadcast): read once
+        finished = self._finished(self.step, tag)
+        export_hf(self.engine, self.store.root, self.out / "exported", tag=tag, tokenizer=self.tokenizer)
         results = self.evaluate("final")
         if rank() == 0:
             write_atomic(self.out / RUN_COMPLETE, json.dumps(finished) + "\n")
