@@ -148,8 +148,10 @@ def check_batch_sizes(config: dict, world_size: int, micro_batch_size: int | Non
 # HF's Trainer checks), the config's number wins where the flag was left at its default.
 FLAG_FIELDS = (("optimizer.params.lr", "optim", "lr", "--lr"), ("optimizer.params.weight_decay", "optim", "weight_decay", "--weight_decay"),
                ("gradient_clipping", "optim", "max_grad_norm", "--max_grad_norm"))
-# DeepSpeed's warm-up schedulers that the launcher runs as HF's schedule instead (trainer.py)
-REPLACED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+# DeepSpeed's warm-up schedulers that the launcher runs as HF's schedule instead (trainer.py), and
+# the parameters of theirs it still reads: the rest come from the flags.
+REPLACED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+READ_SCHEDULER_PARAMS = {"WarmupCosineLR": ("cos_min_ratio",)}
 
 
 def _get(config: dict, dotted: str):
@@ -176,12 +178,20 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
         raise ValueError(f'{source} has no "optimizer" section, and train.py builds no optimizer of its own; add one, e.g. '
                          '"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}} (as ds_configs/*.json)')
     scheduler = config.get("scheduler") or {}
-    if scheduler.get("type") in REPLACED_SCHEDULERS:
-        fixed = {k: v for k, v in (scheduler.get("params") or {}).items() if v != "auto"}
+    kind = scheduler.get("type")
+    if kind in REPLACED_SCHEDULERS:
+        read = READ_SCHEDULER_PARAMS.get(kind, ())
+        fixed = {k: v for k, v in (scheduler.get("params") or {}).items() if v != "auto" and k not in read}
         if fixed:
-            raise ValueError(f"{source}: train.py runs {scheduler['type']} as HF's warm-up schedule from its flags (DeepSpeed's "
+            raise ValueError(f"{source}: train.py runs {kind} as HF's warm-up schedule from its flags (DeepSpeed's "
                              f"loses its first two steps: docs/engine.md), so scheduler.params {fixed} would be ignored; set "
-                             'them to "auto" and use --lr, --warmup_steps and --lr_decay')
+                             'them to "auto" and use --lr, --warmup_steps' + (" and --lr_decay" if kind != "WarmupCosineLR" else ""))
+    ratio = (scheduler.get("params") or {}).get("cos_min_ratio", 0.0)
+    if kind == "WarmupCosineLR" and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1):
+        raise ValueError(f"{source}: scheduler.params.cos_min_ratio is the final rate's share of --lr, a number from 0 to 1; "
+                         f"got {ratio!r}")
+    if kind == "WarmupCosineLR" and chosen.get(("optim", "lr_decay")) is False:
+        raise ValueError(f"{source} has a WarmupCosineLR scheduler, which decays the rate, but --lr_decay is false; drop one of them")
     left = unresolved_auto(config, fillable=False)
     if left:
         raise ValueError(f'{source} has "auto" in {left}, which train.py does not fill (it fills {sorted(AUTO_FIELDS)}); '

@@ -65,7 +65,7 @@ class OptimArgs:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (fills \"auto\" in the DeepSpeed optimizer/scheduler)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps, linear from 0 (0: the peak from the first step)"})
-    lr_decay: bool = field(default=True, metadata={"help": "after warm-up, decay the rate linearly to 0 at the last step; false: keep it constant. Both replace the config's WarmupLR/WarmupDecayLR (HF's schedules: DeepSpeed's lose the first two steps)"})
+    lr_decay: bool = field(default=True, metadata={"help": "after warm-up, decay the rate linearly to 0 at the last step; false: keep it constant. Both replace the config's WarmupLR/WarmupDecayLR (HF's schedules: DeepSpeed's lose the first two steps); a WarmupCosineLR section runs HF's cosine to its cos_min_ratio instead"})
     micro_batch_size: int = field(default=1, metadata={"help": "documents per rank per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
@@ -178,7 +178,8 @@ class RunConfig:
         for warning in check_top_level(ds_config, source):  # near-misses of its settings: errors
             if os.environ.get("RANK", "0") == "0":  # every rank parses; one says it
                 logging.getLogger("cached_ds").warning(warning)
-        given = {(s, n): getattr(getattr(self, s), n) for _, s, n, _ in FLAG_FIELDS if self.user_set(s, n)}
+        flags = [(s, n) for _, s, n, _ in FLAG_FIELDS] + [("optim", "lr_decay")]
+        given = {(s, n): getattr(getattr(self, s), n) for s, n in flags if self.user_set(s, n)}
         check_against_flags(ds_config, given, source)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")

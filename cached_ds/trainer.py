@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import auto_values, check_batch_sizes, load_config, resolve_auto
+from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -112,15 +112,20 @@ def _gradient_norm(engine) -> float:
 
 # DeepSpeed's warm-up schedulers run the first two optimizer steps at warmup_min_lr whatever the
 # warm-up: their step k uses iteration k - 2 (measured: lrs 0, 0, 1e-3, ... with warm-up 0, then
-# a log ramp one step late). The launcher runs these sections' schedule with HF's own functions
-# instead (what HF's Trainer does with DeepSpeed): linear warm-up over --warmup_steps, then a
-# linear decay to 0 at the last step (--lr_decay) or a constant rate.
-DEEPSPEED_WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+# a log ramp one step late; WarmupCosineLR the same, and it refuses a warm-up of 0). The launcher
+# runs these sections' schedule with HF's own functions instead (what HF's Trainer does with
+# DeepSpeed): linear warm-up over --warmup_steps, then a linear decay to 0 at the last step
+# (--lr_decay), a constant rate, or for WarmupCosineLR a cosine to cos_min_ratio × --lr.
+COSINE_MIN_RATIO = 1e-4  # DeepSpeed's WarmupCosineLR default for cos_min_ratio
 
 
-def warmup_schedule(optimizer, warmup: int, total: int | None):
-    """HF's ``get_linear_schedule_with_warmup`` (``total`` steps) or, with ``total=None``,
-    ``get_constant_schedule_with_warmup``: step 1 at the peak when ``warmup`` is 0."""
+def warmup_schedule(optimizer, warmup: int, total: int | None, cosine_min_ratio: float | None = None):
+    """HF's ``get_linear_schedule_with_warmup`` (``total`` steps), with ``total=None``
+    ``get_constant_schedule_with_warmup``, with ``cosine_min_ratio``
+    ``get_cosine_with_min_lr_schedule_with_warmup``: step 1 at the peak when ``warmup`` is 0."""
+    if cosine_min_ratio is not None:
+        return hf.get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                                                              min_lr_rate=cosine_min_ratio)
     if total is None:
         return hf.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
     return hf.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
@@ -267,10 +272,14 @@ class Trainer:
             total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
         check_batch_sizes(config, world_size(), run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.deepspeed)
         lr_scheduler = None
-        if config.get("scheduler", {}).get("type") in DEEPSPEED_WARMUP_SCHEDULERS:
-            config.pop("scheduler")
-            lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
-                                   total=self.total_steps if run.optim.lr_decay else None)
+        if config.get("scheduler", {}).get("type") in REPLACED_SCHEDULERS:
+            scheduler = config.pop("scheduler")
+            if scheduler["type"] == "WarmupCosineLR":
+                ratio = (scheduler.get("params") or {}).get("cos_min_ratio", COSINE_MIN_RATIO)
+                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps, total=self.total_steps, cosine_min_ratio=ratio)
+            else:
+                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
+                                       total=self.total_steps if run.optim.lr_decay else None)
         if run.logging.tensorboard:
             config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
         if run.logging.csv:

@@ -426,10 +426,16 @@ def _edited(name: str, change) -> dict:
     # the launcher runs these as HF's schedule from its flags: their numbers were ignored
     (lambda c: c["scheduler"]["params"].update(warmup_num_steps=2, warmup_min_lr=1e-5), [],
      "scheduler.params {'warmup_min_lr': 1e-05, 'warmup_num_steps': 2} would be ignored"),
+    (lambda c: c["scheduler"].update(type="WarmupCosineLR", params={"warmup_num_steps": "auto", "warmup_type": "log"}), [],
+     "scheduler.params {'warmup_type': 'log'} would be ignored"),
+    (lambda c: c["scheduler"].update(type="WarmupCosineLR", params={"cos_min_ratio": 2}), [],
+     "cos_min_ratio is the final rate's share of --lr, a number from 0 to 1; got 2"),
+    (lambda c: c["scheduler"].update(type="WarmupCosineLR", params={}), ["--lr_decay", "false"],
+     "has a WarmupCosineLR scheduler, which decays the rate, but --lr_decay is false"),
     (lambda c: c.update(steps_per_print="auto"), [], "has \"auto\" in ['steps_per_print'], which train.py does not fill"),
     (lambda c: c.update(data_efficiency={"enabled": True}), [], '"data_efficiency" works through DeepSpeed\'s own dataloader'),
     (lambda c: c.update(wandb={"enabled": True}), [], '"wandb" is enabled but its package is not installed: pip install wandb'),
-], ids=["clipping-typo", "optimizer-typo", "no-optimizer", "lr-flag", "clipping-flag", "scheduler-numbers", "auto-not-filled",
+], ids=["clipping-typo", "optimizer-typo", "no-optimizer", "lr-flag", "clipping-flag", "scheduler-numbers", "cosine-numbers", "cosine-ratio", "cosine-no-decay", "auto-not-filled",
         "data-efficiency", "wandb-missing"])
 def test_config_settings_the_run_would_ignore_are_refused_at_parse_time(tmp_path, corpus, change, extra, message):
     config = written(tmp_path, _edited("zero2", change))
