@@ -212,6 +212,18 @@ def memory_site_tables(points: list[dict], top: int = 8) -> str:
     return "\n".join(parts)
 
 
+def failure_mark(point: dict) -> str | None:
+    """The plot's marker for a point that measured nothing: × out of memory, T timed out (not
+    a deadline's cut), E another error; None for a measured point or one never run."""
+    if point.get("not_run") or point.get("deadline_cut"):
+        return None
+    if point.get("oom") or point.get("skipped") == "oom":
+        return "x"
+    if timed_out(point) or point.get("skipped") == "timeout":
+        return "$T$"
+    return "$E$" if point.get("error") else None
+
+
 def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
     """One panel per model, sharing the length axis: BART-large's 140K tokens/s and LongT5's 7K on
     one y-axis would flatten the smaller model's curves into the floor."""
@@ -225,13 +237,16 @@ def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
     for ax, model in zip(axes[:, 0], models):
         for method in sorted({line_of(p) for p in points if p["model"] == model}):
             row = [p for p in points if (p["model"], line_of(p)) == (model, method)]
-            ok = sorted((p["tokens"], p[key]) for p in row if not p.get("oom") and p.get(key) is not None)
-            failed = sorted(p["tokens"] for p in row if p.get("oom"))
+            ok = sorted((p["tokens"], p[key]) for p in row if failure_mark(p) is None and p.get(key) is not None)
+            failed = {}  # the shortest length of each kind of failure
+            for p in sorted(row, key=lambda p: p["tokens"]):
+                failed.setdefault(failure_mark(p), p["tokens"])
+            failed.pop(None, None)
             if not ok and not failed:
                 continue  # nothing of this kind measured for the row (CPU memory without --saved_tensor_meter)
             line, = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=method)
-            if failed:  # an OOM is drawn as an × at the top of the axes, at its length
-                ax.plot([failed[0]], [1.0], marker="x", markersize=10, color=line.get_color(),
+            for mark, tokens in failed.items():  # drawn at the top of the axes, at its length
+                ax.plot([tokens], [1.0], marker=mark, markersize=10, color=line.get_color(),
                         transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none")
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {axis_label} measured" + ("" if gpu else " (on CPU: --saved_tensor_meter)"),
@@ -243,7 +258,7 @@ def figure(points: list[dict], key: str, axis_label: str, gpu: bool):
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
-    axes[-1, 0].set_xlabel("document tokens (× = out of memory)")
+    axes[-1, 0].set_xlabel("document tokens (× out of memory, T timed out, E error; each at the shortest such length)")
     fig.suptitle(" · ".join(sorted({f"{p.get('device')} {p.get('dtype')} ZeRO-{p.get('zero_stage')}" for p in points})), fontsize=9)
     fig.tight_layout()
     return fig

@@ -212,21 +212,29 @@ def test_each_model_gets_its_own_panel_of_the_plots():
     import matplotlib.pyplot as plt
     from report import figure
 
-    def point(model, method, tokens, rate, oom=False):
+    def point(model, method, tokens, rate, oom=False, **extra):
         return {"model": model, "method": method, "tokens": tokens, "tokens_per_s": rate, "oom": oom,
-                "device": "h200", "dtype": "bf16", "zero_stage": 3}
+                "device": "h200", "dtype": "bf16", "zero_stage": 3, **extra}
 
     points = [point("bart-large", "cached", 2**18, 139e3), point("bart-large", "hf_ds_gc", 2**18, 138e3),
-              point("bart-large", "hf_ds_gc", 2**20, None, oom=True),
-              point("long-t5-tglobal-large", "cached", 2**14, 7e3), point("long-t5-tglobal-large", "cached", 2**16, 12e3)]
+              point("bart-large", "hf_ds_gc", 2**20, None, oom=True), point("bart-large", "hf_ds_gc", 2**21, None, oom=True),
+              point("long-t5-tglobal-large", "cached", 2**14, 7e3), point("long-t5-tglobal-large", "cached", 2**16, 12e3),
+              point("long-t5-tglobal-large", "cached", 2**17, None, error="exit timeout after 600 s"),
+              point("long-t5-tglobal-large", "cached", 2**18, None, skipped="timeout"),
+              point("long-t5-tglobal-large", "hf_ds_gc", 2**14, None, error="RuntimeError: CUDA error"),
+              point("long-t5-tglobal-large", "hf_ds_gc", 2**15, None, error="exit timeout after 60 s", deadline_cut=True)]
     fig = figure(points, "tokens_per_s", "tokens / s", gpu=True)
     try:
         bart, longt5 = fig.axes[:2]
         assert [ax.get_title(loc="left") for ax in (bart, longt5)] == ["bart-large", "long-t5-tglobal-large"]
         assert [t.get_text() for t in bart.get_legend().get_texts()] == ["cached", "hf_ds_gc"]
-        assert [t.get_text() for t in longt5.get_legend().get_texts()] == ["cached"]
+        assert [t.get_text() for t in longt5.get_legend().get_texts()] == ["cached", "hf_ds_gc"]
         assert list(longt5.lines[0].get_ydata()) == [7e3, 12e3]
-        assert len(bart.lines) == 3  # two methods and hf_ds_gc's out-of-memory mark
+        assert len(bart.lines) == 3  # two methods and hf_ds_gc's out-of-memory mark, at its shortest length
+        assert (bart.lines[2].get_marker(), list(bart.lines[2].get_xdata())) == ("x", [2**20])
+        # cached's timeout at its length, hf_ds_gc's error; the deadline's cut is no failure of the method
+        assert [(line.get_marker(), list(line.get_xdata())) for line in longt5.lines[1:]] == [
+            ("$T$", [2**17]), ("o", []), ("$E$", [2**14])]  # hf_ds_gc: no points, a legend entry
         assert bart.get_ylim()[1] > 100e3 and longt5.get_ylim()[1] < 20e3  # each its own scale
     finally:
         plt.close(fig)
