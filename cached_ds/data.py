@@ -11,6 +11,8 @@ import csv
 import inspect
 import logging
 import random
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,32 @@ def drop_empty(dataset: datasets.Dataset, args: DataArgs) -> tuple[datasets.Data
     kept = dataset.filter(keep, input_columns=[args.text_column, args.summary_column], with_indices=True,
                           batch_size=DOCUMENTS_AT_ONCE, writer_batch_size=DOCUMENTS_AT_ONCE, num_proc=_workers(args, dataset))
     return kept, len(dataset) - len(kept)
+
+
+# datasets.map and .filter write into tempfile.NamedTemporaryFile's "tmp" + 8 characters beside the
+# dataset's cache files and rename it when done (arrow_dataset.py): a job killed midway (preempted,
+# out of time) leaves it behind, as large as the work it had done.
+PARTIAL_FILE = re.compile(r"tmp[a-z0-9_]{8}")
+STALE_AFTER_S = 3600  # a live map writes every DOCUMENTS_AT_ONCE documents; another job's may be running
+
+
+def remove_stale_partial_files(dataset: datasets.Dataset, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Deletes the partial files killed maps left in the dataset's cache folders, those nothing
+    has written for ``stale_after_s`` (another job on the same data may be tokenizing now).
+    Returns the bytes freed (rank 0 logs them)."""
+    freed, now = 0, time.time()
+    for folder in {Path(f["filename"]).parent for f in dataset.cache_files}:
+        for path in folder.iterdir():
+            try:
+                stat = path.stat()
+                if PARTIAL_FILE.fullmatch(path.name) and path.is_file() and now - stat.st_mtime > stale_after_s:
+                    path.unlink()
+                    freed += stat.st_size
+            except FileNotFoundError:  # another rank or job removed it first
+                continue
+    if freed and rank() == 0:
+        logger.info("removed %.1f MB of partial files that killed runs left in the datasets cache", freed / 1e6)
+    return freed
 
 
 def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.Dataset:

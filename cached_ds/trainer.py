@@ -202,6 +202,7 @@ class Trainer:
         dataset = data_lib.load_split(args, split)
         if dataset is None:
             return None
+        data_lib.remove_stale_partial_files(dataset)
         dataset = data_lib.check_columns(dataset, args, split)
         dataset, dropped = data_lib.drop_empty(dataset, args)
         if dropped and rank() == 0:

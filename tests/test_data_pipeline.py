@@ -278,3 +278,51 @@ def test_tokenizing_workers_give_the_same_rows_and_a_rerun_redoes_only_a_missing
     written = {f: f.stat().st_mtime_ns for f in kept}
     assert tokenized(3) == one
     assert lost.is_file() and all(f.stat().st_mtime_ns == t for f, t in written.items())
+
+
+SLOW_MAP_SCRIPT = """
+import sys, time
+from cached_ds import data
+from cached_ds.run_config import DataArgs
+dataset = data.load_split(DataArgs(train_file=sys.argv[1]), "train")
+if sys.argv[2] == "map":  # one row at a time, slowly: killed midway, as a preempted job is
+    dataset.map(lambda row: (time.sleep(0.5), row)[1], writer_batch_size=1)
+else:
+    print(data.remove_stale_partial_files(dataset))
+"""
+
+
+def test_partial_files_a_killed_tokenization_left_are_removed_once_stale(tmp_path, corpus):
+    """datasets.map writes a tmp* file beside the cache and renames it when done: a job killed
+    midway leaves it, as large as the work done. The next run removes it, once nothing has
+    written it for an hour (another job on the same data may be tokenizing right now)."""
+    import os
+    import signal
+    import time
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(Path(corpus["train_file"]).read_text())
+    env = launcher_env(HF_DATASETS_CACHE=str(tmp_path / "cache"))
+
+    def partial_files():
+        return [f for f in (tmp_path / "cache").rglob("tmp*") if f.is_file()]
+
+    run = subprocess.Popen([sys.executable, "-c", SLOW_MAP_SCRIPT, str(train_file), "map"], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [f for f in partial_files() if f.stat().st_size]:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    [partial] = partial_files()
+
+    def cleaned() -> int:
+        done = subprocess.run([sys.executable, "-c", SLOW_MAP_SCRIPT, str(train_file), "clean"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return int(done.stdout.split()[-1])
+
+    assert cleaned() == 0 and partial.is_file(), "written seconds ago: perhaps another job's live map"
+    size, hour_ago = partial.stat().st_size, time.time() - 3601
+    os.utime(partial, (hour_ago, hour_ago))
+    assert cleaned() == size > 0 and not partial.exists()
+    assert list((tmp_path / "cache").rglob("*.arrow")), "the dataset's own cache stays"
