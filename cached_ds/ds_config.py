@@ -82,7 +82,8 @@ def unresolved_auto(config: dict, parent: str | None = None, prefix: str = "", f
 
 
 def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int, lr: float, weight_decay: float,
-                warmup_steps: int, total_steps: int, max_grad_norm: float, bf16: bool, hidden_size: int) -> dict:
+                warmup_steps: int, total_steps: int, max_grad_norm: float, bf16: bool, hidden_size: int,
+                fp16: bool = False) -> dict:
     """A value for every ``AUTO_FIELDS`` field."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -99,7 +100,7 @@ def auto_values(*, micro_batch_size: int, gradient_accumulation_steps: int, worl
         "warmup_num_steps": max(1, warmup_steps),
         "total_num_steps": max(total_steps, warmup_steps + 1),
         "bf16.enabled": bf16,
-        "fp16.enabled": False,  # train.py has no --fp16: bf16 or fp32
+        "fp16.enabled": fp16,
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": 10 * hidden_size,
@@ -200,3 +201,30 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
     if isinstance(efficiency, dict) and efficiency.get("enabled"):
         raise ValueError(f'{source}: "data_efficiency" works through DeepSpeed\'s own dataloader (or a converted model), which '
                          "train.py does not use, so it would have no effect; remove it")
+
+
+def config_fp16(config: dict) -> bool:
+    """The config turns fp16 on with a number (``true``), not through "auto"."""
+    return (config.get("fp16") or {}).get("enabled") is True
+
+
+def check_precision(config: dict, *, fp16: bool, bf16: bool | None, source: str = "the DeepSpeed config") -> None:
+    """fp16 and bf16 at once (DeepSpeed refuses it after loading data and model), and fp16 where
+    the accelerator has none (DeepSpeed's CPU accelerator: "Type fp16 is not supported")."""
+    for name, flag in (("fp16", fp16), ("bf16", bf16)):
+        if flag is True and (config.get(name) or {}).get("enabled") is False:
+            raise ValueError(f'{source} sets {name}.enabled=false but --{name} is on; set it to "auto" there (the flag fills it), '
+                             f"or leave --{name} off")
+    bf16_on = bf16 is True or (config.get("bf16") or {}).get("enabled") is True
+    fp16_on = fp16 or config_fp16(config)
+    if fp16_on and bf16_on:
+        fp16_by = "--fp16" if fp16 else f'{source} ("fp16": {{"enabled": true}})'
+        bf16_by = "--bf16 true" if bf16 else f'{source} ("bf16": {{"enabled": true}})'
+        raise ValueError(f'fp16 and bf16 are both on, fp16 by {fp16_by} and bf16 by {bf16_by}; use one (a section\'s '
+                         '"enabled": "auto" follows --fp16 and --bf16)')
+    if fp16_on:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ValueError(f"fp16 needs a GPU: DeepSpeed's {get_accelerator().device_name()} accelerator has none; "
+                             "train in fp32 or --bf16 true here")

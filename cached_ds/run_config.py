@@ -72,7 +72,9 @@ class OptimArgs:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to train (default: --epochs worth)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training documents when --max_steps is not set"})
     seed: int = field(default=42, metadata={"help": "seed of model init, data order and dropout"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 training (default: on where a GPU supports it)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 training (default: on where a GPU supports it, unless --fp16)"})
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with DeepSpeed's dynamic loss scaling, for GPUs "
+                                                        "without bf16 (V100, T4); fills \"fp16.enabled\": \"auto\""})
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs"):
@@ -168,7 +170,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from .deepspeed_engine import EngineSettings
-        from .ds_config import FLAG_FIELDS, check_against_flags, load_config
+        from .ds_config import FLAG_FIELDS, check_against_flags, check_precision, load_config
         from .ds_schema import check_sections, check_top_level
 
         ds_config = load_config(self.deepspeed)  # bad path or JSON: fail now, before data and model
@@ -181,6 +183,7 @@ class RunConfig:
         flags = [(s, n) for _, s, n, _ in FLAG_FIELDS] + [("optim", "lr_decay")]
         given = {(s, n): getattr(getattr(self, s), n) for s, n in flags if self.user_set(s, n)}
         check_against_flags(ds_config, given, source)
+        check_precision(ds_config, fp16=self.optim.fp16, bf16=self.optim.bf16, source=source)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         given = "--dataset" if self.data.dataset else "--train_file" if self.data.train_file else None

@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, load_config, resolve_auto
+from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -265,12 +265,17 @@ class Trainer:
                 if key == "group_tokens":
                     cached.pop("group_windows", None)
         EngineSettings.from_section(cached)  # fail on unknown keys before DeepSpeed starts
-        bf16 = run.optim.bf16 if run.optim.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        fp16 = run.optim.fp16 or config_fp16(config)
+        bf16 = run.optim.bf16 if run.optim.bf16 is not None else bool(
+            not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         hidden = self.model.config.d_model
         config = resolve_auto(config, auto_values(
             micro_batch_size=run.optim.micro_batch_size, gradient_accumulation_steps=run.optim.gradient_accumulation_steps,
             world_size=world_size(), lr=run.optim.lr, weight_decay=run.optim.weight_decay, warmup_steps=run.optim.warmup_steps,
-            total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden))
+            total_steps=self.total_steps, max_grad_norm=run.optim.max_grad_norm, bf16=bf16, hidden_size=hidden, fp16=fp16))
+        for name, given in (("fp16", run.optim.fp16), ("bf16", run.optim.bf16 is True)):  # for a config without the section
+            if given:
+                config.setdefault(name, {})["enabled"] = True
         check_batch_sizes(config, world_size(), run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.deepspeed)
         lr_scheduler = None
         if config.get("scheduler", {}).get("type") in REPLACED_SCHEDULERS:
@@ -405,15 +410,23 @@ class Trainer:
     def _train_step(self, micro_batches: list[dict]) -> dict:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
+        skipped, scale = self.engine.skipped_steps, self._loss_scale()  # the scale this step's backward uses
         summed, label_tokens, doc_tokens, norm = train_step(
             self.engine, micro_batches, check=self._stop_unless_finite, nan_fault=injected_fault("nan_loss", self.step + 1),
             kill_fault=injected_fault("kill_mid_step", self.step + 1))
         elapsed = time.perf_counter() - started
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return {"step": self.step + 1, "loss": summed / label_tokens, "lr": lr,
-                "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
-                "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
+        row = {"step": self.step + 1, "loss": summed / label_tokens, "lr": lr,
+               "grad_norm": None if norm is None else float(norm), "tokens_per_s": doc_tokens / elapsed,
+               "peak_mem_gib": peak_memory_gib(), "doc_tokens": int(doc_tokens)}
+        if scale is not None:  # fp16: an overflow skips the update and lowers the scale (DeepSpeed logs "OVERFLOW!")
+            row.update(loss_scale=scale, skipped=self.engine.skipped_steps > skipped)
+        return row
+
+    def _loss_scale(self) -> float | None:
+        """fp16's current loss scale, read as DeepSpeed's own monitor reads it; None otherwise."""
+        return float(self.engine._get_optimizer_loss_scale()) if self.engine.fp16_enabled() else None
 
     def _stop_unless_finite(self, loss: torch.Tensor) -> None:
         bad = all_reduce_sum(0.0 if torch.isfinite(loss).item() else 1.0)
