@@ -103,3 +103,13 @@ def test_fp16_conflicts_and_a_device_without_fp16_are_refused_at_parse_time(tmp_
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape(message.replace("CONFIG", str(path)))):
         parse_args(["--deepspeed", str(path), "--model", corpus["model"], "--train_file", corpus["train_file"], *flags])
+
+
+def test_bf16_flag_for_a_config_without_a_bf16_section_trains_in_bf16(tmp_path, corpus):
+    """--bf16 true used to fill only a "bf16" section's "auto": without one it ran in fp32."""
+    config = json.loads(open("ds_configs/zero2.json").read())
+    del config["bf16"]
+    (tmp_path / "no_bf16.json").write_text(json.dumps(config))
+    trainer = Trainer(parse_args(["--deepspeed", str(tmp_path / "no_bf16.json"), "--bf16", "true", "--model", corpus["model"],
+                                  "--train_file", corpus["train_file"], "--window", "128", "--output_dir", str(tmp_path / "run")]))
+    assert trainer.engine.bfloat16_enabled() and {p.dtype for p in trainer.engine.module.parameters()} == {torch.bfloat16}

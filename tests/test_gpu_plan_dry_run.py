@@ -187,7 +187,7 @@ def test_the_engine_check_passes_on_cpu_with_what_the_gpu_machine_has(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     cases = {name: case for name, case in report.items() if isinstance(case, dict)}
-    assert set(cases) == {"engine-zero3", "engine-zero3-streaming-cpu-checkpointing", "engine-zero3_offload"}
+    assert set(cases) == {"engine-zero3", "engine-zero3-streaming-cpu-checkpointing", "engine-zero3_offload", "engine-zero2-fp16"}
     assert all(case["ok"] for case in cases.values()), cases
     assert cases["engine-zero3"]["linear"] == "linear" and cases["engine-zero3_offload"]["linear"] == "zero3_linear_wrap"
     assert cases["engine-zero3-streaming-cpu-checkpointing"]["gradient_cache_offloaded"]

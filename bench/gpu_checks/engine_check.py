@@ -13,7 +13,9 @@ Cases:
   memory and keeps the fp32 gradient cache there too ([decoder-memory]; on DeepSpeed's CPU
   accelerator the engine keeps every input as it is, so only a GPU runs DeepSpeed's offload);
 - ``zero3_offload``: ``zero3_offload.json``: parameters and optimizer in pinned host memory,
-  DeepSpeed's linear wrapper.
+  DeepSpeed's linear wrapper;
+- ``zero2-fp16``: fp16 with a static loss scale (``--fp16``; the CPU tests lift DeepSpeed's "no
+  fp16 on CPU" check, so this is its first run on a real fp16 device).
 Prints ONE JSON line; every case catches its own exception. A few seconds a case.
 
     python bench/gpu_checks/engine_check.py
@@ -41,6 +43,7 @@ from errors import global_relative  # noqa: E402  (bench/gpu_checks/errors.py)
 
 WINDOW = 16
 CACHED = {"window": WINDOW, "group_windows": 1, "group_tokens": None}
+FP16_SCALE = 256
 # (config, "cached" kernels, activation_checkpointing section, global relative bound). The bound is
 # the CI tests' 1e-5 where both sides run HF's modules on the same kernels; streaming
 # cross-attention's fused block kernels sum in another order than HF's attention, and its
@@ -52,6 +55,9 @@ CASES = {
         {"partition_activations": False, "cpu_checkpointing": True, "contiguous_memory_optimization": False}, 1e-4,
     ),
     "zero3_offload": ("zero3_offload", {}, None, 1e-5),
+    # fp16 (--fp16) with a static loss scale, dropout off (CUDA's fp16 dropout draws other masks):
+    # scaled gradients through the cache, against fp32 HF to fp16's rounding (CPU: ~1e-3)
+    "zero2-fp16": ("zero2", {}, None, 1e-2, {"fp16": {"enabled": True, "loss_scale": FP16_SCALE}}),
 }
 
 
@@ -70,7 +76,7 @@ def compare(grads: dict, ref: dict, bound: float) -> dict:
             "ok": global_rel <= bound and worst <= 1e-6}
 
 
-def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bound: float) -> dict:
+def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bound: float, extra: dict | None = None) -> dict:
     from deepspeed.utils import safe_get_full_grad
     from ds_helpers import resolved_config
     from reference import windowed_hf_step
@@ -83,6 +89,14 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
     # decoder layers under cpu_checkpointing: DeepSpeed keeps the last layer's input and its two
     # newest offloads on the GPU, so with fewer no input would come back from host memory.
     layers = {"decoder_layers": 4} if checkpointing else {}
+    fp16 = bool(extra and "fp16" in extra)
+    if fp16:
+        layers["dropout"] = 0.0
+        if DEVICE == "cpu":  # the plumbing only: DeepSpeed's CPU accelerator says it has no fp16 (tests/test_fp16.py)
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            CPU_Accelerator.is_fp16_supported = lambda self: True
+            CPU_Accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
     model = (make_model_without_cross_attention_dropout if kernels.get("cross_attention_block") else make_model)("bart", **layers)
     ids, mask, labels = random_batch([3 * WINDOW + 5, 2 * WINDOW + 1], [7, 5], model.config.pad_token_id, seed=3)
     device = torch.device(DEVICE)
@@ -96,11 +110,13 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
                 config["zero_optimization"][section]["pin_memory"] = True
     if checkpointing:
         config["activation_checkpointing"] = checkpointing
+    config.update(extra or {})
     engine, *_ = initialize(model, config)
     batch = placed({"input_ids": ids, "attention_mask": mask, "labels": labels}, engine.device)  # as the trainer does
     torch.manual_seed(100)
     engine.backward(engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss)
-    grads = {name: safe_get_full_grad(p).float() for name, p in engine.module.model.named_parameters()}
+    unscale = FP16_SCALE if fp16 else 1
+    grads = {name: safe_get_full_grad(p).float() / unscale for name, p in engine.module.model.named_parameters()}
     engine.step()
     result = compare({k: v.to(device) for k, v in grads.items()}, ref, bound)
     result["linear"] = torch.nn.functional.linear.__name__
