@@ -192,8 +192,10 @@ def tokenize(dataset: datasets.Dataset, tokenizer, args: DataArgs) -> datasets.D
     once by ``datasets.map`` (cached on disk by the dataset's fingerprint). Returned in numpy
     format: rows are read from the Arrow file when used, as arrays. Held as Python lists every
     rank would keep about 36 bytes per token in memory: 180 GB for 5G tokens of long documents."""
+    prefix = args.source_prefix or ""
+
     def encode(batch):
-        sources = token_ids_of_each(tokenizer, batch[args.text_column], args.max_source_tokens)
+        sources = token_ids_of_each(tokenizer, [prefix + text for text in batch[args.text_column]], args.max_source_tokens)
         targets = tokenizer(text_target=batch[args.summary_column], truncation=args.max_target_tokens is not None, max_length=args.max_target_tokens)
         return {"input_ids": sources, "labels": [np.asarray(ids, dtype=np.int32) for ids in targets["input_ids"]],
                 "num_tokens": [len(ids) for ids in sources],

@@ -42,6 +42,7 @@ class DataArgs:
     max_target_tokens: int | None = field(default=None, metadata={"help": "truncate summaries to this many tokens (default: none)"})
     max_eval_documents: int | None = field(default=None, metadata={"help": "evaluate on at most this many documents (default: all)"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes that read and tokenize the documents (datasets' num_proc; default: one). Each one's share is cached when done, so a run stopped during tokenization redoes only the unfinished shares"})
+    source_prefix: str | None = field(default=None, metadata={"help": "text put before every document, as HF's run_summarization.py (T5: 'summarize: '); kept in the exported model's config (prefix), which summarize.py applies"})
 
     def validate(self) -> None:
         if self.dataset and (self.train_file or self.eval_file):

@@ -153,6 +153,7 @@ class Trainer:
         # from_pretrained returns a model in eval mode: fine-tuning would run with dropout off
         self.model = load_model(run.model.model, self.tokenizer).train()
         languages.set_generation_start(self.model, self.tokenizer, run.model.forced_bos_token)
+        self._keep_source_prefix()
         self._check_tokenizer()
         self._check_summary_lengths()
         self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),
@@ -214,6 +215,20 @@ class Trainer:
         if split == "eval" and args.max_eval_documents:
             dataset = dataset.select(range(min(args.max_eval_documents, len(dataset))))
         return dataset
+
+    def _keep_source_prefix(self) -> None:
+        """--source_prefix goes into the model's config (HF's ``prefix``), so the exported model
+        says which prefix its documents had and summarize.py puts it there too. Without the flag
+        the documents have none, and the config says so; a model whose config expects one (T5's
+        "summarize: ", or an earlier run's) gets a warning, as in HF's run_summarization.py."""
+        config, given = self.model.config, self.run.data.source_prefix
+        expected = getattr(config, "prefix", None) or ((getattr(config, "task_specific_params", None) or {})
+                                                       .get("summarization", {}).get("prefix"))
+        if given is None and expected and rank() == 0:
+            logger.warning("the model expects documents to start with %r (its config), but --source_prefix is not set: training "
+                           "without it; pass --source_prefix %r to keep it (or --source_prefix '' to say no prefix)",
+                           expected, expected)
+        config.prefix = given or None
 
     def _check_tokenizer(self) -> None:
         """Token ids past the model's embedding table fail in the first step (a device-side assert

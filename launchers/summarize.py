@@ -5,7 +5,8 @@
 Each input line is a JSON object with a "document" field (--text_column); each output line is
 that object with the generated summary added as "prediction" (--output_column), so an input in
 the training format keeps its reference "summary" beside it. The CachED windows the model was
-trained with are read from cached_config.json. On a GPU by default, in bf16 where it supports it
+trained with are read from cached_config.json, the text put before every document (train.py's
+--source_prefix) from the model's config. On a GPU by default, in bf16 where it supports it
 (--device, --dtype).
 
 Summaries are written as they are made, to <output>.partial, which becomes <output> when every
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary (capped where learned decoder positions end)")
     parser.add_argument("--min_new_tokens", type=int, default=0, help="shortest summary")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
+    parser.add_argument("--source_prefix", default=None,
+                        help="text put before every document (default: the one the model was trained with, its config's prefix)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
     args = parser.parse_args(argv)
@@ -168,7 +171,8 @@ def main(argv=None) -> None:
     partial = args.output.with_name(args.output.name + ".partial")
     generation = {"model": str(args.model.resolve()), "dtype": dtype, "num_beams": args.num_beams,
                 "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column,
-                **({"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else {})}  # as earlier versions recorded them
+                **({"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else {}),  # as earlier versions recorded them
+                **({"source_prefix": args.source_prefix} if args.source_prefix is not None else {})}
     done = done_before(partial, lines, args.output_column, generation)
     if done:
         logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(lines))
@@ -176,6 +180,9 @@ def main(argv=None) -> None:
     model = CachedSeq2Seq.from_pretrained(args.model, dtype=DTYPES[dtype]).to(device).eval()
     hf_model = model.model
     tokenizer = load_tokenizer(args.model, fix="give --model the folder train.py exported (<output_dir>/exported)")
+    prefix = args.source_prefix if args.source_prefix is not None else (getattr(hf_model.config, "prefix", None) or "")
+    if prefix:
+        logger.info("documents start with %r (%s)", prefix, "--source_prefix" if args.source_prefix is not None else "the model's prefix")
     max_new_tokens = families.max_new_tokens(hf_model, args.max_new_tokens)
     if max_new_tokens < args.max_new_tokens:
         logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
@@ -190,7 +197,7 @@ def main(argv=None) -> None:
             text = record[args.text_column]
             summary = ""
             if text.strip():
-                [summary] = summarize(model, tokenizer, [token_ids(tokenizer, text)], num_beams=args.num_beams,
+                [summary] = summarize(model, tokenizer, [token_ids(tokenizer, prefix + text)], num_beams=args.num_beams,
                                       max_new_tokens=max_new_tokens, min_new_tokens=min(args.min_new_tokens, max_new_tokens),
                                       length_penalty=args.length_penalty)
             handle.write(json.dumps({**record, args.output_column: summary}, ensure_ascii=False) + "\n")

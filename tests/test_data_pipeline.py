@@ -326,3 +326,28 @@ def test_partial_files_a_killed_tokenization_left_are_removed_once_stale(tmp_pat
     os.utime(partial, (hour_ago, hour_ago))
     assert cleaned() == size > 0 and not partial.exists()
     assert list((tmp_path / "cache").rglob("*.arrow")), "the dataset's own cache stays"
+
+
+def test_source_prefix_starts_every_document_and_goes_into_the_exported_config(tmp_path, corpus, caplog):
+    """--source_prefix (HF's run_summarization.py; T5's "summarize: "): every document's ids are
+    the tokenizer's for prefix + text, and the model's config keeps it (HF's ``prefix``) for
+    summarize.py. Without the flag, a model whose config expects one gets a warning, and the
+    config no longer claims it."""
+    tokenizer = hf.AutoTokenizer.from_pretrained(corpus["model"])
+    trainer = trainer_for(corpus, tmp_path, "--train_file", corpus["train_file"], "--source_prefix", "summarize: ")
+    documents = [json.loads(line)["document"] for line in open(corpus["train_file"])]
+    for row in trainer.train_rows:
+        assert row["input_ids"].tolist() == tokenizer("summarize: " + documents[int(row[ROW])])["input_ids"]
+    assert trainer.model.config.prefix == "summarize: "
+
+    pretrained = tmp_path / "t5-like"
+    hf.AutoModelForSeq2SeqLM.from_pretrained(corpus["model"]).save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    config = json.loads((pretrained / "config.json").read_text())
+    config["task_specific_params"] = {"summarization": {"prefix": "summarize: "}}
+    (pretrained / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        plain = trainer_for({**corpus, "model": str(pretrained)}, tmp_path / "plain", "--train_file", corpus["train_file"])
+    assert "the model expects documents to start with 'summarize: ' (its config), but --source_prefix is not set" in caplog.text
+    assert plain.train_rows[0]["input_ids"].tolist() == tokenizer(documents[int(plain.train_rows[0][ROW])])["input_ids"]
+    assert plain.model.config.prefix is None

@@ -78,7 +78,9 @@ def test_rouge_is_scored_against_the_summaries_own_text(tmp_path, corpus):
 
 def test_summarize_exported_model(tmp_path, corpus):
     out = tmp_path / "run"
-    run_train("--deepspeed", "ds_configs/zero0.json", "--output_dir", str(out), "--max_steps", "2", *data_flags(corpus))
+    run_train("--deepspeed", "ds_configs/zero0.json", "--output_dir", str(out), "--max_steps", "2", "--source_prefix", "summarize: ",
+              *data_flags(corpus))
+    assert json.loads((out / "exported" / "config.json").read_text())["prefix"] == "summarize: "
     docs = tmp_path / "docs.jsonl"
     long_doc = " ".join(json.loads(line)["document"] for line in open(corpus["eval_file"]))  # many windows
     docs.write_text(json.dumps({"id": 1, "document": long_doc}) + "\n" + json.dumps({"id": 2, "document": "the color is red ."}) + "\n")
@@ -89,7 +91,7 @@ def test_summarize_exported_model(tmp_path, corpus):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in summaries.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["prediction"], str) for r in rows)
-    assert "summarising" in result.stderr
+    assert "summarising" in result.stderr and "documents start with 'summarize: ' (the model's prefix)" in result.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"document": "fine"}\n{"document": "cut off\n')
     failed = subprocess.run(["python", "launchers/summarize.py", "--model", str(out / "exported"), "--input", str(bad),
