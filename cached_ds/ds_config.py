@@ -153,6 +153,7 @@ FLAG_FIELDS = (("optimizer.params.lr", "optim", "lr", "--lr"), ("optimizer.param
 # the parameters of theirs it still reads: the rest come from the flags.
 REPLACED_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 READ_SCHEDULER_PARAMS = {"WarmupCosineLR": ("cos_min_ratio",)}
+COSINE_MIN_RATIO = 1e-4  # DeepSpeed's WarmupCosineLR default for cos_min_ratio
 
 
 def _get(config: dict, dotted: str):
@@ -187,12 +188,14 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
             raise ValueError(f"{source}: train.py runs {kind} as HF's warm-up schedule from its flags (DeepSpeed's "
                              f"loses its first two steps: docs/engine.md), so scheduler.params {fixed} would be ignored; set "
                              'them to "auto" and use --lr, --warmup_steps' + (" and --lr_decay" if kind != "WarmupCosineLR" else ""))
-    ratio = (scheduler.get("params") or {}).get("cos_min_ratio", 0.0)
-    if kind == "WarmupCosineLR" and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1):
-        raise ValueError(f"{source}: scheduler.params.cos_min_ratio is the final rate's share of --lr, a number from 0 to 1; "
-                         f"got {ratio!r}")
-    if kind == "WarmupCosineLR" and chosen.get(("optim", "lr_decay")) is False:
-        raise ValueError(f"{source} has a WarmupCosineLR scheduler, which decays the rate, but --lr_decay is false; drop one of them")
+    if kind == "WarmupCosineLR":
+        ratio = (scheduler.get("params") or {}).get("cos_min_ratio", COSINE_MIN_RATIO)
+        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1):
+            raise ValueError(f"{source}: scheduler.params.cos_min_ratio is the final rate's share of --lr, a number from 0 to 1; "
+                             f"got {ratio!r}")
+        if chosen.get(("optim", "lr_decay")) is False:
+            raise ValueError(f"{source} has a WarmupCosineLR scheduler, which decays the rate, but --lr_decay is false; drop one "
+                             "of them")
     left = unresolved_auto(config, fillable=False)
     if left:
         raise ValueError(f'{source} has "auto" in {left}, which train.py does not fill (it fills {sorted(AUTO_FIELDS)}); '

@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, load_config, resolve_auto
+from .ds_config import COSINE_MIN_RATIO, REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, load_config, resolve_auto
 from .evaluation import rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -116,7 +116,6 @@ def _gradient_norm(engine) -> float:
 # runs these sections' schedule with HF's own functions instead (what HF's Trainer does with
 # DeepSpeed): linear warm-up over --warmup_steps, then a linear decay to 0 at the last step
 # (--lr_decay), a constant rate, or for WarmupCosineLR a cosine to cos_min_ratio × --lr.
-COSINE_MIN_RATIO = 1e-4  # DeepSpeed's WarmupCosineLR default for cos_min_ratio
 
 
 def warmup_schedule(optimizer, warmup: int, total: int | None, cosine_min_ratio: float | None = None):
