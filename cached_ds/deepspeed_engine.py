@@ -349,12 +349,30 @@ def _gather_streaming_modules_whole(model: nn.Module) -> None:
     """Streaming cross-attention reads its K/V projection weights block by block inside its own
     forward and backward, not through the projections' ``nn.Linear`` calls, where ZeRO-3 would
     gather them. As ZeRO-3 leaf modules (set before ``deepspeed.initialize`` registers its
-    hooks) they get all their parameters gathered around their forward and their backward."""
+    hooks) they get all their parameters gathered around their forward and their backward.
+
+    ZeRO-3 reduces a leaf module's gradients from a full backward hook (stage3.py,
+    ``reduce_leaf_module_grads``), which torch fires once the gradients of the module's
+    *positional* tensor inputs are computed. mBART, PEGASUS, M2M100, BlenderBot... call the
+    cross-attention with keywords only: the hook then fired as soon as the output's gradient
+    arrived, reduced zeros, and the projections' gradients came after it (the optimizer never saw
+    them). A pre-hook passes ``hidden_states`` positionally, as BART's layers do."""
     from deepspeed.utils import set_z3_leaf_module
 
     for module in model.modules():
         if isinstance(module, StreamingCrossAttention):
             set_z3_leaf_module(module, True)
+            if not getattr(module, "_cached_ds_positional_query", False):
+                module.register_forward_pre_hook(_query_positional, with_kwargs=True)
+                module._cached_ds_positional_query = True
+
+
+def _query_positional(module: nn.Module, args: tuple, kwargs: dict):
+    """``hidden_states=`` becomes the first positional argument (see above)."""
+    if args or "hidden_states" not in kwargs:
+        return None
+    kwargs = dict(kwargs)
+    return (kwargs.pop("hidden_states"),), kwargs
 
 
 def _check_zero3_model(model: nn.Module) -> None:

@@ -103,12 +103,12 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, **c
 def error_against_mean_reference(engine, pristine, docs, rank: int) -> float:
     """This rank's document through the engine (its full gradients gathered: a collective under
     ZeRO-3) against the plain-HF gradients averaged over every rank's document."""
-    from deepspeed.utils import safe_get_full_grad
+    from ds_helpers import reduced_grad
 
     ids, mask, labels = docs[rank]
     torch.manual_seed(100 + rank)
     engine.backward(engine(ids, mask, labels=labels).loss)
-    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}
+    grads = {n: reduced_grad(p) for n, p in engine.module.model.named_parameters()}
     ref = {}
     for r, (ids, mask, labels) in enumerate(docs):
         _, g = windowed_hf_step(pristine, ids, mask, labels, WINDOW, 1, seed=100 + r)
@@ -180,7 +180,7 @@ def communication_case(stage_config: str, groups: int, counter: CollectiveCounte
 
 def loss_split_case(rank: int) -> dict:
     """GAS 1 × 2 ranks, two documents per rank, vs the plain-HF token-level mean over all four."""
-    from deepspeed.utils import safe_get_full_grad
+    from ds_helpers import reduced_grad
     from loss_split_cases import batch_of
     from loss_split_cases import documents as split_documents
     from reference import token_mean_hf_step
@@ -195,7 +195,7 @@ def loss_split_case(rank: int) -> dict:
     model.zero_grad(set_to_none=True)
     engine, *_ = initialize(model, resolved_config("zero2", micro=2, world=2, cached={"window": WINDOW}))
     train_step(engine, [batch_of(docs[2 * rank : 2 * rank + 2], pad)], optimizer_step=False)
-    grads = {n: safe_get_full_grad(p) for n, p in engine.module.model.named_parameters()}
+    grads = {n: reduced_grad(p) for n, p in engine.module.model.named_parameters()}
     num = sum(float((grads[k] - ref[k]).pow(2).sum()) for k in ref)
     return {"case": "loss-split-gas1-2ranks", "relative_error": (num / sum(float(ref[k].pow(2).sum()) for k in ref)) ** 0.5}
 

@@ -86,3 +86,16 @@ def record_streaming_states(model) -> list[tuple[bool, bool]]:
         if isinstance(module, StreamingCrossAttention):
             module.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
+
+
+def reduced_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer will use. Under ZeRO-3 that is the reduced partition's:
+    ``safe_get_full_grad`` returns a ``param.grad`` first, and a gradient still there after
+    ZeRO-3's reduce is one the partition never got (a leaf module's hook that fired before it
+    arrived reduced zeros: the optimizer would train on those)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    if hasattr(param, "ds_id"):
+        assert param.grad is None, f"a gradient of shape {tuple(param.grad.shape)} left outside ZeRO-3's partition"
+        return param._z3_optimizer.get_fp32_grad_for_param(param)
+    return safe_get_full_grad(param)

@@ -57,6 +57,10 @@ def record_states_gradients(model) -> list:
 CASES = [
     ("zero3", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
     ("zero2", "bart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
+    # their decoder layers call the cross-attention with keywords only (BART passes hidden_states
+    # positionally): ZeRO-3's leaf-module hook then fired before the projections' gradients came
+    ("zero3", "mbart", {"cross_attention_block": 8}, "StreamingAttentionFunctionBackward"),
+    ("zero3", "pegasus", {"cross_attention_block": 8, "keep_decoder_gathered": False}, "StreamingAttentionFunctionBackward"),
     ("zero3", "bart", {"cross_attention_block": 8, "decoder_gradient_checkpointing": True}, "StreamingAttentionFunctionBackward"),
     ("zero3", "t5", {"cross_attention_block": 8, "decoder_gradient_checkpointing": True, "keep_encoder_gathered": False},
      "StreamingAttentionFunctionBackward"),

@@ -23,12 +23,12 @@ def distributed():
 
 def step(engine, batch, seed):
     """One training step; returns its loss and the full gradients before the update."""
-    from deepspeed.utils import safe_get_full_grad
+    from ds_helpers import reduced_grad
 
     torch.manual_seed(seed)
     loss = engine(*batch[:2], labels=batch[2]).loss
     engine.backward(loss)
-    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.model.named_parameters()}
+    grads = {n: reduced_grad(p).clone() for n, p in engine.module.model.named_parameters()}
     engine.step()
     return loss.item(), grads
 

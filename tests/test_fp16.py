@@ -39,7 +39,7 @@ def test_fp16_gradients_carry_the_loss_scale_and_are_as_accurate_as_plain_hf(fp1
     """The gradient cache holds scaled gradients and the encoder's re-run pushes them on: every
     gradient is SCALE × the fp32 reference's up to fp16 rounding (a cache scaled twice or not at
     all is off by 255×), no worse than plain HF's own fp16 gradients."""
-    from deepspeed.utils import safe_get_full_grad
+    from ds_helpers import reduced_grad
 
     model = make_model("bart", dropout=0.0)
     ids, mask, labels = random_batch([8 * WINDOW, 5 * WINDOW + 3], [12, 7], model.config.pad_token_id, seed=5)
@@ -54,7 +54,7 @@ def test_fp16_gradients_carry_the_loss_scale_and_are_as_accurate_as_plain_hf(fp1
     engine, *_ = initialize(model, cfg)
     engine.backward(engine(ids, mask, labels=labels).loss)
     assert {p.dtype for p in engine.module.parameters()} == {torch.float16}
-    grads = {n: safe_get_full_grad(p).float() / SCALE for n, p in engine.module.model.named_parameters() if n in fp32_ref}
+    grads = {n: reduced_grad(p).float() / SCALE for n, p in engine.module.model.named_parameters() if n in fp32_ref}
     assert hf_error > 1e-4, "fp16 really ran"
     assert relative_error(grads, fp32_ref) <= 1.1 * hf_error
     engine.step()
