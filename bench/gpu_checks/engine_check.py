@@ -77,8 +77,7 @@ def compare(grads: dict, ref: dict, bound: float) -> dict:
 
 
 def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bound: float, extra: dict | None = None) -> dict:
-    from deepspeed.utils import safe_get_full_grad
-    from ds_helpers import resolved_config
+    from ds_helpers import reduced_grad, resolved_config
     from reference import windowed_hf_step
     from tiny_models import make_model, make_model_without_cross_attention_dropout, random_batch
 
@@ -116,7 +115,7 @@ def engine_case(config_name: str, kernels: dict, checkpointing: dict | None, bou
     torch.manual_seed(100)
     engine.backward(engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss)
     unscale = FP16_SCALE if fp16 else 1
-    grads = {name: safe_get_full_grad(p).float() / unscale for name, p in engine.module.model.named_parameters()}
+    grads = {name: reduced_grad(p).float() / unscale for name, p in engine.module.model.named_parameters()}
     engine.step()
     result = compare({k: v.to(device) for k, v in grads.items()}, ref, bound)
     result["linear"] = torch.nn.functional.linear.__name__
