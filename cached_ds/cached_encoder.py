@@ -44,7 +44,7 @@ from torch.profiler import record_function
 from . import families
 from .fused_states import FusedStates, fuse
 from .gradient_sink import GradientSink, attach
-from .held_scope import HeldScope
+from .held_scope import HeldScope, closed_after_backward
 from .host_offload import mark_offloaded, to_device
 from .memory import SavedBytesCounter
 from .windows import WindowGroup, WindowPlan
@@ -413,8 +413,8 @@ def encode_windows(
     if not torch.is_grad_enabled() or not (weight.requires_grad or params):
         with torch.no_grad(), scope():
             return encode_plan(model, weight, plan, into=FusedStates(plan))
-    if mode == "full":
-        with scope():
-            return encode_plan(model, weight, plan)
+    if mode == "full":  # the backward runs in the scope too: it may hold what the forward's hooks would gather again
+        held = HeldScope(scope())
+        return closed_after_backward(encode_plan(model, weight, plan), held)
     anchor = torch.empty(0, device=weight.device, requires_grad=True)
     return CachedEncoderFunction.apply(model, plan, schedule or GroupSchedule(), scope, weight, anchor)

@@ -95,7 +95,10 @@ def test_engine_matches_reference(config, family, gas, clip):
 @pytest.mark.parametrize("config, extra, deepspeed_checkpointing", [
     ("zero3_offload", {"keep_encoder_gathered": True, "keep_decoder_gathered": True}, False),  # partitions in host memory
     ("zero3", {}, True),  # zero3.json keeps the decoder gathered; deepspeed.checkpointing recomputes its layers
-], ids=["zero3_offload-both-gathered", "zero3-deepspeed-checkpointing"])
+    # full backprop under zero3.json, whose kept-gathered encoder lifted ZeRO-3's hooks for the
+    # forward only: the backward ran on released (empty) weights
+    ("zero3", {"mode": "full"}, False),
+], ids=["zero3_offload-both-gathered", "zero3-deepspeed-checkpointing", "zero3-full-mode"])
 def test_kept_gathered_decoder_matches_reference(config, extra, deepspeed_checkpointing):
     """keep_decoder_gathered where ZeRO-3 keeps the partitions in host memory, and under
     DeepSpeed's own (reentrant) activation checkpointing of the decoder, which recomputes each
