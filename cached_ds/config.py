@@ -94,6 +94,13 @@ class CachedConfig:
                      "offload_gradient_cache", "offload_encoder_states"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not self.keep_attention_dropout and self.cross_attention_block is None and not self.fast_t5_attention:
+            raise ValueError("keep_attention_dropout=false switches attention dropout off in the modules the long-document "
+                             "kernels replace, and neither is on (cross_attention_block, fast_t5_attention); turn one on, "
+                             "or remove keep_attention_dropout")
+        if self.offload_gradient_cache and self.mode != "cached":
+            raise ValueError(f"offload_gradient_cache is for mode 'cached' (mode {self.mode!r} has no gradient cache to "
+                             "offload); remove it")
         if self.offload_encoder_states and self.mode != "cached":
             raise ValueError(f"offload_encoder_states is for mode 'cached' (got {self.mode!r}); remove it")
         if self.offload_encoder_states and self.cross_attention_block is None:

@@ -46,6 +46,12 @@ def targets(module: nn.Module):
         yield module.TransientGlobalSelfAttention, transient_global_attention_forward
 
 
+def has_banded_attention(model: nn.Module) -> bool:
+    """The model has LongT5 local or transient-global layers (what ``local_sdpa`` runs)."""
+    banded = (hf_longt5.LongT5LayerLocalSelfAttention, hf_longt5.LongT5LayerTransientGlobalSelfAttention)
+    return any(isinstance(module, banded) for module in model.modules())
+
+
 def _hf_or_none(self, position_bias, output_attentions):
     """Call HF's forward instead when the fast path would not be exact (see ``t5_attention``)."""
     if not (output_attentions or (self.training and self.dropout > 0) or isinstance(position_bias, torch.Tensor)):

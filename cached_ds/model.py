@@ -36,6 +36,7 @@ from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .distributed import max_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
+from .longt5_attention import has_banded_attention
 from .host_offload import to_device
 from .shared_beam_generation import generate_shared
 from .streaming_cross_attention import (
@@ -99,6 +100,10 @@ class CachedSeq2Seq(nn.Module):
             if model.config.model_type not in T5_FAMILIES:
                 raise ValueError(f"fast_t5_attention is for {T5_FAMILIES}, got {model.config.model_type}; set it to false")
             kernel = self.cached_config.t5_attention_kernel
+            if kernel == "local_sdpa" and not has_banded_attention(model):
+                raise ValueError(f"t5_attention_kernel='local_sdpa' runs LongT5's local and transient-global encoder layers, "
+                                 f"and this {model.config.model_type} model has none (it would run as 'flex'); use 'flex' or "
+                                 "'blocked'")
             install_fast_t5_attention(model, use_flex=kernel != "blocked", local_sdpa=kernel == "local_sdpa")
             replaced += [module for module, _ in fast_t5_targets(model)]
         _settle_attention_dropout(replaced, self.cached_config.keep_attention_dropout)

@@ -112,6 +112,14 @@ def test_bad_kernel_settings_name_the_field():
         CachedConfig(cross_attention_block=0)
     with pytest.raises(ValueError, match="fast_t5_attention"):
         CachedSeq2Seq(make_model_without_cross_attention_dropout("bart"), CachedConfig(fast_t5_attention=True))
+    # settings that changed nothing, accepted without a word
+    with pytest.raises(ValueError, match=r"keep_attention_dropout=false .* neither is on \(cross_attention_block, fast_t5_attention\)"):
+        CachedConfig(keep_attention_dropout=False)
+    with pytest.raises(ValueError, match=r"offload_gradient_cache is for mode 'cached' \(mode 'full' has no gradient cache"):
+        CachedConfig(mode="full", cross_attention_block=8, offload_gradient_cache=True)
+    with pytest.raises(ValueError, match=r"'local_sdpa' runs LongT5's local and transient-global encoder layers, and this t5 model"):
+        CachedSeq2Seq(make_model_without_cross_attention_dropout("t5"),
+                      CachedConfig(fast_t5_attention=True, t5_attention_kernel="local_sdpa", keep_attention_dropout=False))
 
 
 def test_keep_attention_dropout_false_trains_t5_on_the_kernels_from_the_config():
