@@ -246,14 +246,35 @@ class CachedSeq2Seq(nn.Module):
         steps, or the others would wait on its parameter gathers forever (HF turns it on only for
         an ``HfDeepSpeedConfig``, which a cached_ds engine does not make)."""
         generate_kwargs.setdefault("synced_gpus", partitioned_across_ranks(self.model))
-        limit = families.decoder_positions(self.model)
-        for name, most in (("max_new_tokens", None if limit is None else limit - 1), ("max_length", limit)):
-            if most is not None and (generate_kwargs.get(name) or 0) > most:
-                raise ValueError(f"{name}={generate_kwargs[name]} runs past the decoder's {limit} positions (config."
-                                 f"{families.decoder_positions_field(self.model.config)}, the start token takes one); "
-                                 f"set {name} <= {most}")
+        self._check_generation(generate_kwargs)
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
+
+
+    def _check_generation(self, generate_kwargs: dict) -> None:
+        """Settings as HF resolves them (a keyword, else the ``generation_config`` passed, else the
+        model's): lengths past a learned decoder's positions (an index error, a device-side assert
+        on a GPU), and the two settings that read the document's ids, which HF's generate does not
+        get here (it is given the whole document's encoder states; it would drop them with a
+        warning that no input_ids were passed)."""
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+
+        def setting(name):
+            return (generate_kwargs[name], name) if name in generate_kwargs else (getattr(config, name, None), f"generation_config.{name}")
+
+        limit = families.decoder_positions(self.model)
+        (new_tokens, new_from), (length, length_from) = setting("max_new_tokens"), setting("max_length")
+        # HF: max_new_tokens, where set, decides and max_length is not read
+        value, where, most = (new_tokens, new_from, limit - 1 if limit else None) if new_tokens is not None else (length, length_from, limit)
+        if most is not None and (value or 0) > most:
+            raise ValueError(f"{where}={value} runs past the decoder's {limit} positions (config."
+                             f"{families.decoder_positions_field(self.model.config)}, the start token takes one); "
+                             f"set {where.rsplit('.', 1)[-1]} <= {most}")
+        for name, off in (("encoder_repetition_penalty", 1.0), ("encoder_no_repeat_ngram_size", 0)):
+            value, where = setting(name)
+            if value not in (None, off):
+                raise ValueError(f"{where}={value} reads the document's token ids, which HF's generate is not given here (it "
+                                 f"gets the whole document's encoder states instead); remove it (or set it to {off})")
 
 
 def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:

@@ -67,6 +67,29 @@ def test_summaries_past_the_decoder_positions_name_the_limit(wrapped):
     with pytest.raises(ValueError, match=re.escape("max_length=65 runs past")):
         wrapped.generate(ids, mask, max_length=65)
     assert wrapped.generate(ids, mask, max_new_tokens=63, min_new_tokens=63).shape[1] == 64
+    # the same lengths given through a GenerationConfig, or the model's own, were an IndexError
+    with pytest.raises(ValueError, match=re.escape("generation_config.max_new_tokens=100 runs past the decoder's 64 positions")):
+        wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(max_new_tokens=100))
+    saved = wrapped.model.generation_config.max_length
+    wrapped.model.generation_config.max_length = 100
+    try:
+        with pytest.raises(ValueError, match=re.escape("generation_config.max_length=100 runs past")):
+            wrapped.generate(ids, mask)
+        assert wrapped.generate(ids, mask, max_new_tokens=5).shape[1] <= 6  # max_new_tokens decides: max_length is not read
+    finally:
+        wrapped.model.generation_config.max_length = saved
+
+
+@pytest.mark.parametrize("setting", [{"encoder_repetition_penalty": 2.0}, {"encoder_no_repeat_ngram_size": 1}])
+def test_generation_settings_that_read_the_documents_ids_are_refused(wrapped, setting):
+    """HF's generate gets the whole document's encoder states here, not its ids: it dropped these
+    with a warning that no input_ids were passed, although the caller passed them."""
+    ids, mask, _ = random_batch([20], [3], 1)
+    [(name, value)] = setting.items()
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value} reads the document's token ids")):
+        wrapped.generate(ids, mask, max_new_tokens=4, **setting)
+    with pytest.raises(ValueError, match=re.escape(f"generation_config.{name}={value} reads")):
+        wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(max_new_tokens=4, **setting))
 
 
 def test_models_without_a_language_modelling_head_are_refused():
