@@ -21,19 +21,24 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # CJK full sto
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
 _TOKEN = regex.compile(rf"(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|(?=[\p{{L}}\p{{N}}])[{_CJK}]")
 _ASCII_WORD = regex.compile(r"[a-z0-9]+")
+# Symbols and "other" numbers (™, ², ½, ①) separate words, as rouge-score's [^a-z0-9] does: NFKC
+# would glue them on as letters and digits ("Microsoft™" -> "microsofttm", "km²" -> "km2").
+_SEPARATOR = regex.compile(r"[\p{S}\p{No}]")
 
 
 class UnicodeTokenizer(Tokenizer):
     """rouge-score's default tokenizer deletes every character outside [a-z0-9]: identical
     Chinese, Russian or Arabic texts score 0 and "Müller"/"Möller" match. This one keeps letters
-    and marks of every script (NFKC-normalised, lower-cased) and gives the default's tokens on
-    ASCII text, stemming as it does (Porter, English words over 3 characters) and no other word."""
+    and marks of every script (NFKC-normalised, lower-cased; symbols separate words, as there)
+    and gives the default's tokens on ASCII text and on text whose other characters are symbols,
+    stemming as it does (Porter, English words over 3 characters) and no other word. Where they
+    differ by design: non-ASCII letters (ligatures, accents) stay in their word."""
 
     def __init__(self, use_stemmer: bool = True):
         self._stemmer = porter.PorterStemmer() if use_stemmer else None
 
     def tokenize(self, text: str) -> list[str]:
-        tokens = _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
+        tokens = _TOKEN.findall(unicodedata.normalize("NFKC", _SEPARATOR.sub(" ", text)).lower())
         if self._stemmer is None:
             return tokens
         return [self._stemmer.stem(t) if len(t) > 3 and _ASCII_WORD.fullmatch(t) else t for t in tokens]
