@@ -62,6 +62,48 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {kind: 100.0 * total / len(predictions) for kind, total in totals.items()}
 
 
+# The generation settings the launchers have flags for. A flag given wins; else the model's
+# generation_config where it sets one (a fine-tuned summariser's length_penalty, min_length,
+# num_beams: left to HF's generate, which applies them); else the launcher's default.
+GENERATION_FLAGS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")
+_MODEL_FIELDS = {"max_new_tokens": ("max_new_tokens", "max_length"), "min_new_tokens": ("min_new_tokens", "min_length")}
+
+
+def generation_settings(model, given: dict, defaults: dict) -> tuple[dict, list[tuple[int, str]]]:
+    """(keywords for ``generate``, notes for the caller to log: (logging level, message)). The
+    lengths are capped where a learned decoder's positions end (``families.max_new_tokens``)."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    from . import families
+
+    config, plain = model.generation_config, GenerationConfig()
+    kwargs, from_model = {}, {}
+    for name in GENERATION_FLAGS:
+        if given.get(name) is not None:
+            kwargs[name] = given[name]
+            continue
+        own = {field: getattr(config, field, None) for field in _MODEL_FIELDS.get(name, (name,))}
+        own = {field: value for field, value in own.items() if value is not None and value != getattr(plain, field, None)}
+        if own:
+            from_model.update(own)
+        else:
+            kwargs[name] = defaults[name]
+    notes = []
+    if "max_new_tokens" in kwargs:
+        asked, kwargs["max_new_tokens"] = kwargs["max_new_tokens"], families.max_new_tokens(model, kwargs["max_new_tokens"])
+        if kwargs["max_new_tokens"] < asked:
+            notes.append((logging.WARNING, f"--max_new_tokens {asked} reaches past this {model.config.model_type} decoder's "
+                                           f"{families.decoder_positions(model)} positions: generating at most {kwargs['max_new_tokens']}"))
+        if "min_new_tokens" in kwargs:
+            kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+    if from_model:
+        notes.append((logging.INFO, "generating with the model's generation_config for "
+                                    + ", ".join(f"{k}={v}" for k, v in from_model.items()) + " (a flag overrides each)"))
+    return kwargs, notes
+
+
 @torch.no_grad()
 def summarize(wrapped, tokenizer, documents: Sequence, batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
     """Summaries of token-id documents of any length (CachED windows, HF ``generate``), read from

@@ -90,17 +90,22 @@ class OptimArgs:
 @dataclass
 class EvalArgs:
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: at the end only)"})
-    num_beams: int = field(default=1, metadata={"help": "beam width for summarisation"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest generated summary"})
-    min_new_tokens: int = field(default=0, metadata={"help": "shortest generated summary"})
-    length_penalty: float = field(default=1.0, metadata={"help": "beam-search length penalty"})
+    num_beams: int | None = field(default=None, metadata={"help": "beam width for summarisation (default: the model's generation_config, else 1)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "longest generated summary (default: the model's generation_config, else 128)"})
+    min_new_tokens: int | None = field(default=None, metadata={"help": "shortest generated summary (default: the model's generation_config, else 0)"})
+    length_penalty: float | None = field(default=None, metadata={"help": "beam-search length penalty (default: the model's generation_config, else 1.0)"})
 
     def validate(self) -> None:
-        _at_least(self, 1, "num_beams", "max_new_tokens")
-        _at_least(self, 0, "min_new_tokens")
+        _at_least(self, 1, "num_beams", "max_new_tokens", optional=True)
+        _at_least(self, 0, "min_new_tokens", optional=True)
         _at_least(self, 0, "eval_steps", optional=True)  # 0: at the end only, as unset
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens {self.max_new_tokens}")
+        if self.min_new_tokens is not None and self.min_new_tokens > (self.max_new_tokens or EVAL_DEFAULTS["max_new_tokens"]):
+            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens "
+                             f"{self.max_new_tokens or EVAL_DEFAULTS['max_new_tokens']}")
+
+
+# The evaluation's generation where neither a flag nor the model's generation_config sets one
+EVAL_DEFAULTS = {"num_beams": 1, "max_new_tokens": 128, "min_new_tokens": 0, "length_penalty": 1.0}
 
 
 @dataclass

@@ -20,7 +20,7 @@ import random
 import resource
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 
 import deepspeed.comm
@@ -37,12 +37,12 @@ from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import COSINE_MIN_RATIO, REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, load_config, resolve_auto
-from .evaluation import rouge, summarize
+from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
 from .stop_signals import StopSignals
 from .resume import ResumeState, choose_checkpoint
-from .run_config import RunConfig
+from .run_config import EVAL_DEFAULTS, RunConfig
 from .run_outputs import RUN_COMPLETE, clear_earlier_outputs, forget_metrics_after, write_atomic
 
 logger = logging.getLogger("cached_ds")
@@ -155,6 +155,7 @@ class Trainer:
         self._keep_source_prefix()
         self._check_tokenizer()
         self._check_summary_lengths()
+        self.generation = self._generation_settings()
         self.plan = data_lib.BatchPlan(data_lib.lengths(self.train_rows), world_size(),
                                        run.optim.micro_batch_size, run.optim.gradient_accumulation_steps, run.optim.seed)
         self.plan.check()
@@ -258,14 +259,15 @@ class Trainer:
         if longest > limit:
             raise ValueError(f"a reference summary has {longest} tokens but this {self.model.config.model_type} decoder has "
                              f"{limit} positions; pass --max_target_tokens {limit}")
-        evaluation = self.run.eval
-        capped = families.max_new_tokens(self.model, evaluation.max_new_tokens)
-        if self.eval_rows and capped < evaluation.max_new_tokens:
-            if rank() == 0:
-                logger.warning("--max_new_tokens %d reaches past this %s decoder's %d positions: generating at most %d",
-                               evaluation.max_new_tokens, self.model.config.model_type, limit, capped)
-            self.run = replace(self.run, eval=replace(evaluation, max_new_tokens=capped,
-                                                      min_new_tokens=min(evaluation.min_new_tokens, capped)))
+
+    def _generation_settings(self) -> dict:
+        """The evaluation's generate keywords: the flags given, else the model's
+        generation_config, else the run's defaults (``evaluation.generation_settings``); said once."""
+        given = {name: getattr(self.run.eval, name) for name in GENERATION_FLAGS}
+        settings, notes = generation_settings(self.model, given, EVAL_DEFAULTS)
+        for level, note in notes if self.eval_rows and rank() == 0 else ():
+            logger.log(level, "evaluation: %s", note)
+        return settings
 
     def _engine_config(self):
         """The resolved DeepSpeed config and our lr schedule (None where the config's own
@@ -456,7 +458,6 @@ class Trainer:
             return {}
         if injected_fault("kill_during_eval", self.step):  # tests only: a run stopped mid-evaluation
             os.kill(os.getpid(), signal.SIGKILL)
-        run = self.run
         count = len(self.eval_rows)
         mine = list(range(rank(), count, world_size()))
         rounds = math.ceil(count / world_size())
@@ -465,8 +466,7 @@ class Trainer:
         padded = [i % count for i in range(rank(), rounds * world_size(), world_size())]
         stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
         texts = summarize(self.engine.module, self.tokenizer, data_lib.ColumnOf(self.eval_rows, padded, "input_ids"),
-                          num_beams=run.eval.num_beams, max_new_tokens=run.eval.max_new_tokens,
-                          min_new_tokens=run.eval.min_new_tokens, length_penalty=run.eval.length_penalty,
+                          **self.generation,
                           synced_gpus=stage3, progress=tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0))
         pairs = list(zip(mine, texts))
         gathered = [None] * world_size()

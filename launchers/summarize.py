@@ -26,14 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from cached_ds import CachedSeq2Seq, families  # noqa: E402
-from cached_ds.evaluation import summarize  # noqa: E402
+from cached_ds import CachedSeq2Seq  # noqa: E402
+from cached_ds.evaluation import GENERATION_FLAGS, generation_settings, summarize  # noqa: E402
 from cached_ds.long_text import token_ids  # noqa: E402
 from cached_ds.model_zoo import load_tokenizer  # noqa: E402
 from cached_ds.run_outputs import write_atomic  # noqa: E402
 
 logger = logging.getLogger("cached_ds.summarize")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# where neither a flag nor the model's generation_config sets them (train.py's evaluation: 1 beam, 128)
+DEFAULTS = {"num_beams": 4, "max_new_tokens": 256, "min_new_tokens": 0, "length_penalty": 1.0}
 
 
 class JsonLines:
@@ -96,6 +98,13 @@ def check_records(lines: JsonLines, args) -> list[int]:
     return empty
 
 
+def model_files(folder: Path) -> dict:
+    """Size and modification time of the model's weights and generation settings: an interrupted
+    run is not continued with another model saved into the same folder since."""
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(folder.iterdir())
+            if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"))}
+
+
 def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN equals itself here
 
@@ -144,10 +153,14 @@ def main(argv=None) -> None:
     parser.add_argument("--text_column", default="document", help="field holding each document")
     parser.add_argument("--output_column", default="prediction",
                         help="field each output line gets the generated summary in (an input field of that name is refused, not overwritten)")
-    parser.add_argument("--num_beams", type=int, default=4, help="beam width")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest summary (capped where learned decoder positions end)")
-    parser.add_argument("--min_new_tokens", type=int, default=0, help="shortest summary")
-    parser.add_argument("--length_penalty", type=float, default=1.0, help="beam-search length penalty")
+    model_or = "default: the model's generation_config, else"
+    parser.add_argument("--num_beams", type=int, default=None, help=f"beam width ({model_or} 4)")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help=f"longest summary ({model_or} 256; capped where learned decoder positions end)")
+    parser.add_argument("--min_new_tokens", type=int, default=None, help=f"shortest summary ({model_or} 0)")
+    parser.add_argument("--length_penalty", type=float, default=None, help=f"beam-search length penalty ({model_or} 1.0)")
+    parser.add_argument("--max_source_tokens", type=int, default=None,
+                        help="cut documents to this many tokens, as train.py's flag of that name did for its evaluation (default: whole)")
     parser.add_argument("--source_prefix", default=None,
                         help="text put before every document (default: the one the model was trained with, its config's prefix)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
@@ -158,10 +171,13 @@ def main(argv=None) -> None:
         raise ValueError(f"summarize.py runs as one process, but this launch has WORLD_SIZE={os.environ['WORLD_SIZE']}: run it "
                          "with python, once per GPU on a part of the input if you want several (e.g. CUDA_VISIBLE_DEVICES=1 "
                          "python launchers/summarize.py --input part1.jsonl ...)")
-    if args.num_beams < 1 or args.max_new_tokens < 1 or args.min_new_tokens < 0 or args.min_new_tokens > args.max_new_tokens:
-        raise ValueError(f"--num_beams {args.num_beams}, --max_new_tokens {args.max_new_tokens}, --min_new_tokens "
-                         f"{args.min_new_tokens}: beams and the longest summary must be at least 1, the shortest between 0 "
-                         "and the longest")
+    for name, least in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0), ("max_source_tokens", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    if None not in (args.min_new_tokens, args.max_new_tokens) and args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min_new_tokens {args.min_new_tokens} is more than --max_new_tokens {args.max_new_tokens}")
+    if not args.input.is_file():
+        raise ValueError(f"--input {args.input}: no such file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
@@ -169,10 +185,10 @@ def main(argv=None) -> None:
     lines = JsonLines(args.input)  # checked before the model loads: a bad input fails in seconds
     empty = check_records(lines, args)
     partial = args.output.with_name(args.output.name + ".partial")
-    generation = {"model": str(args.model.resolve()), "dtype": dtype, "num_beams": args.num_beams,
-                "max_new_tokens": args.max_new_tokens, "length_penalty": args.length_penalty, "text_column": args.text_column,
-                **({"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else {}),  # as earlier versions recorded them
-                **({"source_prefix": args.source_prefix} if args.source_prefix is not None else {})}
+    given = {name: getattr(args, name) for name in GENERATION_FLAGS}
+    generation = {"model": str(args.model.resolve()), "model_files": model_files(args.model), "dtype": dtype, **given,
+                  "text_column": args.text_column, "output_column": args.output_column, "source_prefix": args.source_prefix,
+                  "max_source_tokens": args.max_source_tokens}
     done = done_before(partial, lines, args.output_column, generation)
     if done:
         logger.info("continuing %s: %d of %d documents were summarised before", partial, done, len(lines))
@@ -183,10 +199,9 @@ def main(argv=None) -> None:
     prefix = args.source_prefix if args.source_prefix is not None else (getattr(hf_model.config, "prefix", None) or "")
     if prefix:
         logger.info("documents start with %r (%s)", prefix, "--source_prefix" if args.source_prefix is not None else "the model's prefix")
-    max_new_tokens = families.max_new_tokens(hf_model, args.max_new_tokens)
-    if max_new_tokens < args.max_new_tokens:
-        logger.warning("--max_new_tokens %d reaches past this %s decoder's positions: generating at most %d",
-                       args.max_new_tokens, hf_model.config.model_type, max_new_tokens)
+    settings, notes = generation_settings(hf_model, given, DEFAULTS)
+    for level, note in notes:
+        logger.log(level, note)
     if empty:
         logger.warning("lines %s have an empty %r: their %r is empty", empty[:10], args.text_column, args.output_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +212,7 @@ def main(argv=None) -> None:
             text = record[args.text_column]
             summary = ""
             if text.strip():
-                [summary] = summarize(model, tokenizer, [token_ids(tokenizer, prefix + text)], num_beams=args.num_beams,
-                                      max_new_tokens=max_new_tokens, min_new_tokens=min(args.min_new_tokens, max_new_tokens),
-                                      length_penalty=args.length_penalty)
+                [summary] = summarize(model, tokenizer, [token_ids(tokenizer, prefix + text, args.max_source_tokens)], **settings)
             handle.write(json.dumps({**record, args.output_column: summary}, ensure_ascii=False) + "\n")
             handle.flush()
             bar.update(1)

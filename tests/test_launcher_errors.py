@@ -190,7 +190,7 @@ def test_generation_is_capped_at_the_decoders_positions(tmp_path, corpus, caplog
     limit = hf.AutoConfig.from_pretrained(corpus["model"]).max_position_embeddings
     with caplog.at_level("WARNING", logger="cached_ds"):
         trainer = Trainer(parse_args(flags(corpus, tmp_path, "--eval_file", corpus["eval_file"], "--max_new_tokens", str(limit))))
-    assert trainer.run.eval.max_new_tokens == limit - 1
+    assert trainer.generation["max_new_tokens"] == limit - 1
     assert f"--max_new_tokens {limit} reaches past this bart decoder's {limit} positions: generating at most {limit - 1}" in caplog.text
 
 

@@ -2,12 +2,16 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from launcher_helpers import REPO, launcher_env, make_corpus
 
 from cached_ds.model import CACHED_CONFIG_FILE
+
+sys.path.insert(0, str(REPO / "launchers"))
+from summarize import model_files  # noqa: E402  (launchers/summarize.py)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def test_training_format_input_keeps_its_reference_summary(tmp_path, exported):
     assert summarize(model, docs, longer, "--min_new_tokens", "4").returncode == 0
     assert all(json.loads(line)["prediction"].strip() for line in longer.read_text().splitlines())
     refused = summarize(model, docs, tmp_path / "no.jsonl", "--min_new_tokens", "5")
-    assert refused.returncode == 1 and "--min_new_tokens 5: beams and the longest summary must be at least 1" in refused.stderr
+    assert refused.returncode == 1 and "--min_new_tokens 5 is more than --max_new_tokens 4" in refused.stderr
 
 
 def test_an_output_column_the_input_has_is_refused(tmp_path, exported):
@@ -93,14 +97,17 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, exported):
     docs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in inputs), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     partial, sidecar = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
-    settings = {"model": str(model.resolve()), "dtype": "fp32", "num_beams": 1, "max_new_tokens": 4, "length_penalty": 1.0,
-                "text_column": "document"}  # what summarize() below passes
+    settings = {"model": str(model.resolve()), "model_files": model_files(model), "dtype": "fp32", "num_beams": 1,
+                "max_new_tokens": 4, "min_new_tokens": None, "length_penalty": None, "text_column": "document",
+                "output_column": "prediction", "source_prefix": None, "max_source_tokens": None}  # what summarize() below passes
     second = json.dumps({**inputs[1], "prediction": "x"}, ensure_ascii=False).encode("utf-8")
     cut = second[: second.index("北".encode("utf-8")) + 1]  # inside the character's three bytes
     partial.write_bytes((json.dumps({**inputs[0], "prediction": "written before"}) + "\n").encode("utf-8") + cut)
     sidecar.write_text(json.dumps(settings))
     other = summarize(model, docs, out, "--num_beams", "2")
     assert other.returncode == 1 and "out.jsonl.partial was written with other settings (num_beams)" in other.stderr
+    other = summarize(model, docs, out, "--output_column", "generated")  # its lines are not what this input gives
+    assert other.returncode == 1 and "out.jsonl.partial was written with other settings (output_column)" in other.stderr
     result = summarize(model, docs, out)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -134,7 +141,7 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     result = summarize(model, docs, tmp_path / "out.jsonl", "--max_new_tokens", str(positions + 50))
     assert result.returncode == 0, result.stderr[-3000:]  # it used to fail with an index error
-    assert f"--max_new_tokens {positions + 50} reaches past this bart decoder's positions: generating at most {positions - 1}" in result.stderr
+    assert f"--max_new_tokens {positions + 50} reaches past this bart decoder's {positions} positions: generating at most {positions - 1}" in result.stderr
 
 
 def test_a_saved_wrapper_without_its_tokenizer_is_refused(tmp_path, exported):
@@ -187,3 +194,52 @@ def test_the_input_is_read_one_document_at_a_time(tmp_path):
     tracemalloc.stop()
     assert len(lines) == 40 and empty == [2 * i + 1 for i in range(0, 40, 7)]  # the blank lines between are skipped
     assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held to check a {docs.stat().st_size / 2**20:.0f} MiB file"
+
+
+def test_a_run_is_not_continued_with_another_model_saved_into_its_folder(tmp_path, exported):
+    """A run of train.py into the same --output_dir saves other weights into exported/: the
+    interrupted summaries of the old ones must not be continued with the new ones."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(exported[0], model)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(Path(exported[1]).read_text())
+    out = tmp_path / "out.jsonl"
+    partial, sidecar = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
+    assert summarize(model, docs, out).returncode == 0
+    out.rename(partial)  # as if interrupted after every line
+    sidecar.write_text(json.dumps({"model": str(model.resolve()), "model_files": model_files(model), "dtype": "fp32", "num_beams": 1,
+                                   "max_new_tokens": 4, "min_new_tokens": None, "length_penalty": None, "text_column": "document",
+                                   "output_column": "prediction", "source_prefix": None, "max_source_tokens": None}))
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # saved again: a new modification time
+    result = summarize(model, docs, out)
+    assert result.returncode == 1 and "out.jsonl.partial was written with other settings (model_files)" in result.stderr
+
+
+def test_generation_follows_the_models_generation_config_unless_a_flag_is_given(tmp_path, exported):
+    """A fine-tuned summariser's generation_config (bart-large-cnn: length_penalty 2, min_length
+    56, no_repeat_ngram_size 3...) is HF's generate's own default: the flags' defaults used to
+    override it without a word (--min_new_tokens 0 cancelled its min_length)."""
+    import shutil
+
+    import transformers as hf
+
+    model = tmp_path / "model"
+    shutil.copytree(exported[0], model)
+    hf.GenerationConfig(min_length=9, max_length=12, length_penalty=2.0, num_beams=2, decoder_start_token_id=2,
+                        bos_token_id=0, eos_token_id=2, pad_token_id=1).save_pretrained(model)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"document": " ".join(json.loads(Path(exported[1]).read_text().splitlines()[0])["document"].split()[:40])}) + "\n")
+    run = subprocess.run(["python", "launchers/summarize.py", "--model", str(model), "--input", str(docs), "--output",
+                          str(tmp_path / "out.jsonl"), "--device", "cpu"], cwd=REPO, env=launcher_env(), capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("generating with the model's generation_config for num_beams=2, max_length=12, min_length=9, length_penalty=2.0 "
+            "(a flag overrides each)") in run.stderr
+    tokenizer = hf.AutoTokenizer.from_pretrained(model)
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = hf.AutoModelForSeq2SeqLM.from_pretrained(model).generate(**tokenizer(row["document"], return_tensors="pt"))
+    assert row["prediction"] == tokenizer.decode(expected[0], skip_special_tokens=True).strip()  # one window: HF's own
+    assert 9 <= expected.shape[1] <= 12
