@@ -136,6 +136,9 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     model, eval_file = exported
     docs = tmp_path / "docs.jsonl"
     docs.write_text(Path(eval_file).read_text().splitlines()[0] + "\n")
+    missing = summarize(model, tmp_path / "nope.jsonl", tmp_path / "out.jsonl")
+    assert missing.returncode == 1 and f"--input {tmp_path / 'nope.jsonl'}: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
     result = summarize(tmp_path, docs, tmp_path / "out.jsonl")  # a folder without the export's files
     assert result.returncode == 1 and "cached_config.json is missing: give a folder written by CachedSeq2Seq.save_pretrained or export_hf" in result.stderr
     positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
