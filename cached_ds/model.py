@@ -247,21 +247,22 @@ class CachedSeq2Seq(nn.Module):
         an ``HfDeepSpeedConfig``, which a cached_ds engine does not make)."""
         generate_kwargs.setdefault("synced_gpus", partitioned_across_ranks(self.model))
         self._check_generation(generate_kwargs)
+        generate_kwargs = self._document_id_processors(input_ids, generate_kwargs)
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
         return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
 
 
-    def _check_generation(self, generate_kwargs: dict) -> None:
-        """Settings as HF resolves them (a keyword, else the ``generation_config`` passed, else the
-        model's): lengths past a learned decoder's positions (an index error, a device-side assert
-        on a GPU), and the two settings that read the document's ids, which HF's generate does not
-        get here (it is given the whole document's encoder states; it would drop them with a
-        warning that no input_ids were passed)."""
+    def _setting(self, generate_kwargs: dict, name: str):
+        """(value, where it is set) as HF resolves a generation setting: a keyword, else the
+        ``generation_config`` passed, else the model's."""
+        if name in generate_kwargs:
+            return generate_kwargs[name], name
         config = generate_kwargs.get("generation_config") or self.model.generation_config
+        return getattr(config, name, None), f"generation_config.{name}"
 
-        def setting(name):
-            return (generate_kwargs[name], name) if name in generate_kwargs else (getattr(config, name, None), f"generation_config.{name}")
-
+    def _check_generation(self, generate_kwargs: dict) -> None:
+        """Lengths past a learned decoder's positions (an index error, a device-side assert on a GPU)."""
+        setting = partial(self._setting, generate_kwargs)
         limit = families.decoder_positions(self.model)
         (new_tokens, new_from), (length, length_from) = setting("max_new_tokens"), setting("max_length")
         # HF: max_new_tokens, where set, decides and max_length is not read
@@ -270,11 +271,38 @@ class CachedSeq2Seq(nn.Module):
             raise ValueError(f"{where}={value} runs past the decoder's {limit} positions (config."
                              f"{families.decoder_positions_field(self.model.config)}, the start token takes one); "
                              f"set {where.rsplit('.', 1)[-1]} <= {most}")
-        for name, off in (("encoder_repetition_penalty", 1.0), ("encoder_no_repeat_ngram_size", 0)):
-            value, where = setting(name)
-            if value not in (None, off):
-                raise ValueError(f"{where}={value} reads the document's token ids, which HF's generate is not given here (it "
-                                 f"gets the whole document's encoder states instead); remove it (or set it to {off})")
+
+    def _document_id_processors(self, input_ids: torch.Tensor, generate_kwargs: dict) -> dict:
+        """encoder_repetition_penalty and encoder_no_repeat_ngram_size read the document's ids,
+        which HF's generate is not given here (it gets the whole document's encoder states, and
+        would drop both with a warning that no input_ids were passed). HF's own processors are
+        built from the ids and passed in (Blenderbot's generation_config sets the n-gram one).
+        HF would run them before its other processors; passed in, they run after: the same
+        scores for greedy and beam search (penalties keep a score's sign, bans are bans), not
+        after sampling's warpers (top-k, top-p) or renormalisation, so with those it is refused."""
+        from transformers import EncoderNoRepeatNGramLogitsProcessor, EncoderRepetitionPenaltyLogitsProcessor, LogitsProcessorList
+
+        setting = partial(self._setting, generate_kwargs)
+        (penalty, penalty_from), (size, size_from) = setting("encoder_repetition_penalty"), setting("encoder_no_repeat_ngram_size")
+        found, added, neutral = [], [], {}
+        if penalty not in (None, 1.0):
+            found.append(f"{penalty_from}={penalty}")
+            added.append(EncoderRepetitionPenaltyLogitsProcessor(float(penalty), input_ids))
+            neutral["encoder_repetition_penalty"] = 1.0
+        if size:
+            found.append(f"{size_from}={size}")
+            added.append(EncoderNoRepeatNGramLogitsProcessor(int(size), input_ids))
+            neutral["encoder_no_repeat_ngram_size"] = 0
+        if not added:
+            return generate_kwargs
+        for later in ("do_sample", "renormalize_logits"):
+            value, where = setting(later)
+            if value:
+                raise ValueError(f"{' and '.join(found)} with {where}=True: applied here after the sampling warpers or the "
+                                 f"renormalisation, where HF applies it before; set "
+                                 f"{', '.join(f'{k}={v}' for k, v in neutral.items())}, or {later}=False")
+        processors = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []), *added])
+        return {**generate_kwargs, **neutral, "logits_processor": processors}
 
 
 def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:

@@ -81,15 +81,14 @@ def test_summaries_past_the_decoder_positions_name_the_limit(wrapped):
 
 
 @pytest.mark.parametrize("setting", [{"encoder_repetition_penalty": 2.0}, {"encoder_no_repeat_ngram_size": 1}])
-def test_generation_settings_that_read_the_documents_ids_are_refused(wrapped, setting):
-    """HF's generate gets the whole document's encoder states here, not its ids: it dropped these
-    with a warning that no input_ids were passed, although the caller passed them."""
+def test_generation_settings_that_read_the_documents_ids_are_refused_with_sampling(wrapped, setting):
+    """They run after sampling's warpers here (before, in HF): refused there, naming both."""
     ids, mask, _ = random_batch([20], [3], 1)
     [(name, value)] = setting.items()
-    with pytest.raises(ValueError, match=re.escape(f"{name}={value} reads the document's token ids")):
-        wrapped.generate(ids, mask, max_new_tokens=4, **setting)
-    with pytest.raises(ValueError, match=re.escape(f"generation_config.{name}={value} reads")):
-        wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(max_new_tokens=4, **setting))
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value} with do_sample=True: applied here after the sampling warpers")):
+        wrapped.generate(ids, mask, max_new_tokens=4, do_sample=True, **setting)
+    with pytest.raises(ValueError, match=re.escape(f"generation_config.{name}={value} with generation_config.do_sample=True")):
+        wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(max_new_tokens=4, do_sample=True, **setting))
 
 
 def test_models_without_a_language_modelling_head_are_refused():

@@ -47,6 +47,22 @@ def test_generation_equals_hf_generate_within_one_window(family, lengths, num_be
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("setting", [{"encoder_repetition_penalty": 0.1}, {"encoder_no_repeat_ngram_size": 1}])
+def test_settings_that_read_the_documents_ids_act_as_in_hf(family, num_beams, setting):
+    """HF's generate is given encoder states here, not ids: it dropped these two with a warning
+    that no input_ids were passed. They are built from the ids and passed in: HF's tokens."""
+    model = make_model(family).eval()
+    ids, mask, _ = random_batch([WINDOW, WINDOW - 6], [1, 1], model.config.pad_token_id)
+    kwargs = dict(max_new_tokens=10, min_new_tokens=8, num_beams=num_beams, do_sample=False)  # tiny models stop at once
+    ids[:, 2:5] = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, 1:4]  # the documents hold what it would write
+    ours = CachedSeq2Seq(model, CachedConfig(window=WINDOW)).generate(ids, mask, **kwargs, **setting)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **setting)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ref, model.generate(input_ids=ids, attention_mask=mask, **kwargs)), "the setting changes the summary"
+
+
 def test_generation_reads_the_whole_document():
     """Tokens past the first window change the summary: nothing is truncated."""
     model = make_model("bart").eval()

@@ -191,3 +191,15 @@ def test_the_engine_check_passes_on_cpu_with_what_the_gpu_machine_has(tmp_path):
     assert all(case["ok"] for case in cases.values()), cases
     assert cases["engine-zero3"]["linear"] == "linear" and cases["engine-zero3_offload"]["linear"] == "zero3_linear_wrap"
     assert cases["engine-zero3-streaming-cpu-checkpointing"]["gradient_cache_offloaded"]
+
+
+def test_flex_variants_time_every_variant_on_cpu():
+    """``flex_variants.py`` (where LongT5's flex attention loses its time, [t5-speed]) runs each
+    variant's forward at tiny shapes here: a GPU session finds no plumbing error in it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/flex_variants.py")], capture_output=True, text=True,
+                          timeout=600, env=launcher_env(CHECK_DEVICE="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = {name: case for name, case in report.items() if name.startswith("flex_variants-")}
+    assert set(cases) == {f"flex_variants-{n}" for n in ("sdpa_dense", "flex_band", "flex_band_bias", "flex_band_bias_grad", "flex_tglobal")}
+    assert all(case["ok"] and case["forward_ms"] > 0 for case in cases.values()), cases
