@@ -10,7 +10,8 @@ The variants, each forward and forward + backward, over 4 windows of 4096 tokens
 - ``flex_band_bias_grad``: the bias needs a gradient (flex's backward scatters into it);
 - ``flex_tglobal``: ``flex_t5.flex_bias_attention`` as a transient-global layer calls it (256
   global keys, their bias, the segment mask), the code the sweep runs.
-TFLOP/s counts the attended (query, key) pairs only: 4 x head dim FLOPs each forward, 10 x for
+The forward is timed without autograd (as the no-grad encode runs it). TFLOP/s counts the
+attended (query, key) pairs only: 4 x head dim FLOPs each forward, 10 x for
 forward + backward. Prints ONE JSON line; each variant catches its own exception.
 
     python bench/gpu_checks/flex_variants.py
@@ -77,26 +78,31 @@ def variants() -> dict:
     from cached_ds.t5_attention import Layout
 
     shape = (WINDOWS, HEADS, LENGTH, HEAD_DIM)
-    q, k, v = (torch.randn(shape, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=DTYPE, requires_grad=not CPU) for _ in range(3))  # CPU: no flex backward
     module, bias = tglobal_layer()
-    offsets = bias.offsets.detach().to(DTYPE)  # (2L - 1, heads)
-    by_head = offsets.t().contiguous()
-    by_head_grad = by_head.clone().requires_grad_(True)
+    by_head = bias.offsets.detach().to(DTYPE).t().contiguous()  # (heads, 2L - 1)
+    by_head_grad = by_head.clone().requires_grad_(not CPU)
     band = create_block_mask(lambda b, h, qi, ki: (ki - qi).abs() <= RADIUS, None, None, LENGTH, LENGTH, device=DEVICE)
     compiled = torch.compile(flex_attention, dynamic=False)
     band_pairs = sum(min(LENGTH, i + RADIUS + 1) - max(0, i - RADIUS) for i in range(LENGTH)) * WINDOWS * HEADS
     count = bias.extra["side"].segments.shape[1]
-    side_k, side_v = (torch.randn(WINDOWS, HEADS, count, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(2))
+    side_k, side_v = (torch.randn(WINDOWS, HEADS, count, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=not CPU) for _ in range(2))
 
     def with_bias(table):
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + table[h, kv_idx - q_idx + LENGTH - 1].to(score.dtype)
         return score_mod
 
+    # leaves needing a gradient, as the bias tables do in training (a graph shared by the timed
+    # calls would be freed by the first backward)
+    offsets_leaf = bias.offsets.detach().to(DTYPE).requires_grad_(not CPU)
+    table_leaf = bias.extra["table"].detach().to(DTYPE).requires_grad_(not CPU)
+    key_valid = torch.ones(WINDOWS, LENGTH, dtype=torch.bool, device=DEVICE)
+    shared = {}  # the block mask, built once as for a stack's 24 layers
+
     def tglobal():
-        layout = Layout(128, bias.offsets.to(DTYPE), key_valid=torch.ones(WINDOWS, LENGTH, dtype=torch.bool, device=DEVICE),
-                        radius=RADIUS, side=bias.extra["side"], shared={})
-        return flex_t5.flex_bias_attention(q, k, v, layout, side_k, side_v, bias.extra["table"].to(DTYPE))
+        layout = Layout(128, offsets_leaf, key_valid=key_valid, radius=RADIUS, side=bias.extra["side"], shared=shared)
+        return flex_t5.flex_bias_attention(q, k, v, layout, side_k, side_v, table_leaf)
 
     return {  # name: (forward, attended pairs)
         "sdpa_dense": (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), WINDOWS * HEADS * LENGTH * LENGTH),
@@ -118,7 +124,8 @@ def main() -> None:
     for name, (forward, pairs) in cases.items():
         start = time.perf_counter()
         try:
-            fwd = timed(lambda: forward().detach())
+            with torch.no_grad():  # as the no-grad encode runs it
+                fwd = timed(forward)
             result = {"ok": True, "forward_ms": round(1e3 * fwd, 3), "forward_tflops": round(4 * HEAD_DIM * pairs / fwd / 1e12, 2)}
             if not CPU:  # flex attention's backward does not run on CPU
                 both = timed(lambda: forward().sum().backward())
