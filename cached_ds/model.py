@@ -38,7 +38,7 @@ from .distributed import max_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
 from .longt5_attention import has_banded_attention
 from .host_offload import to_device
-from .shared_beam_generation import generate_shared
+from .shared_beam_generation import document_ids_for_processors, generate_shared
 from .streaming_cross_attention import (
     compact_key_mask,
     has_streaming_cross_attention,
@@ -247,18 +247,25 @@ class CachedSeq2Seq(nn.Module):
         an ``HfDeepSpeedConfig``, which a cached_ds engine does not make)."""
         generate_kwargs.setdefault("synced_gpus", partitioned_across_ranks(self.model))
         self._check_generation(generate_kwargs)
-        generate_kwargs = self._document_id_processors(input_ids, generate_kwargs)
         encoder_outputs, fused_mask = self.encode_long(input_ids, attention_mask)
-        return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
+        # HF's generate gets the states, not the ids, which encoder_repetition_penalty and
+        # encoder_no_repeat_ngram_size read (Blenderbot's generation_config sets the latter)
+        reads_ids = self._reads_document_ids(generate_kwargs)
+        ids = input_ids.to(fused_mask.device) if reads_ids else None
+        with document_ids_for_processors(self.model, ids) if reads_ids else contextlib.nullcontext():
+            return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
 
 
     def _setting(self, generate_kwargs: dict, name: str):
         """(value, where it is set) as HF resolves a generation setting: a keyword, else the
-        ``generation_config`` passed, else the model's."""
+        ``generation_config`` passed where it sets the field, else the model's (HF fills a passed
+        config's unset fields from the model's)."""
         if name in generate_kwargs:
             return generate_kwargs[name], name
-        config = generate_kwargs.get("generation_config") or self.model.generation_config
-        return getattr(config, name, None), f"generation_config.{name}"
+        passed = generate_kwargs.get("generation_config")
+        if passed is not None and getattr(passed, name, None) is not None:
+            return getattr(passed, name), f"generation_config.{name}"
+        return getattr(self.model.generation_config, name, None), f"model.generation_config.{name}"
 
     def _check_generation(self, generate_kwargs: dict) -> None:
         """Lengths past a learned decoder's positions (an index error, a device-side assert on a GPU)."""
@@ -272,37 +279,10 @@ class CachedSeq2Seq(nn.Module):
                              f"{families.decoder_positions_field(self.model.config)}, the start token takes one); "
                              f"set {where.rsplit('.', 1)[-1]} <= {most}")
 
-    def _document_id_processors(self, input_ids: torch.Tensor, generate_kwargs: dict) -> dict:
-        """encoder_repetition_penalty and encoder_no_repeat_ngram_size read the document's ids,
-        which HF's generate is not given here (it gets the whole document's encoder states, and
-        would drop both with a warning that no input_ids were passed). HF's own processors are
-        built from the ids and passed in (Blenderbot's generation_config sets the n-gram one).
-        HF would run them before its other processors; passed in, they run after: the same
-        scores for greedy and beam search (penalties keep a score's sign, bans are bans), not
-        after sampling's warpers (top-k, top-p) or renormalisation, so with those it is refused."""
-        from transformers import EncoderNoRepeatNGramLogitsProcessor, EncoderRepetitionPenaltyLogitsProcessor, LogitsProcessorList
-
-        setting = partial(self._setting, generate_kwargs)
-        (penalty, penalty_from), (size, size_from) = setting("encoder_repetition_penalty"), setting("encoder_no_repeat_ngram_size")
-        found, added, neutral = [], [], {}
-        if penalty not in (None, 1.0):
-            found.append(f"{penalty_from}={penalty}")
-            added.append(EncoderRepetitionPenaltyLogitsProcessor(float(penalty), input_ids))
-            neutral["encoder_repetition_penalty"] = 1.0
-        if size:
-            found.append(f"{size_from}={size}")
-            added.append(EncoderNoRepeatNGramLogitsProcessor(int(size), input_ids))
-            neutral["encoder_no_repeat_ngram_size"] = 0
-        if not added:
-            return generate_kwargs
-        for later in ("do_sample", "renormalize_logits"):
-            value, where = setting(later)
-            if value:
-                raise ValueError(f"{' and '.join(found)} with {where}=True: applied here after the sampling warpers or the "
-                                 f"renormalisation, where HF applies it before; set "
-                                 f"{', '.join(f'{k}={v}' for k, v in neutral.items())}, or {later}=False")
-        processors = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []), *added])
-        return {**generate_kwargs, **neutral, "logits_processor": processors}
+    def _reads_document_ids(self, generate_kwargs: dict) -> bool:
+        """A setting whose logits processor reads the encoder's input ids is on."""
+        penalty = self._setting(generate_kwargs, "encoder_repetition_penalty")[0]
+        return penalty not in (None, 1.0) or bool(self._setting(generate_kwargs, "encoder_no_repeat_ngram_size")[0])
 
 
 def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:

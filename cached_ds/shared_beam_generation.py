@@ -42,7 +42,7 @@ Decisions:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -57,6 +57,7 @@ from .streaming_cross_attention import (
 )
 
 EXPANSION_HOOK = "_expand_inputs_for_generation"
+PROCESSORS_HOOK = "_get_logits_processor"  # called with encoder_input_ids= (transformers 4.40 to 5.x)
 
 
 class SharedEncoderSide:
@@ -100,28 +101,47 @@ def _ungroup_copies(out: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @contextmanager
-def encoder_outputs_not_expanded(model: nn.Module) -> Iterator[None]:
-    """HF ``generate`` on ``model`` expands everything per beam except ``encoder_outputs``."""
-    # A peft model's generate runs the HF model's own: the hook has to be shadowed there.
+def shadowed_method(model: nn.Module, name: str, make: Callable) -> Iterator[None]:
+    """Inside, ``model.<name>`` is ``make(hf_method)`` (an instance attribute over the class's
+    method; one already there is put back after). A peft model's generate runs the HF model's
+    own: the method is shadowed there."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hf_expand = getattr(model, EXPANSION_HOOK)
-    shadowed = model.__dict__.get(EXPANSION_HOOK)
-
-    def expand(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
-        input_ids, model_kwargs = hf_expand(expand_size=expand_size, is_encoder_decoder=False, input_ids=input_ids, **model_kwargs)
-        if encoder_outputs is not None:
-            model_kwargs["encoder_outputs"] = encoder_outputs
-        return input_ids, model_kwargs
-
-    model.__dict__[EXPANSION_HOOK] = expand
+    shadowed = model.__dict__.get(name)
+    model.__dict__[name] = make(getattr(model, name))
     try:
         yield
     finally:
         if shadowed is None:
-            del model.__dict__[EXPANSION_HOOK]
+            del model.__dict__[name]
         else:
-            model.__dict__[EXPANSION_HOOK] = shadowed
+            model.__dict__[name] = shadowed
+
+
+def encoder_outputs_not_expanded(model: nn.Module):
+    """HF ``generate`` on ``model`` expands everything per beam except ``encoder_outputs``."""
+    def make(hf_expand):
+        def expand(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+            encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+            input_ids, model_kwargs = hf_expand(expand_size=expand_size, is_encoder_decoder=False, input_ids=input_ids, **model_kwargs)
+            if encoder_outputs is not None:
+                model_kwargs["encoder_outputs"] = encoder_outputs
+            return input_ids, model_kwargs
+        return expand
+
+    return shadowed_method(model, EXPANSION_HOOK, make)
+
+
+def document_ids_for_processors(model: nn.Module, input_ids: torch.Tensor):
+    """HF ``generate`` given encoder outputs builds its logits processors without the encoder's
+    ids (a -100 placeholder): ``encoder_repetition_penalty`` and ``encoder_no_repeat_ngram_size``
+    are then dropped with a warning that no input_ids were passed. Inside, they get
+    ``input_ids``, and HF builds them in its own order."""
+    def make(hf_processors):
+        def processors(*args, **kwargs):
+            return hf_processors(*args, **{**kwargs, "encoder_input_ids": input_ids})
+        return processors
+
+    return shadowed_method(model, PROCESSORS_HOOK, make)
 
 
 @contextmanager

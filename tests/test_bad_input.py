@@ -73,22 +73,14 @@ def test_summaries_past_the_decoder_positions_name_the_limit(wrapped):
     saved = wrapped.model.generation_config.max_length
     wrapped.model.generation_config.max_length = 100
     try:
-        with pytest.raises(ValueError, match=re.escape("generation_config.max_length=100 runs past")):
+        with pytest.raises(ValueError, match=re.escape("model.generation_config.max_length=100 runs past")):
             wrapped.generate(ids, mask)
+        # a passed config that leaves max_length unset gets the model's, as in HF
+        with pytest.raises(ValueError, match=re.escape("model.generation_config.max_length=100 runs past")):
+            wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(min_length=3))
         assert wrapped.generate(ids, mask, max_new_tokens=5).shape[1] <= 6  # max_new_tokens decides: max_length is not read
     finally:
         wrapped.model.generation_config.max_length = saved
-
-
-@pytest.mark.parametrize("setting", [{"encoder_repetition_penalty": 2.0}, {"encoder_no_repeat_ngram_size": 1}])
-def test_generation_settings_that_read_the_documents_ids_are_refused_with_sampling(wrapped, setting):
-    """They run after sampling's warpers here (before, in HF): refused there, naming both."""
-    ids, mask, _ = random_batch([20], [3], 1)
-    [(name, value)] = setting.items()
-    with pytest.raises(ValueError, match=re.escape(f"{name}={value} with do_sample=True: applied here after the sampling warpers")):
-        wrapped.generate(ids, mask, max_new_tokens=4, do_sample=True, **setting)
-    with pytest.raises(ValueError, match=re.escape(f"generation_config.{name}={value} with generation_config.do_sample=True")):
-        wrapped.generate(ids, mask, generation_config=hf.GenerationConfig(max_new_tokens=4, do_sample=True, **setting))
 
 
 def test_models_without_a_language_modelling_head_are_refused():

@@ -48,19 +48,27 @@ def test_generation_equals_hf_generate_within_one_window(family, lengths, num_be
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])
-@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("search", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_k=5)], ids=["greedy", "beams", "sampling"])
 @pytest.mark.parametrize("setting", [{"encoder_repetition_penalty": 0.1}, {"encoder_no_repeat_ngram_size": 1}])
-def test_settings_that_read_the_documents_ids_act_as_in_hf(family, num_beams, setting):
+def test_settings_that_read_the_documents_ids_act_as_in_hf(family, search, setting):
     """HF's generate is given encoder states here, not ids: it dropped these two with a warning
-    that no input_ids were passed. They are built from the ids and passed in: HF's tokens."""
+    that no input_ids were passed. With the ids handed to HF's own processors: HF's tokens, with
+    the end token in the documents (as tokenizers write it) and HF forcing it at the last step."""
     model = make_model(family).eval()
     ids, mask, _ = random_batch([WINDOW, WINDOW - 6], [1, 1], model.config.pad_token_id)
-    kwargs = dict(max_new_tokens=10, min_new_tokens=8, num_beams=num_beams, do_sample=False)  # tiny models stop at once
-    ids[:, 2:5] = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, 1:4]  # the documents hold what it would write
+    ids[0, -1] = ids[1, WINDOW - 7] = model.config.eos_token_id
+    model.generation_config.forced_eos_token_id = model.config.eos_token_id
+    kwargs = dict(max_new_tokens=10, min_new_tokens=8, **search)  # tiny models stop at once
+
+    def hf_generate(**more):
+        torch.manual_seed(0)
+        return model.generate(input_ids=ids, attention_mask=mask, **kwargs, **more)
+
+    ids[:, 2:5] = hf_generate()[:, 1:4]  # the documents hold what it would write
+    torch.manual_seed(0)
     ours = CachedSeq2Seq(model, CachedConfig(window=WINDOW)).generate(ids, mask, **kwargs, **setting)
-    ref = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **setting)
-    assert torch.equal(ours, ref)
-    assert not torch.equal(ref, model.generate(input_ids=ids, attention_mask=mask, **kwargs)), "the setting changes the summary"
+    assert torch.equal(ours, hf_generate(**setting))
+    assert not torch.equal(hf_generate(**setting), hf_generate()), "the setting changes the summary"
 
 
 def test_generation_reads_the_whole_document():
