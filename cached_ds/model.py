@@ -150,7 +150,8 @@ class CachedSeq2Seq(nn.Module):
             raise ValueError(f"{path} has settings this version of cached-ds does not know: {sorted(set(settings) - known)}")
         from transformers import AutoModelForSeq2SeqLM
 
-        return cls(AutoModelForSeq2SeqLM.from_pretrained(folder, **hf_kwargs), CachedConfig(**settings))
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, **hf_kwargs)
+        return cls(model, CachedConfig(**_without_settings_that_did_nothing(settings, model, path)))
 
     @property
     def config(self):
@@ -283,6 +284,24 @@ class CachedSeq2Seq(nn.Module):
         """A setting whose logits processor reads the encoder's input ids is on."""
         penalty = self._setting(generate_kwargs, "encoder_repetition_penalty")[0]
         return penalty not in (None, 1.0) or bool(self._setting(generate_kwargs, "encoder_no_repeat_ngram_size")[0])
+
+
+def _without_settings_that_did_nothing(settings: dict, model: nn.Module, path: Path) -> dict:
+    """Settings an older cached-ds saved that changed nothing, which ``CachedConfig`` and the
+    wrapper now refuse: reset, so its exported models still load."""
+    settings = dict(settings)
+    reset = {}
+    if settings.get("keep_attention_dropout") is False and settings.get("cross_attention_block") is None \
+            and not settings.get("fast_t5_attention"):
+        reset["keep_attention_dropout"] = True
+    if settings.get("offload_gradient_cache") and settings.get("mode", "cached") != "cached":
+        reset["offload_gradient_cache"] = False
+    if settings.get("t5_attention_kernel") == "local_sdpa" and not has_banded_attention(model):
+        reset["t5_attention_kernel"] = "flex"
+    if reset:
+        logger.info("%s: %s had no effect in the run that saved it; loaded as %s", path,
+                    ", ".join(f"{k}={settings[k]!r}" for k in reset), ", ".join(f"{k}={v!r}" for k, v in reset.items()))
+    return {**settings, **reset}
 
 
 def _held_until_backward(output: Seq2SeqLMOutput, held: HeldScope) -> Seq2SeqLMOutput:

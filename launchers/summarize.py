@@ -15,6 +15,7 @@ generation settings or another input are refused: <output>.partial.json records 
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -98,11 +99,20 @@ def check_records(lines: JsonLines, args) -> list[int]:
     return empty
 
 
-def model_files(folder: Path) -> dict:
-    """Size and modification time of the model's weights and generation settings: an interrupted
-    run is not continued with another model saved into the same folder since."""
-    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(folder.iterdir())
-            if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"))}
+def model_files(folder: Path, sample: int = 1 << 20) -> dict:
+    """A fingerprint of the model's weights and configs: an interrupted run is not continued with
+    another model saved into the same folder since. Configs hashed whole; weights by size and a
+    hash of their first and last MiB (weights of a retrained model differ there; hashing GBs would
+    cost seconds), not by modification time, which a copy without -p changes."""
+    prints = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json")):
+            with path.open("rb") as handle:
+                size = path.stat().st_size
+                head = handle.read(sample if path.suffix in (".safetensors", ".bin") else size)
+                handle.seek(max(size - sample, len(head)))
+                prints[path.name] = [size, hashlib.blake2b(head + handle.read(), digest_size=16).hexdigest()]
+    return prints
 
 
 def _same(a, b) -> bool:
@@ -123,6 +133,9 @@ def done_before(partial: Path, lines: JsonLines, output_column: str, settings: d
         return 0
     before = json.loads(sidecar.read_text()) if sidecar.is_file() else None
     if not _same(before, settings):
+        if before is not None and "model_files" not in before:
+            raise ValueError(f"{partial} was written by an earlier version of summarize.py, which recorded less of its settings; "
+                             "delete it to start over")
         changed = sorted(k for k in settings if (before or {}).get(k) != settings[k])
         raise ValueError(f"{partial} was written with other settings ({', '.join(changed)}); rerun with the same ones "
                          "to continue it, or delete it to start over")
@@ -178,6 +191,8 @@ def main(argv=None) -> None:
         raise ValueError(f"--min_new_tokens {args.min_new_tokens} is more than --max_new_tokens {args.max_new_tokens}")
     if not args.input.is_file():
         raise ValueError(f"--input {args.input}: no such file")
+    if not args.model.is_dir():
+        raise ValueError(f"--model {args.model}: no such folder; give the folder train.py exported (<output_dir>/exported)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")

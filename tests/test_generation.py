@@ -116,6 +116,13 @@ def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
 
     settings = json.loads((tmp_path / "saved" / "cached_config.json").read_text())
+    # settings that changed nothing, saved by an older version before they were refused: still loads
+    older = {**settings, "cross_attention_block": None, "keep_attention_dropout": False, "mode": "full", "offload_gradient_cache": True,
+             **({"fast_t5_attention": True, "t5_attention_kernel": "local_sdpa"} if family == "t5" else {})}
+    (tmp_path / "saved" / "cached_config.json").write_text(json.dumps(older))
+    reloaded = CachedSeq2Seq.from_pretrained(tmp_path / "saved").cached_config
+    assert (reloaded.mode, reloaded.offload_gradient_cache, reloaded.t5_attention_kernel) == ("full", False, "flex")
+    assert reloaded.keep_attention_dropout is (family != "t5")  # t5: fast_t5_attention is on, so it did act
     (tmp_path / "saved" / "cached_config.json").write_text(json.dumps({**settings, "future_setting": 1}))
     with pytest.raises(ValueError, match=r"settings this version of cached-ds does not know: \['future_setting'\]"):
         CachedSeq2Seq.from_pretrained(tmp_path / "saved")

@@ -30,6 +30,13 @@ def summarize(model, docs, out, *extra):
                           cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
+def recorded_settings(model) -> dict:
+    """What summarize() below records for ``model`` (launchers/summarize.py's sidecar)."""
+    return {"model": str(model.resolve()), "model_files": model_files(model), "dtype": "fp32", "num_beams": 1, "max_new_tokens": 4,
+            "min_new_tokens": None, "length_penalty": None, "text_column": "document", "output_column": "prediction",
+            "source_prefix": None, "max_source_tokens": None}
+
+
 def test_training_format_input_keeps_its_reference_summary(tmp_path, exported):
     model, eval_file = exported
     inputs = [json.loads(line) for line in Path(eval_file).read_text().splitlines()][:2]
@@ -97,9 +104,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, exported):
     docs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in inputs), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     partial, sidecar = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
-    settings = {"model": str(model.resolve()), "model_files": model_files(model), "dtype": "fp32", "num_beams": 1,
-                "max_new_tokens": 4, "min_new_tokens": None, "length_penalty": None, "text_column": "document",
-                "output_column": "prediction", "source_prefix": None, "max_source_tokens": None}  # what summarize() below passes
+    settings = recorded_settings(model)
     second = json.dumps({**inputs[1], "prediction": "x"}, ensure_ascii=False).encode("utf-8")
     cut = second[: second.index("北".encode("utf-8")) + 1]  # inside the character's three bytes
     partial.write_bytes((json.dumps({**inputs[0], "prediction": "written before"}) + "\n").encode("utf-8") + cut)
@@ -138,6 +143,9 @@ def test_wrong_model_folder_and_a_summary_past_the_positions(tmp_path, exported)
     docs.write_text(Path(eval_file).read_text().splitlines()[0] + "\n")
     missing = summarize(model, tmp_path / "nope.jsonl", tmp_path / "out.jsonl")
     assert missing.returncode == 1 and f"--input {tmp_path / 'nope.jsonl'}: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    missing = summarize(tmp_path / "no-model", docs, tmp_path / "out.jsonl")
+    assert missing.returncode == 1 and f"--model {tmp_path / 'no-model'}: no such folder" in missing.stderr
     assert "Traceback" not in missing.stderr
     result = summarize(tmp_path, docs, tmp_path / "out.jsonl")  # a folder without the export's files
     assert result.returncode == 1 and "cached_config.json is missing: give a folder written by CachedSeq2Seq.save_pretrained or export_hf" in result.stderr
@@ -212,13 +220,20 @@ def test_a_run_is_not_continued_with_another_model_saved_into_its_folder(tmp_pat
     partial, sidecar = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
     assert summarize(model, docs, out).returncode == 0
     out.rename(partial)  # as if interrupted after every line
-    sidecar.write_text(json.dumps({"model": str(model.resolve()), "model_files": model_files(model), "dtype": "fp32", "num_beams": 1,
-                                   "max_new_tokens": 4, "min_new_tokens": None, "length_penalty": None, "text_column": "document",
-                                   "output_column": "prediction", "source_prefix": None, "max_source_tokens": None}))
+    sidecar.write_text(json.dumps(recorded_settings(model)))
     weights = next(model.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes())  # saved again: a new modification time
+    weights.write_bytes(weights.read_bytes())  # copied without its time: the same model, continued
+    assert summarize(model, docs, out).returncode == 0
+    out.rename(partial)
+    sidecar.write_text(json.dumps(recorded_settings(model)))
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # other weights of the same size, saved into the folder since
+    weights.write_bytes(bytes(data))
     result = summarize(model, docs, out)
     assert result.returncode == 1 and "out.jsonl.partial was written with other settings (model_files)" in result.stderr
+    sidecar.write_text(json.dumps({"model": str(model.resolve()), "num_beams": 1}))  # as summarize.py recorded them before
+    result = summarize(model, docs, out)
+    assert result.returncode == 1 and "written by an earlier version of summarize.py" in result.stderr
 
 
 def test_generation_follows_the_models_generation_config_unless_a_flag_is_given(tmp_path, exported):
