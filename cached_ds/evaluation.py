@@ -92,12 +92,17 @@ def generation_settings(model, given: dict, defaults: dict) -> tuple[dict, list[
             kwargs[name] = defaults[name]
     notes = []
     if "max_new_tokens" in kwargs:
-        asked, kwargs["max_new_tokens"] = kwargs["max_new_tokens"], families.max_new_tokens(model, kwargs["max_new_tokens"])
-        if kwargs["max_new_tokens"] < asked:
-            notes.append((logging.WARNING, f"--max_new_tokens {asked} reaches past this {model.config.model_type} decoder's "
-                                           f"{families.decoder_positions(model)} positions: generating at most {kwargs['max_new_tokens']}"))
-        if "min_new_tokens" in kwargs:
-            kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+        asked, said = kwargs["max_new_tokens"], f"--max_new_tokens {kwargs['max_new_tokens']}"
+    else:  # the model's own: max_new_tokens, or max_length, which counts the start token
+        asked = from_model.get("max_new_tokens") or from_model["max_length"] - 1
+        said = "the model's generation_config (" + ", ".join(f"{k}={from_model[k]}" for k in ("max_new_tokens", "max_length") if k in from_model) + ")"
+    capped = families.max_new_tokens(model, asked)
+    if capped < asked:
+        kwargs["max_new_tokens"] = capped
+        notes.append((logging.WARNING, f"{said} reaches past this {model.config.model_type} decoder's "
+                                       f"{families.decoder_positions(model)} positions: generating at most {capped}"))
+    if "min_new_tokens" in kwargs and "max_new_tokens" in kwargs:
+        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
     if from_model:
         notes.append((logging.INFO, "generating with the model's generation_config for "
                                     + ", ".join(f"{k}={v}" for k, v in from_model.items()) + " (a flag overrides each)"))

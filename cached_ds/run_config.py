@@ -99,9 +99,8 @@ class EvalArgs:
         _at_least(self, 1, "num_beams", "max_new_tokens", optional=True)
         _at_least(self, 0, "min_new_tokens", optional=True)
         _at_least(self, 0, "eval_steps", optional=True)  # 0: at the end only, as unset
-        if self.min_new_tokens is not None and self.min_new_tokens > (self.max_new_tokens or EVAL_DEFAULTS["max_new_tokens"]):
-            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens "
-                             f"{self.max_new_tokens or EVAL_DEFAULTS['max_new_tokens']}")
+        if None not in (self.min_new_tokens, self.max_new_tokens) and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens {self.max_new_tokens}")
 
 
 # The evaluation's generation where neither a flag nor the model's generation_config sets one

@@ -192,6 +192,15 @@ def test_generation_is_capped_at_the_decoders_positions(tmp_path, corpus, caplog
         trainer = Trainer(parse_args(flags(corpus, tmp_path, "--eval_file", corpus["eval_file"], "--max_new_tokens", str(limit))))
     assert trainer.generation["max_new_tokens"] == limit - 1
     assert f"--max_new_tokens {limit} reaches past this bart decoder's {limit} positions: generating at most {limit - 1}" in caplog.text
+    # the same from the model's own generation_config: at the start, not at the first evaluation
+    import shutil
+
+    shutil.copytree(corpus["model"], tmp_path / "model")
+    hf.GenerationConfig(max_length=limit + 50, decoder_start_token_id=2, eos_token_id=2, pad_token_id=1).save_pretrained(tmp_path / "model")
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = Trainer(parse_args(flags({**corpus, "model": str(tmp_path / "model")}, tmp_path / "other", "--eval_file", corpus["eval_file"])))
+    assert trainer.generation["max_new_tokens"] == limit - 1
+    assert f"the model's generation_config (max_length={limit + 50}) reaches past this bart decoder's {limit} positions" in caplog.text
 
 
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, corpus):
