@@ -167,18 +167,22 @@ STALE_AFTER_S = 3600  # a live map writes every DOCUMENTS_AT_ONCE documents; ano
 
 
 def remove_stale_partial_files(dataset: datasets.Dataset, stale_after_s: float = STALE_AFTER_S) -> int:
-    """Deletes the partial files killed maps left in the dataset's cache folders, those nothing
-    has written for ``stale_after_s`` (another job on the same data may be tokenizing now).
-    Returns the bytes freed (rank 0 logs them)."""
+    """Deletes the partial files killed maps left in the dataset's cache folders under datasets'
+    cache (not a ``save_to_disk`` folder of the user's), those nothing has written for
+    ``stale_after_s`` (another job on the same data may be tokenizing now); a file it may not
+    delete (a shared, read-only cache) stays. Returns the bytes freed (rank 0 logs them)."""
     freed, now = 0, time.time()
-    for folder in {Path(f["filename"]).parent for f in dataset.cache_files}:
+    cache = Path(datasets.config.HF_DATASETS_CACHE).resolve()
+    for folder in {Path(f["filename"]).parent.resolve() for f in dataset.cache_files}:
+        if not folder.is_relative_to(cache):
+            continue
         for path in folder.iterdir():
             try:
                 stat = path.stat()
                 if PARTIAL_FILE.fullmatch(path.name) and path.is_file() and now - stat.st_mtime > stale_after_s:
                     path.unlink()
                     freed += stat.st_size
-            except FileNotFoundError:  # another rank or job removed it first
+            except OSError:  # removed by another rank or job first, or not ours to remove
                 continue
     if freed and rank() == 0:
         logger.info("removed %.1f MB of partial files that killed runs left in the datasets cache", freed / 1e6)

@@ -327,6 +327,14 @@ def test_partial_files_a_killed_tokenization_left_are_removed_once_stale(tmp_pat
     assert cleaned() == size > 0 and not partial.exists()
     assert list((tmp_path / "cache").rglob("*.arrow")), "the dataset's own cache stays"
 
+    from cached_ds.data import remove_stale_partial_files  # a save_to_disk folder is the user's, not the cache
+
+    datasets.Dataset.from_dict({"document": ["a b"], "summary": ["a"]}).save_to_disk(tmp_path / "saved")
+    theirs = tmp_path / "saved" / "tmpabcdefgh"
+    theirs.write_bytes(b"not ours")
+    os.utime(theirs, (hour_ago, hour_ago))
+    assert remove_stale_partial_files(datasets.load_from_disk(str(tmp_path / "saved"))) == 0 and theirs.exists()
+
 
 def test_source_prefix_starts_every_document_and_goes_into_the_exported_config(tmp_path, corpus, caplog):
     """--source_prefix (HF's run_summarization.py; T5's "summarize: "): every document's ids are
