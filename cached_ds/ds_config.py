@@ -156,6 +156,11 @@ READ_SCHEDULER_PARAMS = {"WarmupCosineLR": ("cos_min_ratio",)}
 COSINE_MIN_RATIO = 1e-4  # DeepSpeed's WarmupCosineLR default for cos_min_ratio
 
 
+def cosine_min_ratio(scheduler: dict):
+    """A WarmupCosineLR section's final rate as a share of the peak (DeepSpeed's default where unset)."""
+    return (scheduler.get("params") or {}).get("cos_min_ratio", COSINE_MIN_RATIO)
+
+
 def _get(config: dict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -189,7 +194,7 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
                              f"loses its first two steps: docs/engine.md), so scheduler.params {fixed} would be ignored; set "
                              'them to "auto" and use --lr, --warmup_steps' + (" and --lr_decay" if kind != "WarmupCosineLR" else ""))
     if kind == "WarmupCosineLR":
-        ratio = (scheduler.get("params") or {}).get("cos_min_ratio", COSINE_MIN_RATIO)
+        ratio = cosine_min_ratio(scheduler)
         if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1):
             raise ValueError(f"{source}: scheduler.params.cos_min_ratio is the final rate's share of --lr, a number from 0 to 1; "
                              f"got {ratio!r}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .ds_config import REPLACED_SCHEDULERS
+
 logger = logging.getLogger("cached_ds")
 
 _PLAN_NAMES = {"ranks": "ranks", "micro_batch_size": "--micro_batch_size", "seed": "--seed",
@@ -66,6 +68,10 @@ class ResumeState:
                              "many ranks (nodes × ranks per node), or start over in a new --output_dir")
         schedule = saved.get("lr_schedule")
         if schedule is not None and schedule != self.lr_schedule:
+            if schedule in REPLACED_SCHEDULERS and self.lr_schedule == "ours":  # a checkpoint of DeepSpeed's own, from before
+                raise ValueError(f"--deepspeed: the checkpoint's learning rate was set by DeepSpeed's {schedule}, which this version "
+                                 "runs as HF's schedule instead (DeepSpeed's lose their first two steps), and the two keep other "
+                                 "states; finish that run with the cached-ds that started it, or start over in a new --output_dir")
             raise ValueError(f"--deepspeed: the checkpoint's learning rate was set by {_schedule_name(schedule)}, this run's by "
                              f"{_schedule_name(self.lr_schedule)}; resume with the same config, or start over in a new --output_dir")
         lr = saved.get("lr")
@@ -109,5 +115,5 @@ class ResumeState:
 
 
 def _schedule_name(schedule: str) -> str:
-    return {"ours": "the launcher's warm-up schedule (WarmupLR/WarmupDecayLR)", "none": "no scheduler (a constant rate)"}.get(
+    return {"ours": "the launcher's warm-up schedule (WarmupLR/WarmupDecayLR/WarmupCosineLR)", "none": "no scheduler (a constant rate)"}.get(
         schedule, f"DeepSpeed's {schedule} scheduler")

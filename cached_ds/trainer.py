@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import COSINE_MIN_RATIO, REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, load_config, resolve_auto
+from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, cosine_min_ratio, load_config, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -297,8 +297,8 @@ class Trainer:
         if config.get("scheduler", {}).get("type") in REPLACED_SCHEDULERS:
             scheduler = config.pop("scheduler")
             if scheduler["type"] == "WarmupCosineLR":
-                ratio = (scheduler.get("params") or {}).get("cos_min_ratio", COSINE_MIN_RATIO)
-                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps, total=self.total_steps, cosine_min_ratio=ratio)
+                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps, total=self.total_steps,
+                                       cosine_min_ratio=cosine_min_ratio(scheduler))
             else:
                 lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
                                        total=self.total_steps if run.optim.lr_decay else None)

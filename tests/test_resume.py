@@ -173,3 +173,15 @@ def test_a_fresh_start_clears_only_logs_of_this_launcher(tmp_path):
     (tmp_path / "ds_config.json").write_text("{}\n")
     clear_earlier_outputs(tmp_path)
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_of_deepspeeds_own_cosine_schedule_is_refused_naming_why():
+    """Before WarmupCosineLR ran as HF's schedule, its checkpoints held DeepSpeed's scheduler state;
+    'resume with the same config' could not be followed (the same config now means HF's)."""
+    from cached_ds.resume import ResumeState
+
+    state = ResumeState(zero_stage=2, world_size=1, data_plan={}, lr=1e-3, lr_schedule="ours", config_path="c.json")
+    with pytest.raises(ValueError, match="set by DeepSpeed's WarmupCosineLR, which this version runs as HF's schedule instead"):
+        state.check({"lr_schedule": "WarmupCosineLR"})
+    with pytest.raises(ValueError, match="set by DeepSpeed's OneCycle scheduler, this run's by the launcher's warm-up schedule"):
+        state.check({"lr_schedule": "OneCycle"})
