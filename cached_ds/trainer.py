@@ -316,6 +316,9 @@ class Trainer:
             if (config.get("bf16") or {}).get("enabled") and zero == 0 and "data_types" not in config:
                 logger.warning("bf16 under ZeRO stage 0: DeepSpeed keeps no fp32 master weights there (its optimizer updates "
                                "the bf16 weights, and trains differently from ZeRO 1-3); use ZeRO 1 or more for bf16 training")
+            if (config.get("fp16") or {}).get("enabled") and zero == 0:
+                logger.warning("fp16 under ZeRO stage 0: DeepSpeed's fp32 master weights there are not in what it saves for "
+                               "export, so exported/ holds the fp16 copies; use ZeRO 1 or more for fp16 training")
         engine, *_ = initialize(self.model, config, lr_scheduler=lr_scheduler)
         return engine
 

@@ -113,3 +113,11 @@ def test_bf16_flag_for_a_config_without_a_bf16_section_trains_in_bf16(tmp_path, 
     trainer = Trainer(parse_args(["--deepspeed", str(tmp_path / "no_bf16.json"), "--bf16", "true", "--model", corpus["model"],
                                   "--train_file", corpus["train_file"], "--window", "128", "--output_dir", str(tmp_path / "run")]))
     assert trainer.engine.bfloat16_enabled() and {p.dtype for p in trainer.engine.module.parameters()} == {torch.bfloat16}
+
+
+def test_fp16_under_zero_stage_0_warns_that_the_export_holds_fp16_weights(fp16_on_cpu, tmp_path, corpus, caplog):
+    with caplog.at_level("WARNING", logger="cached_ds"):
+        trainer = Trainer(parse_args(["--deepspeed", "ds_configs/zero0.json", "--fp16", "--model", corpus["model"], "--train_file",
+                                      corpus["train_file"], "--window", "128", "--output_dir", str(tmp_path / "run")]))
+    assert trainer.engine.fp16_enabled()
+    assert "fp16 under ZeRO stage 0: DeepSpeed's fp32 master weights there are not in what it saves for export" in caplog.text
