@@ -150,6 +150,9 @@ class GroupSchedule:
         writes) in host memory; each group's slice goes to the device when its turn comes.
     offload_states: return the fused encoder states in host memory, each group's output copied
         there as it is made (only streaming cross-attention can read them: block by block).
+    agree_kept: maps the number of groups this rank kept to the number every rank keeps (the
+        fewest): under ZeRO-3 a recompute is a module call ZeRO-3 traces, and ranks must make the
+        same calls (a short document's one-token stand-in groups are cheap to keep). None: as kept.
     kept_groups, kept_bytes: what the last forward kept (written by it).
     """
 
@@ -157,6 +160,7 @@ class GroupSchedule:
     keep_bytes: int = 0
     offload_cache: bool = False
     offload_states: bool = False
+    agree_kept: Callable[[int], int] | None = None
     kept_groups: int = 0
     kept_bytes: int = 0
 
@@ -205,6 +209,8 @@ class CachedEncoderFunction(torch.autograd.Function):
         with contextlib.nullcontext() if ctx.held else scope():
             keeper = _GraphKeeper(ctx, schedule.keep_bytes, ctx.needs_input_grad[4])  # parameters as gathered
             fused = encode_plan(model, weight, plan, ctx.rng_states, keeper, FusedStates(plan, on_host=schedule.offload_states))
+        if schedule.agree_kept is not None and ctx.held:
+            keeper.keep_first(schedule.agree_kept(len(keeper.kept)))
         ctx.kept = keeper.kept  # group index -> (weight leaf, output), until backward takes it
         schedule.kept_groups, schedule.kept_bytes = len(keeper.kept), keeper.bytes
         ctx.fused_shape, ctx.fused_dtype = fused.shape, fused.dtype
@@ -337,6 +343,7 @@ class _GraphKeeper:
     def __init__(self, ctx, budget: int, needs_weight: bool):
         self.ctx, self.budget, self.needs_weight = ctx, budget, needs_weight
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sizes: dict[int, int] = {}  # each kept graph's bytes
         self.bytes = 0
         self.calls = 0
         self.open = budget > 0
@@ -357,10 +364,17 @@ class _GraphKeeper:
         self._cost_of_shape[shape] = counter.bytes
         if self.bytes + counter.bytes <= self.budget:
             self.kept[index] = (weight, output)
+            self.sizes[index] = counter.bytes
             self.bytes += counter.bytes
         else:
             self.open = False
         return output.detach()
+
+    def keep_first(self, count: int) -> None:
+        """Only the first ``count`` kept graphs stay (the kept groups are the leading ones)."""
+        for index in sorted(self.kept)[count:]:
+            del self.kept[index]
+            self.bytes -= self.sizes.pop(index)
 
 
 def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -49,6 +49,7 @@ from .distributed import barrier, init_process_group, max_over_ranks, rank, worl
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
 from .model import CachedSeq2Seq
+from .longt5_attention import has_transient_global_attention
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
 ENGINE_KEYS = ("keep_encoder_gathered", "keep_decoder_gathered")
@@ -147,6 +148,14 @@ def attach(engine, settings: EngineSettings) -> None:
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
             wrapped.sync_group_count = max_over_ranks
+            if not settings.keep_encoder_gathered and has_transient_global_attention(wrapped.model):
+                # HF's LongT5 skips its global bias's backward for a group shorter than one global
+                # block (a short last window; a rank's one-token stand-in group): ZeRO-3, which
+                # gathers each module's parameters in its backward, then gathers in another order
+                # on that rank than on the others (gloo aborts, NCCL hangs or mixes weights up).
+                raise ValueError('LongT5 transient-global under ZeRO-3 on several ranks needs "cached.keep_encoder_gathered": '
+                                 "true (the encoder gathered whole for its passes, so no rank's shorter windows change the order "
+                                 "of ZeRO-3's gathers); set it in the config's \"cached\" section (ds_configs/zero3.json has it)")
         hook_ids, settle = _zero3_module_hook_ids(engine), _prefetch_settler(engine)
         if settings.keep_encoder_gathered:
             wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids, settle).scope

@@ -141,6 +141,13 @@ def max_over_ranks(count: int) -> int:
     return int(total.item())
 
 
+def min_over_ranks(count: int) -> int:
+    """The fewest any rank has (ZeRO-3: window groups whose graphs every rank keeps)."""
+    total = torch.tensor([count], dtype=torch.long, device=_reduction_device())
+    dist.all_reduce(total, op=dist.ReduceOp.MIN)
+    return int(total.item())
+
+
 def partitioned_across_ranks(module: torch.nn.Module) -> bool:
     """Whether ``module``'s parameters are ZeRO-3 partitions (DeepSpeed marks them with
     ``ds_id``) shared by more than one rank."""

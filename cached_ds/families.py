@@ -144,13 +144,22 @@ def embed(model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor) -> to
 
     M2M100/NLLB number positions from the ids where given: a pad id, even inside the text, takes
     the padding position and every later token moves down one; from ``inputs_embeds`` positions
-    just count. Where a window holds a pad id, the difference of the two is added here (the
-    position table is fixed: no gradient changes), so the encoder's states are HF's from ids."""
+    just count. The difference of the two is added here (zero where a window holds no pad id; the
+    position table is fixed: no gradient changes), so the encoder's states are HF's from ids. It
+    is read from the table, not through the module: a ZeRO-3 engine traces module calls, and
+    ranks whose windows differ in holding a pad id would then trace different ones."""
     embedding = input_embedding(model)
     embeds = nn.functional.embedding(input_ids, weight, embedding.padding_idx)
     scale = embedding_scale(model)
     embeds = embeds * scale if scale != 1.0 else embeds
     positions = getattr(model.get_encoder(), "embed_positions", None)
-    if hasattr(positions, "create_position_ids_from_input_ids") and bool((input_ids == positions.padding_idx).any()):
-        embeds = embeds + (positions(input_ids=input_ids) - positions(inputs_embeds=embeds)).to(embeds.dtype)
+    if hasattr(positions, "create_position_ids_from_input_ids"):
+        pad = positions.padding_idx
+        from_ids = positions.create_position_ids_from_input_ids(input_ids, pad, 0)
+        counted = positions.create_position_ids_from_inputs_embeds(embeds, 0, pad)
+        needed = pad + 1 + input_ids.shape[1]
+        if needed > positions.weights.shape[0]:  # as the module's forward grows its table
+            positions.make_weights(needed + positions.offset, positions.embedding_dim, pad)
+        table = positions.weights.to(embeds.device)
+        embeds = embeds + (table[from_ids] - table[counted]).to(embeds.dtype)
     return embeds

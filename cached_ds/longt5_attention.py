@@ -52,6 +52,10 @@ def has_banded_attention(model: nn.Module) -> bool:
     return any(isinstance(module, banded) for module in model.modules())
 
 
+def has_transient_global_attention(model: nn.Module) -> bool:
+    return any(isinstance(module, hf_longt5.LongT5LayerTransientGlobalSelfAttention) for module in model.modules())
+
+
 def _hf_or_none(self, position_bias, output_attentions):
     """Call HF's forward instead when the fast path would not be exact (see ``t5_attention``)."""
     if not (output_attentions or (self.training and self.dropout > 0) or isinstance(position_bias, torch.Tensor)):

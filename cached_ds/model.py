@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import families
 from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
-from .distributed import max_over_ranks, partitioned_across_ranks
+from .distributed import max_over_ranks, min_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
 from .longt5_attention import has_banded_attention
 from .host_offload import to_device
@@ -209,7 +209,8 @@ class CachedSeq2Seq(nn.Module):
                 mask = torch.ones((), dtype=torch.long, device=device).expand(plan.fused_mask.shape)
             return BaseModelOutput(last_hidden_state=fused), mask
         schedule = GroupSchedule(self.cached_config.grad_torch_dtype, self.cached_config.keep_graphs_bytes or 0,
-                                 self.cached_config.offload_gradient_cache, self.cached_config.offload_encoder_states)
+                                 self.cached_config.offload_gradient_cache, self.cached_config.offload_encoder_states,
+                                 agree_kept=min_over_ranks if self.sync_group_count is not None else None)
         fused = encode_windows(self.model, plan, self.cached_config.mode, schedule, self.encoder_scope)
         self.last_kept_groups, self.last_kept_bytes = schedule.kept_groups, schedule.kept_bytes
         mask = plan.decoder_mask
