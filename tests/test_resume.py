@@ -120,16 +120,17 @@ def test_refused_runs_leave_the_earlier_runs_files_as_they_were(tmp_path, corpus
 
 
 def test_a_new_lr_is_refused_where_the_configs_deepspeed_scheduler_sets_the_rate(tmp_path, corpus, distributed):
-    """WarmupCosineLR (not one the launcher replaces with HF's schedule) restores its own state:
+    """LRRangeTest (not one the launcher replaces with HF's schedule) restores its own state:
     another --lr would be written to ds_config.json and ignored."""
     config = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
-    config["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 1}}
+    config["scheduler"] = {"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 1e-3, "lr_range_test_step_size": 1,
+                                                             "lr_range_test_step_rate": 0.5}}
     path = tmp_path / "cosine.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "run"
     Trainer(parse_args(in_process_flags(corpus, out, "--max_steps", "1", "--lr", "1e-3", config=path))).train()
     written = (out / "ds_config.json").read_text()
-    with pytest.raises(ValueError, match=r"--lr: the checkpoint's run used 0.001, this run 0.002, and the config's WarmupCosineLR "
+    with pytest.raises(ValueError, match=r"--lr: the checkpoint's run used 0.001, this run 0.002, and the config's LRRangeTest "
                                          r"scheduler restores its own rate from the checkpoint; resume with --lr 0.001"):
         Trainer(parse_args(in_process_flags(corpus, out, "--max_steps", "2", "--lr", "2e-3", "--resume", config=path))).train()
     assert (out / "ds_config.json").read_text() == written
