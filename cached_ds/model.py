@@ -36,8 +36,8 @@ from .cached_encoder import GroupSchedule, encode_windows
 from .config import CachedConfig
 from .distributed import max_over_ranks, min_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
-from .longt5_attention import has_banded_attention
 from .host_offload import to_device
+from .longt5_attention import has_banded_attention
 from .shared_beam_generation import document_ids_for_processors, generate_shared
 from .streaming_cross_attention import (
     compact_key_mask,
@@ -256,7 +256,6 @@ class CachedSeq2Seq(nn.Module):
         ids = input_ids.to(fused_mask.device) if reads_ids else None
         with document_ids_for_processors(self.model, ids) if reads_ids else contextlib.nullcontext():
             return generate_shared(self.model, encoder_outputs, fused_mask, self.cached_config.cross_attention_block, **generate_kwargs)
-
 
     def _setting(self, generate_kwargs: dict, name: str):
         """(value, where it is set) as HF resolves a generation setting: a keyword, else the
