@@ -153,6 +153,9 @@ class GroupSchedule:
     agree_kept: maps the number of groups this rank kept to the number every rank keeps (the
         fewest): under ZeRO-3 a recompute is a module call ZeRO-3 traces, and ranks must make the
         same calls (a short document's one-token stand-in groups are cheap to keep). None: as kept.
+        The widest group (run last) may be kept on one rank and recomputed on another: each still
+        makes as many encoder calls in backward, and with the encoder kept gathered, which ZeRO-3
+        needs for kept graphs, that top-level call is all ZeRO-3 traces there, whatever its order.
     kept_groups, kept_bytes: what the last forward kept (written by it).
     """
 

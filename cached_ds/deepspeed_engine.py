@@ -48,8 +48,8 @@ from .config import CachedConfig
 from .distributed import barrier, init_process_group, max_over_ranks, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
-from .model import CachedSeq2Seq
 from .longt5_attention import has_transient_global_attention
+from .model import CachedSeq2Seq
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
 ENGINE_KEYS = ("keep_encoder_gathered", "keep_decoder_gathered")
@@ -111,6 +111,7 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     # a one-rank group on a free port instead, as launchers/train.py makes.
     init_process_group()
     zero = config.get("zero_optimization") or {}
+    _check_zero3_settings(model, settings, zero.get("stage", 0))  # before ZeRO-3 partitions the model in place
     wrapped = CachedSeq2Seq(model, settings.cached)
     if zero.get("stage") == 3:
         zero.setdefault("stage3_max_reuse_distance", reuse_distance(model.config.d_model))  # not 1e9: see reuse_distance
@@ -127,14 +128,10 @@ def initialize(model: nn.Module, config: str | Path | dict, model_parameters=Non
     return engine, optimizer, dataloader, scheduler
 
 
-def attach(engine, settings: EngineSettings) -> None:
-    """Adapt an initialised engine whose module is a ``CachedSeq2Seq`` to its ZeRO stage."""
-    wrapped: CachedSeq2Seq = engine.module
-    stage = engine.zero_optimization_stage()
-    for key in ENGINE_KEYS:
-        if getattr(settings, key) and stage != 3:
-            raise ValueError(f'"cached.{key}" needs ZeRO stage 3 (this config has stage {stage}); remove it')
-    if settings.cached.keep_graphs_bytes and stage == 3 and not settings.keep_encoder_gathered:
+def _check_zero3_settings(model: nn.Module, settings: EngineSettings, stage: int) -> None:
+    if stage != 3 or settings.keep_encoder_gathered:
+        return
+    if settings.cached.keep_graphs_bytes:
         # Kept encoder graphs hold the parameters autograd saved in the forward; ZeRO-3 releases
         # them (empty partitions) when the forward's encoder pass ends, unless the encoder is
         # kept gathered, which then stays gathered from the forward to the backward.
@@ -142,20 +139,35 @@ def attach(engine, settings: EngineSettings) -> None:
             '"cached.keep_graphs_bytes" under ZeRO-3 needs "cached.keep_encoder_gathered": true '
             "(the encoder's parameters resident from forward to backward); set it, or remove keep_graphs_bytes"
         )
+    if world_size() > 1 and has_transient_global_attention(model):
+        raise ValueError(TRANSIENT_GLOBAL_NEEDS_GATHERED)
+
+
+# HF's LongT5 skips its global bias's backward for a window group shorter than one global block (a
+# short last window, a rank's one-token stand-in group): ZeRO-3, which gathers each module's
+# parameters in its backward, then gathers in another order on that rank than on the others
+# (gloo aborts; NCCL hangs or mixes the weights up).
+TRANSIENT_GLOBAL_NEEDS_GATHERED = (
+    'LongT5 transient-global under ZeRO-3 on several ranks needs "cached.keep_encoder_gathered": true, the encoder '
+    "gathered whole while it runs (its parameters on every rank then: about 2 bytes each in bf16), so that no rank's "
+    "shorter windows change the order of ZeRO-3's gathers; set it in the config's \"cached\" section "
+    "(ds_configs/zero3.json has it), and train through cached_ds.deepspeed_engine.initialize (launchers/train.py does)"
+)
+
+
+def attach(engine, settings: EngineSettings) -> None:
+    """Adapt an initialised engine whose module is a ``CachedSeq2Seq`` to its ZeRO stage."""
+    wrapped: CachedSeq2Seq = engine.module
+    stage = engine.zero_optimization_stage()
+    for key in ENGINE_KEYS:
+        if getattr(settings, key) and stage != 3:
+            raise ValueError(f'"cached.{key}" needs ZeRO stage 3 (this config has stage {stage}); remove it')
     if stage == 3:
         _linear_as_configured(engine)
         _check_zero3_model(wrapped.model)
         _no_zero_gradients_through_decoder_hooks(wrapped.model)
         if world_size() > 1:
             wrapped.sync_group_count = max_over_ranks
-            if not settings.keep_encoder_gathered and has_transient_global_attention(wrapped.model):
-                # HF's LongT5 skips its global bias's backward for a group shorter than one global
-                # block (a short last window; a rank's one-token stand-in group): ZeRO-3, which
-                # gathers each module's parameters in its backward, then gathers in another order
-                # on that rank than on the others (gloo aborts, NCCL hangs or mixes weights up).
-                raise ValueError('LongT5 transient-global under ZeRO-3 on several ranks needs "cached.keep_encoder_gathered": '
-                                 "true (the encoder gathered whole for its passes, so no rank's shorter windows change the order "
-                                 "of ZeRO-3's gathers); set it in the config's \"cached\" section (ds_configs/zero3.json has it)")
         hook_ids, settle = _zero3_module_hook_ids(engine), _prefetch_settler(engine)
         if settings.keep_encoder_gathered:
             wrapped.encoder_scope = _encoder_gathered(wrapped.model, hook_ids, settle).scope

@@ -145,7 +145,8 @@ def embed(model: nn.Module, input_ids: torch.Tensor, weight: torch.Tensor) -> to
     M2M100/NLLB number positions from the ids where given: a pad id, even inside the text, takes
     the padding position and every later token moves down one; from ``inputs_embeds`` positions
     just count. The difference of the two is added here (zero where a window holds no pad id; the
-    position table is fixed: no gradient changes), so the encoder's states are HF's from ids. It
+    position table is fixed: no gradient changes), so the encoder's states are HF's from ids (to
+    rounding, where a pad id is inside: e + (a - b) + b against HF's e + a). It
     is read from the table, not through the module: a ZeRO-3 engine traces module calls, and
     ranks whose windows differ in holding a pad id would then trace different ones."""
     embedding = input_embedding(model)

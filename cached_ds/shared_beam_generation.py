@@ -57,7 +57,7 @@ from .streaming_cross_attention import (
 )
 
 EXPANSION_HOOK = "_expand_inputs_for_generation"
-PROCESSORS_HOOK = "_get_logits_processor"  # called with encoder_input_ids= (transformers 4.40 to 5.x)
+PROCESSORS_HOOK = "_get_logits_processor"  # generate calls it with encoder_input_ids= (transformers 5.x)
 
 
 class SharedEncoderSide:

@@ -96,15 +96,22 @@ def gradient_case(stage_config: str, windows_per_rank: list[int], rank: int, fam
     docs = documents(windows_per_rank, model.config.pad_token_id)
     engine, *_ = initialize(model, two_rank_config(stage_config, **cached))
     streaming_calls = record_streaming_states(engine.module.model)
+    positions = getattr(engine.module.model.get_encoder(), "embed_positions", None)
+    position_calls = []  # calls of the encoder's position module (ZeRO-3 traces them): as many on every rank
+    if positions is not None:
+        positions.register_forward_pre_hook(lambda *_: position_calls.append(1))
     error = error_against_mean_reference(engine, pristine, docs, rank)
+    kept, calls = [None] * dist.get_world_size(), [None] * dist.get_world_size()
+    dist.all_gather_object(kept, engine.module.last_kept_groups)  # each rank's
+    dist.all_gather_object(calls, len(position_calls))
     engine.step()
     if again:
         ids, mask, labels = docs[rank]
         engine.backward(engine(ids, mask, labels=labels).loss)
         engine.step()
     suffix = "".join(f"-{key}" for key, value in cached.items() if value) + ("" if family == "bart" else f"-{family}")
-    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": error,
-            "kept_groups": engine.module.last_kept_groups, "streaming_calls": streaming_calls}
+    return {"case": f"{stage_config}{suffix}-windows{windows_per_rank}", "relative_error": error, "kept_groups": kept,
+            "streaming_calls": streaming_calls, "position_calls": calls}
 
 
 def error_against_mean_reference(engine, pristine, docs, rank: int) -> float:
@@ -142,6 +149,27 @@ def plain_deepspeed_case(rank: int) -> dict:
     wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1))
     engine, *_ = deepspeed.initialize(model=wrapped, config=config, model_parameters=list(wrapped.parameters()))
     return {"case": "plain-deepspeed-zero3-windows[2, 4]", "relative_error": error_against_mean_reference(engine, pristine, docs, rank)}
+
+
+def plain_deepspeed_refusal_case(rank: int) -> dict:
+    """LongT5 transient-global in an engine from plain ``deepspeed.initialize`` (HF's Trainer),
+    ZeRO-3, where keep_encoder_gathered cannot be set: refused at the first forward (a rank with
+    a group shorter than a global block gathers in another order: gloo aborts, NCCL hangs)."""
+    import deepspeed
+
+    from cached_ds import CachedConfig, CachedSeq2Seq
+
+    model = make_model("longt5-tglobal")
+    ids, mask, labels = documents([2, 4], model.config.pad_token_id)[rank]
+    config = two_rank_config("zero3")
+    config.pop("cached")
+    wrapped = CachedSeq2Seq(model, CachedConfig(window=WINDOW, group_windows=1))
+    engine, *_ = deepspeed.initialize(model=wrapped, config=config, model_parameters=list(wrapped.parameters()))
+    try:
+        engine(ids, mask, labels=labels)
+    except ValueError as error:
+        return {"case": "plain-deepspeed-zero3-longt5-tglobal-refused", "error": str(error)}
+    return {"case": "plain-deepspeed-zero3-longt5-tglobal-refused", "error": None}
 
 
 def generation_case(rank: int) -> dict:
@@ -236,6 +264,7 @@ def main(out: str) -> None:
         gradient_case("zero3", [2, 4], rank, family="longt5-tglobal")
     except ValueError as error:
         results.append({"case": "zero3-longt5-tglobal-refused", "error": str(error)})
+    results.append(plain_deepspeed_refusal_case(rank))
     results.append(gradient_case("zero3", [2, 4], rank, keep_encoder_gathered=True, cross_attention_block=5,
                                  offload_gradient_cache=True, offload_encoder_states=True))
     # the decoder gathered from its forward to the end of its backward, checkpointing's recompute

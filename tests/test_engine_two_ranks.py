@@ -46,14 +46,25 @@ def test_streaming_layers_saw_the_gradient_sink_and_host_states_on_both_ranks(re
     assert calls and all(sink and in_host for sink, in_host in calls), calls  # rank 0's calls
 
 
-def test_longt5_transient_global_without_the_encoder_kept_gathered_is_refused(results):
+@pytest.mark.parametrize("case", ["zero3-longt5-tglobal-refused", "plain-deepspeed-zero3-longt5-tglobal-refused"])
+def test_longt5_transient_global_without_the_encoder_kept_gathered_is_refused(results, case):
     """Its backward skips the global bias for a group shorter than one global block: ZeRO-3's
     per-module gathers then come in another order on that rank (gloo aborted, NCCL would hang)."""
-    assert 'needs "cached.keep_encoder_gathered": true' in results["zero3-longt5-tglobal-refused"]["error"]
+    assert 'needs "cached.keep_encoder_gathered": true' in (results[case]["error"] or "")
 
 
-def test_the_budget_case_kept_some_graphs_and_recomputed_the_rest(results):
-    assert 0 < results["zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]"]["kept_groups"] < 4  # rank 0's 4 groups
+def test_the_budget_case_kept_some_graphs_and_recomputed_the_rest_alike_on_both_ranks(results):
+    """Rank 0's stand-in groups are cheap to keep: it kept more than rank 1 could, and the ranks
+    then recomputed (ZeRO-3 traced) different numbers of encoder calls."""
+    kept = results["zero3-keep_encoder_gathered-keep_graphs_bytes-windows[2, 4]"]["kept_groups"]
+    assert kept[0] == kept[1] and 0 < kept[0] < 4  # of 4 groups
+
+
+def test_m2m100_position_module_calls_are_alike_on_both_ranks(results):
+    """The correction for a pad id in a window (rank 0's stand-in groups are pad ids) called the
+    position module there only: a call ZeRO-3 traced on one rank and not the other."""
+    calls = results["zero3-m2m_100-windows[2, 4]"]["position_calls"]
+    assert calls[0] == calls[1] > 0
 
 
 @pytest.mark.parametrize("variant", ["zero2", "zero3", "zero3-keep_encoder_gathered"])
