@@ -211,20 +211,20 @@ def check_against_flags(config: dict, chosen: dict, source: str = "the DeepSpeed
                          "train.py does not use, so it would have no effect; remove it")
 
 
-def config_fp16(config: dict) -> bool:
-    """The config turns fp16 on with a number (``true``), not through "auto"."""
-    return (config.get("fp16") or {}).get("enabled") is True
+def enabled(config: dict, section: str):
+    """A section's "enabled" value (``fp16``, ``bf16``): True, False, "auto" or None."""
+    return (config.get(section) or {}).get("enabled")
 
 
 def check_precision(config: dict, *, fp16: bool, bf16: bool | None, source: str = "the DeepSpeed config") -> None:
     """fp16 and bf16 at once (DeepSpeed refuses it after loading data and model), and fp16 where
     the accelerator has none (DeepSpeed's CPU accelerator: "Type fp16 is not supported")."""
     for name, flag in (("fp16", fp16), ("bf16", bf16)):
-        if flag is True and (config.get(name) or {}).get("enabled") is False:
+        if flag is True and enabled(config, name) is False:
             raise ValueError(f'{source} sets {name}.enabled=false but --{name} is on; set it to "auto" there (the flag fills it), '
                              f"or leave --{name} off")
-    bf16_on = bf16 is True or (config.get("bf16") or {}).get("enabled") is True
-    fp16_on = fp16 or config_fp16(config)
+    bf16_on = bf16 is True or enabled(config, "bf16") is True
+    fp16_on = fp16 or enabled(config, "fp16") is True
     if fp16_on and bf16_on:
         fp16_by = "--fp16" if fp16 else f'{source} ("fp16": {{"enabled": true}})'
         bf16_by = "--bf16 true" if bf16 else f'{source} ("bf16": {{"enabled": true}})'

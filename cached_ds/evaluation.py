@@ -69,6 +69,17 @@ GENERATION_FLAGS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_pen
 _MODEL_FIELDS = {"max_new_tokens": ("max_new_tokens", "max_length"), "min_new_tokens": ("min_new_tokens", "min_length")}
 
 
+def check_generation_flags(given: dict) -> None:
+    """The launchers' generation flags (unset ones are ``None``): beams and the longest summary at
+    least 1, the shortest at least 0 and, where both are given, not past the longest."""
+    for name, least in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+        if given.get(name) is not None and given[name] < least:
+            raise ValueError(f"--{name} must be at least {least}, got {given[name]}")
+    shortest, longest = given.get("min_new_tokens"), given.get("max_new_tokens")
+    if None not in (shortest, longest) and shortest > longest:
+        raise ValueError(f"--min_new_tokens {shortest} is more than --max_new_tokens {longest}")
+
+
 def generation_settings(model, given: dict, defaults: dict) -> tuple[dict, list[tuple[int, str]]]:
     """(keywords for ``generate``, notes for the caller to log: (logging level, message)). The
     lengths are capped where a learned decoder's positions end (``families.max_new_tokens``)."""

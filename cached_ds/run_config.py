@@ -96,11 +96,10 @@ class EvalArgs:
     length_penalty: float | None = field(default=None, metadata={"help": "beam-search length penalty (default: the model's generation_config, else 1.0)"})
 
     def validate(self) -> None:
-        _at_least(self, 1, "num_beams", "max_new_tokens", optional=True)
-        _at_least(self, 0, "min_new_tokens", optional=True)
+        from .evaluation import GENERATION_FLAGS, check_generation_flags
+
+        check_generation_flags({name: getattr(self, name) for name in GENERATION_FLAGS})  # as summarize.py's
         _at_least(self, 0, "eval_steps", optional=True)  # 0: at the end only, as unset
-        if None not in (self.min_new_tokens, self.max_new_tokens) and self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"--min_new_tokens {self.min_new_tokens} is more than --max_new_tokens {self.max_new_tokens}")
 
 
 # The evaluation's generation where neither a flag nor the model's generation_config sets one

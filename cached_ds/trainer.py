@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, config_fp16, cosine_min_ratio, load_config, resolve_auto
+from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -116,8 +116,6 @@ def _gradient_norm(engine) -> float:
 # runs these sections' schedule with HF's own functions instead (what HF's Trainer does with
 # DeepSpeed): linear warm-up over --warmup_steps, then a linear decay to 0 at the last step
 # (--lr_decay), a constant rate, or for WarmupCosineLR a cosine to cos_min_ratio × --lr.
-
-
 def warmup_schedule(optimizer, warmup: int, total: int | None, cosine_min_ratio: float | None = None):
     """HF's ``get_linear_schedule_with_warmup`` (``total`` steps), with ``total=None``
     ``get_constant_schedule_with_warmup``, with ``cosine_min_ratio``
@@ -281,7 +279,7 @@ class Trainer:
                 if key == "group_tokens":
                     cached.pop("group_windows", None)
         EngineSettings.from_section(cached)  # fail on unknown keys before DeepSpeed starts
-        fp16 = run.optim.fp16 or config_fp16(config)
+        fp16 = run.optim.fp16 or enabled(config, "fp16") is True  # a config that turns it on with a number
         bf16 = run.optim.bf16 if run.optim.bf16 is not None else bool(
             not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         hidden = self.model.config.d_model
@@ -296,12 +294,10 @@ class Trainer:
         lr_scheduler = None
         if config.get("scheduler", {}).get("type") in REPLACED_SCHEDULERS:
             scheduler = config.pop("scheduler")
-            if scheduler["type"] == "WarmupCosineLR":
-                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps, total=self.total_steps,
-                                       cosine_min_ratio=cosine_min_ratio(scheduler))
-            else:
-                lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
-                                       total=self.total_steps if run.optim.lr_decay else None)
+            cosine = scheduler["type"] == "WarmupCosineLR"
+            lr_scheduler = partial(warmup_schedule, warmup=run.optim.warmup_steps,
+                                   total=self.total_steps if cosine or run.optim.lr_decay else None,
+                                   cosine_min_ratio=cosine_min_ratio(scheduler) if cosine else None)
         if run.logging.tensorboard:
             config.setdefault("tensorboard", {"enabled": True, "output_path": str(self.out / "tensorboard"), "job_name": "train"})
         if run.logging.csv:
@@ -313,10 +309,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
             zero = (config.get("zero_optimization") or {}).get("stage", 0)
-            if (config.get("bf16") or {}).get("enabled") and zero == 0 and "data_types" not in config:
+            if enabled(config, "bf16") and zero == 0 and "data_types" not in config:
                 logger.warning("bf16 under ZeRO stage 0: DeepSpeed keeps no fp32 master weights there (its optimizer updates "
                                "the bf16 weights, and trains differently from ZeRO 1-3); use ZeRO 1 or more for bf16 training")
-            if (config.get("fp16") or {}).get("enabled") and zero == 0:
+            if enabled(config, "fp16") and zero == 0:
                 logger.warning("fp16 under ZeRO stage 0: DeepSpeed's fp32 master weights there are not in what it saves for "
                                "export, so exported/ holds the fp16 copies; use ZeRO 1 or more for fp16 training")
         engine, *_ = initialize(self.model, config, lr_scheduler=lr_scheduler)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cached_ds import CachedSeq2Seq  # noqa: E402
-from cached_ds.evaluation import GENERATION_FLAGS, generation_settings, summarize  # noqa: E402
+from cached_ds.evaluation import GENERATION_FLAGS, check_generation_flags, generation_settings, summarize  # noqa: E402
 from cached_ds.long_text import token_ids  # noqa: E402
 from cached_ds.model_zoo import load_tokenizer  # noqa: E402
 from cached_ds.run_outputs import write_atomic  # noqa: E402
@@ -184,11 +184,10 @@ def main(argv=None) -> None:
         raise ValueError(f"summarize.py runs as one process, but this launch has WORLD_SIZE={os.environ['WORLD_SIZE']}: run it "
                          "with python, once per GPU on a part of the input if you want several (e.g. CUDA_VISIBLE_DEVICES=1 "
                          "python launchers/summarize.py --input part1.jsonl ...)")
-    for name, least in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0), ("max_source_tokens", 1)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
-    if None not in (args.min_new_tokens, args.max_new_tokens) and args.min_new_tokens > args.max_new_tokens:
-        raise ValueError(f"--min_new_tokens {args.min_new_tokens} is more than --max_new_tokens {args.max_new_tokens}")
+    given = {name: getattr(args, name) for name in GENERATION_FLAGS}
+    check_generation_flags(given)  # as train.py's
+    if args.max_source_tokens is not None and args.max_source_tokens < 1:
+        raise ValueError(f"--max_source_tokens must be at least 1, got {args.max_source_tokens}")
     if not args.input.is_file():
         raise ValueError(f"--input {args.input}: no such file")
     if not args.model.is_dir():
@@ -200,7 +199,6 @@ def main(argv=None) -> None:
     lines = JsonLines(args.input)  # checked before the model loads: a bad input fails in seconds
     empty = check_records(lines, args)
     partial = args.output.with_name(args.output.name + ".partial")
-    given = {name: getattr(args, name) for name in GENERATION_FLAGS}
     generation = {"model": str(args.model.resolve()), "model_files": model_files(args.model), "dtype": dtype, **given,
                   "text_column": args.text_column, "output_column": args.output_column, "source_prefix": args.source_prefix,
                   "max_source_tokens": args.max_source_tokens}
