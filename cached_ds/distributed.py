@@ -124,6 +124,7 @@ def init_process_group() -> None:
             raise ValueError(f"launched by MPI ({mpi}={os.environ[mpi]}) without RANK/WORLD_SIZE: DeepSpeed finds the ranks "
                              "with mpi4py (pip install mpi4py), or launch with torchrun / the deepspeed launcher") from None
         deepspeed.init_distributed(dist_backend=backend)
+        _use_local_device()
         return
     # One rank alone: any free port (a fixed 29500 failed with EADDRINUSE beside another job);
     # ranks of a launch that named no port must agree on one: torch's default.
@@ -131,6 +132,23 @@ def init_process_group() -> None:
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend)
+    _use_local_device()
+
+
+def _use_local_device() -> None:
+    """Make this rank's GPU (``LOCAL_RANK``) the current device right after the group starts.
+    DeepSpeed does it only when the engine is built, but the run talks before that (rank 0's
+    choice of checkpoint, ``from_rank0``): NCCL's object collectives use the *current* device
+    (``broadcast_object_list``'s docs: "the user's responsibility ... torch.cuda.set_device()"),
+    so every rank would send from GPU 0 — refused on ranks >= 1 where DeepSpeed bound the group
+    to their own GPU ("Attempt to perform collective on tensor not on device passed to
+    init_process_group"), "Duplicate GPU detected" or a hang where it did not. The same call
+    the engine makes later (``engine.py``: ``set_device(self.local_rank)``); a no-op on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and accelerator.is_available() and "LOCAL_RANK" in os.environ:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def max_over_ranks(count: int) -> int:

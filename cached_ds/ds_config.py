@@ -236,3 +236,12 @@ def check_precision(config: dict, *, fp16: bool, bf16: bool | None, source: str 
         if not get_accelerator().is_fp16_supported():
             raise ValueError(f"fp16 needs a GPU: DeepSpeed's {get_accelerator().device_name()} accelerator has none; "
                              "train in fp32 or --bf16 true here")
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 natively (Ampere or newer): the default precision
+    there. ``torch.cuda.is_bf16_supported()`` alone also says yes on V100/T4, which only emulate
+    bf16 (slowly); there fp32 stays the default and ``--fp16`` is the fast choice."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)

@@ -36,7 +36,7 @@ from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
-from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, resolve_auto
+from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
@@ -281,7 +281,7 @@ class Trainer:
         EngineSettings.from_section(cached)  # fail on unknown keys before DeepSpeed starts
         fp16 = run.optim.fp16 or enabled(config, "fp16") is True  # a config that turns it on with a number
         bf16 = run.optim.bf16 if run.optim.bf16 is not None else bool(
-            not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            not fp16 and native_bf16())
         hidden = self.model.config.d_model
         config = resolve_auto(config, auto_values(
             micro_batch_size=run.optim.micro_batch_size, gradient_accumulation_steps=run.optim.gradient_accumulation_steps,

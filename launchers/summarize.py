@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cached_ds import CachedSeq2Seq  # noqa: E402
+from cached_ds.ds_config import native_bf16  # noqa: E402
 from cached_ds.evaluation import GENERATION_FLAGS, check_generation_flags, generation_settings, summarize  # noqa: E402
 from cached_ds.long_text import token_ids  # noqa: E402
 from cached_ds.model_zoo import load_tokenizer  # noqa: E402
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
         raise ValueError(f"--model {args.model}: no such folder; give the folder train.py exported (<output_dir>/exported)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = args.dtype or ("bf16" if device.type == "cuda" and native_bf16() else "fp32")
 
     lines = JsonLines(args.input)  # checked before the model loads: a bad input fails in seconds
     empty = check_records(lines, args)
