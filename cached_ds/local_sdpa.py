@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .t5_attention import Layout
 
@@ -69,7 +70,11 @@ def local_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     if key not in store:
         store[key] = _dense_bias(layout, side_table if side is not None else None, batch, heads, length, q.dtype, q.device)
     bias = store[key]
-    out = F.scaled_dot_product_attention(_by_block(q, block), keys, values, attn_mask=bias, scale=1.0)
+    # Memory-efficient (CUDA) or math: the kernels that return the bias's gradient. Left to choose,
+    # SDPA may take cuDNN on an H100/H200 with a recent cuDNN (``check_prefer_cudnn_attention``),
+    # whose backward gives q, k and v gradients only.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(_by_block(q, block), keys, values, attn_mask=bias, scale=1.0)
     out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)
     return out[:, :, :length]
 

@@ -98,11 +98,14 @@ def local_attention_forward(self, hidden_states, mask=None, position_bias=None, 
 
 def _global_inputs(hidden_states: torch.Tensor, block_ids: torch.Tensor, count: int) -> torch.Tensor:
     """Sum of each global block's token states (HF: an einsum with a (batch, L, G) one-hot);
-    padding tokens (block id -1) go to a spare row that is dropped."""
+    padding tokens (block id -1) go to a spare row that is dropped. Summed in fp32, as HF's
+    matmul accumulates: CUDA's scatter_add_ adds with atomics in no fixed order, and in bf16
+    each of a block's 16 adds would round, differently in the no-grad encode and its recompute."""
     index = torch.where(block_ids >= 0, block_ids, count).long()
-    sums = hidden_states.new_zeros(hidden_states.shape[0], count + 1, hidden_states.shape[2])
-    sums.scatter_add_(1, index[..., None].expand_as(hidden_states), hidden_states)
-    return sums[:, :count]
+    wide = torch.promote_types(hidden_states.dtype, torch.float32)
+    sums = hidden_states.new_zeros(hidden_states.shape[0], count + 1, hidden_states.shape[2], dtype=wide)
+    sums.scatter_add_(1, index[..., None].expand_as(hidden_states), hidden_states.to(wide))
+    return sums[:, :count].to(hidden_states.dtype)
 
 
 def transient_global_attention_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False, **kwargs):
