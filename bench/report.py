@@ -99,13 +99,19 @@ def setup(point: dict) -> str:
     return " ".join(f"{prefix}{part}" for prefix, part in zip(("", "ZeRO-", "w"), parts) if part is not None)
 
 
+FIRST_STEP_MARK = "¹"
+FIRST_STEP_NOTE = (f"{FIRST_STEP_MARK} No untimed step first (``--warmup 0``): the timing includes the first step's "
+                   "allocations (for ``--offload``, pinning the host buffers), so its tokens/s is a lower bound.\n")
+
+
 def _step(point: dict) -> str:
     """The median step time, and with several timed steps half their range as a share of it
-    (``1.885 ±3%``): how far one point's ratio can be trusted."""
+    (``1.885 ±3%``): how far one point's ratio can be trusted; marked where the first step was timed."""
     times, median = point.get("step_times") or [], point.get("step_s")
+    mark = FIRST_STEP_MARK if point.get("warmup") == 0 and median is not None else ""
     if median is None or len(times) < 2:
-        return _fmt(median, 3)
-    return f"{median:.3f} ±{(max(times) - min(times)) / 2 / median:.0%}"
+        return _fmt(median, 3) + mark
+    return f"{median:.3f} ±{(max(times) - min(times)) / 2 / median:.0%}{mark}"
 
 
 def timed_out(point: dict) -> bool:
@@ -148,7 +154,8 @@ def table(points: list[dict]) -> str:
             _fmt(p.get("tokens_per_s"), 0), "–" if ratio is None else f"{ratio:.2f}×", _significant(p.get("model_tflops_per_s")),
             "–" if saved is None else f"{saved / 2**20:.2f}", status_of(p),
         ]) + " |")
-    return "\n".join(rows) + "\n"
+    first_step = any(FIRST_STEP_MARK in row for row in rows[2:])
+    return "\n".join(rows) + "\n" + ("\n" + FIRST_STEP_NOTE if first_step else "")
 
 
 def breakdown_table(points: list[dict]) -> str:

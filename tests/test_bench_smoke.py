@@ -458,6 +458,23 @@ def test_each_row_divides_by_the_baseline_its_own_sweep_measured():
     assert all("| bf16 ZeRO-3 w128 |" in row for row in rows)
 
 
+def test_a_point_whose_first_step_was_timed_is_marked_as_a_lower_bound():
+    """``--warmup 0`` (the plan's long and offloaded lines) times the first step, with its
+    allocations and, offloaded, the pinning of many GiB of host buffers: its row says so."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import FIRST_STEP_NOTE, table
+
+    def point(method, warmup):
+        return {"model": "m", "method": method, "tokens": 1024, "warmup": warmup, "step_times": [2.0, 2.2], "step_s": 2.1,
+                "tokens_per_s": 1024 / 2.1}
+
+    cells = {row.split("|")[2].strip(): row.split("|")[8].strip() for row in table([point("hf_ds_gc", 1)]).splitlines()[2:]}
+    assert cells == {"hf_ds_gc": "2.100 ±5%"}
+    text = table([point("hf_ds_gc", 1), point("cached", 0)])
+    cells = {row.split("|")[2].strip(): row.split("|")[8].strip() for row in text.splitlines()[2:] if row.startswith("| m")}
+    assert cells == {"hf_ds_gc": "2.100 ±5%", "cached": "2.100 ±5%¹"} and text.endswith(FIRST_STEP_NOTE)
+
+
 def test_timeouts_and_points_left_out_say_so():
     sys.path.insert(0, str(ROOT / "bench"))
     from report import status_of

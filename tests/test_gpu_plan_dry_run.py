@@ -10,6 +10,7 @@ import pytest
 from launcher_helpers import REPO as ROOT, launcher_env
 
 sys.path.insert(0, str(ROOT / "bench"))
+from gpu_checks.case_lines import merged  # noqa: E402
 from gpu_checks.fallbacks import needed_flags  # noqa: E402
 from sweep import parse_args  # noqa: E402
 
@@ -57,9 +58,11 @@ def test_streaming_check_passes_on_cpu_and_names_the_cases_fallbacks_read():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/streaming_cross_attention_check.py")], capture_output=True,
                           text=True, timeout=600, env=launcher_env(CHECK_DEVICE="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = merged(proc.stdout.splitlines())
     cases = {name: case for name, case in report.items() if isinstance(case, dict)}
     assert all(case["ok"] for case in cases.values()), {name: case for name, case in cases.items() if not case["ok"]}
+    # a line per case, printed as it ends: a check stopped at its time limit keeps what it ran
+    assert len(proc.stdout.splitlines()) == 1 + len(cases)
     streaming_pairs = FALLBACKS["--plain_cross_attention"]
     assert {name for pair in streaming_pairs for name in pair} <= set(cases)
     assert {cases[fused]["block_kernel"] for fused, _ in streaming_pairs} == {"cpu-flash"}
@@ -185,7 +188,7 @@ def test_the_engine_check_passes_on_cpu_with_what_the_gpu_machine_has(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/engine_check.py")], capture_output=True, text=True,
                           timeout=600, env=launcher_env(CHECK_DEVICE="cpu", PYTHONPATH=f"{tmp_path / 'site'}:{ROOT}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = merged(proc.stdout.splitlines())
     cases = {name: case for name, case in report.items() if isinstance(case, dict)}
     assert set(cases) == {"engine-zero3", "engine-zero3-streaming-cpu-checkpointing", "engine-zero3_offload", "engine-zero2-fp16"}
     assert all(case["ok"] for case in cases.values()), cases
@@ -199,7 +202,7 @@ def test_flex_variants_time_every_variant_on_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_checks/flex_variants.py")], capture_output=True, text=True,
                           timeout=600, env=launcher_env(CHECK_DEVICE="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = merged(proc.stdout.splitlines())
     cases = {name: case for name, case in report.items() if name.startswith("flex_variants-")}
     assert set(cases) == {f"flex_variants-{n}" for n in ("sdpa_dense", "flex_band", "flex_band_bias", "flex_band_bias_grad", "flex_tglobal")}
     assert all(case["ok"] and case["forward_ms"] > 0 for case in cases.values()), cases

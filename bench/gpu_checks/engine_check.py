@@ -16,7 +16,7 @@ Cases:
   DeepSpeed's linear wrapper;
 - ``zero2-fp16``: fp16 with a static loss scale (``--fp16``; the CPU tests lift DeepSpeed's "no
   fp16 on CPU" check, so this is its first run on a real fp16 device).
-Prints ONE JSON line; every case catches its own exception. A few seconds a case.
+Prints a JSON line per case as it ends (``case_lines.py``); every case catches its own exception. A few seconds a case.
 
     python bench/gpu_checks/engine_check.py
     CHECK_DEVICE=cpu python bench/gpu_checks/engine_check.py    # the plumbing, on the CPU accelerator
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from case_lines import emit  # noqa: E402  (bench/gpu_checks/case_lines.py)
 from errors import global_relative  # noqa: E402  (bench/gpu_checks/errors.py)
 
 WINDOW = 16
@@ -150,16 +150,15 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     init_process_group()
-    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
-    for name, args in CASES.items():
+    emit({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
+    for name, args in CASES.items():  # each line flushed before os._exit, which flushes nothing
         start = time.perf_counter()
         try:
             with fp16_on_cpu(args[4] if len(args) > 4 else None):
-                report[f"engine-{name}"] = {**engine_case(*args), "seconds": round(time.perf_counter() - start, 2)}
+                emit({f"engine-{name}": {**engine_case(*args), "seconds": round(time.perf_counter() - start, 2)}})
         except Exception as error:  # noqa: BLE001 - reported, so one failure does not hide the others
-            report[f"engine-{name}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500],
-                                        "trace": traceback.format_exc()[-int(os.environ.get("TRACE_CHARS", 800)):]}
-    print(json.dumps(report), flush=True)  # before os._exit, which flushes nothing
+            emit({f"engine-{name}": {"ok": False, "error": f"{type(error).__name__}: {error}"[:500],
+                                     "trace": traceback.format_exc()[-int(os.environ.get("TRACE_CHARS", 800)):]}})
 
 
 if __name__ == "__main__":

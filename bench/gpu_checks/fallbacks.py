@@ -13,9 +13,11 @@ A missing case counts as neither, so nothing is switched on a guess.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported as gpu_checks.fallbacks
+from case_lines import merged  # noqa: E402  (bench/gpu_checks/case_lines.py)
 
 FALLBACKS = {  # flag: the (fused path's case, its fallback's case) pairs, any of which calls for it
     "--plain_cross_attention": [("bart-bf16", "bart-bf16-plain-blocks"), ("t5-bf16", "t5-bf16-plain-blocks")],
@@ -25,16 +27,8 @@ FALLBACKS = {  # flag: the (fused path's case, its fallback's case) pairs, any o
 
 def case_results(path: Path) -> dict[str, bool]:
     """Every case's ``ok`` across the file's JSON lines (lines that are not JSON are skipped)."""
-    results = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        for name, case in report.items() if isinstance(report, dict) else ():
-            if isinstance(case, dict) and "ok" in case:
-                results[name] = bool(case["ok"])
-    return results
+    report = merged(path.read_text().splitlines() if path.is_file() else [])
+    return {name: bool(case["ok"]) for name, case in report.items() if isinstance(case, dict) and "ok" in case}
 
 
 def needed_flags(path: Path) -> list[str]:

@@ -12,7 +12,8 @@ The variants, each forward and forward + backward, over 4 windows of 4096 tokens
   global keys, their bias, the segment mask), the code the sweep runs.
 The forward is timed without autograd (as the no-grad encode runs it). TFLOP/s counts the
 attended (query, key) pairs only: 4 x head dim FLOPs each forward, 10 x for
-forward + backward. Prints ONE JSON line; each variant catches its own exception.
+forward + backward. Prints a JSON line per variant as it ends (``case_lines.py``); each
+variant catches its own exception.
 
     python bench/gpu_checks/flex_variants.py
     CHECK_DEVICE=cpu python bench/gpu_checks/flex_variants.py    # the plumbing, tiny shapes
@@ -20,7 +21,6 @@ forward + backward. Prints ONE JSON line; each variant catches its own exception
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for cached_ds
+from case_lines import emit  # noqa: E402  (bench/gpu_checks/case_lines.py)
 
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")
 CPU = DEVICE == "cpu"
@@ -114,12 +115,12 @@ def variants() -> dict:
 
 
 def main() -> None:
-    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
-              "shape": {"windows": WINDOWS, "heads": HEADS, "length": LENGTH, "head_dim": HEAD_DIM, "radius": RADIUS}}
+    emit({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
+          "shape": {"windows": WINDOWS, "heads": HEADS, "length": LENGTH, "head_dim": HEAD_DIM, "radius": RADIUS}})
     try:
         cases = variants()
     except Exception as error:  # noqa: BLE001 - reported
-        print(json.dumps({**report, "flex_variants": {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}}), flush=True)
+        emit({"flex_variants": {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}})
         return
     for name, (forward, pairs) in cases.items():
         start = time.perf_counter()
@@ -130,11 +131,10 @@ def main() -> None:
             if not CPU:  # flex attention's backward does not run on CPU
                 both = timed(lambda: forward().sum().backward())
                 result.update(forward_backward_ms=round(1e3 * both, 3), forward_backward_tflops=round(10 * HEAD_DIM * pairs / both / 1e12, 2))
-            report[f"flex_variants-{name}"] = {**result, "seconds": round(time.perf_counter() - start, 1)}
+            emit({f"flex_variants-{name}": {**result, "seconds": round(time.perf_counter() - start, 1)}})
         except Exception as error:  # noqa: BLE001 - reported, so one failure does not hide the others
-            report[f"flex_variants-{name}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500],
-                                               "trace": traceback.format_exc()[-800:]}
-    print(json.dumps(report), flush=True)
+            emit({f"flex_variants-{name}": {"ok": False, "error": f"{type(error).__name__}: {error}"[:500],
+                                            "trace": traceback.format_exc()[-800:]}})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ in bf16, reporting the peak memory of the streamed backward against HF's, and a 
 peak with the gradient cache and fused states on the device and in host memory. And a CachED
 step with both in host memory (side-stream copies, the worker thread's adds), and one with the
 documents' ids in pinned host memory, against the same step on the device: fp32, to 1e-6.
-Prints ONE JSON line; every case catches its own exception. About 30 s on an H200.
+Prints a JSON line per case as it ends (``case_lines.py``); every case catches its own exception. About 30 s on an H200.
 
     python bench/gpu_checks/streaming_cross_attention_check.py
 """
@@ -20,7 +20,6 @@ Prints ONE JSON line; every case catches its own exception. About 30 s on an H20
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from case_lines import emit  # bench/gpu_checks/case_lines.py
 from errors import global_relative, relative  # bench/gpu_checks/errors.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for cached_ds
@@ -217,7 +217,7 @@ def offload_exactness(tokens: int = 32768) -> dict:
 
 
 def main() -> None:
-    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
+    emit({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
     # Each family on the default kernel, then in bf16 on each one alone (fallbacks.py reads the names)
     kernels = {"plain-blocks": "MATH", "flash-kernel": "FLASH_ATTENTION"}
     if DEVICE == "cuda":  # CPU SDPA has no memory-efficient backend
@@ -232,10 +232,9 @@ def main() -> None:
     for name, (fn, args) in cases.items():
         start = time.perf_counter()
         try:
-            report[name] = {**fn(*args), "seconds": round(time.perf_counter() - start, 2)}
+            emit({name: {**fn(*args), "seconds": round(time.perf_counter() - start, 2)}})
         except Exception as error:  # noqa: BLE001 - reported, so one failure does not hide the others
-            report[name] = {"ok": False, "error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-800:]}
-    print(json.dumps(report))
+            emit({name: {"ok": False, "error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-800:]}})
 
 
 if __name__ == "__main__":
