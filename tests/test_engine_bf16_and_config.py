@@ -190,17 +190,19 @@ def test_kept_gathered_encoder_runs_without_zero3_module_hooks():
     cached = {"window": WINDOW, "group_windows": 1, "group_tokens": None, "keep_encoder_gathered": True}
     engine, *_ = initialize(model, resolved_config("zero3", cached=cached))
     zero3 = _zero3_module_hook_ids(engine)
-    q_proj = engine.module.model.get_encoder().layers[0].self_attn.q_proj
-    before = (list(q_proj._forward_pre_hooks), list(q_proj._forward_hooks))
-    assert zero3 & set(before[0]) and zero3 & set(before[1])
+    encoder = engine.module.model.get_encoder()
+    watched = [encoder.layers[0].self_attn.q_proj, encoder]  # the encoder module's own hooks too: one call per group
+    before = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched]
+    assert all(zero3 & set(pre) and zero3 & set(post) for pre, post in before)
     seen = []
-    probe = q_proj.register_forward_pre_hook(lambda module, args: seen.append(zero3 & set(module._forward_pre_hooks)))
+    probes = [m.register_forward_pre_hook(lambda module, args: seen.append(zero3 & set(module._forward_pre_hooks))) for m in watched]
     engine.backward(engine(ids, mask, labels=labels).loss)
     engine.step()
-    probe.remove()
-    assert len(seen) == 2 * 4  # the no-grad pass and the recompute, one call per window group
+    for probe in probes:
+        probe.remove()
+    assert len(seen) == 2 * 2 * 4  # two modules, in the no-grad pass and the recompute, one call per window group
     assert not any(seen)
-    assert (list(q_proj._forward_pre_hooks), list(q_proj._forward_hooks)) == before
+    assert [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched] == before
 
 
 def zero3_hooks_on(module, zero3) -> bool:
@@ -227,14 +229,15 @@ def test_kept_gathered_decoder_runs_without_zero3_module_hooks_until_its_backwar
     ffn = hf_model.get_decoder().layers[0].fc1 if family == "bart" else hf_model.get_decoder().block[0].layer[-1].DenseReluDense.wo
     head = hf_model.get_output_embeddings()
     assert (head.weight is hf_model.get_input_embeddings().weight) == tied
-    watched = [ffn] + ([] if tied else [head])
+    held = [ffn] + ([] if tied else [head])
+    watched = held + [hf_model.get_decoder()]  # the decoder module's own hooks are lifted too
     seen = []
     probe = ffn.register_forward_pre_hook(lambda module, args: seen.append(zero3_hooks_on(module, zero3)))
     before = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched]
     assert all(zero3_hooks_on(m, zero3) for m in watched)
 
     def gathered():
-        return {p.ds_status for m in watched for p in m.parameters()}
+        return {p.ds_status for m in held for p in m.parameters()}
 
     for step in range(2):  # the second step finds the same state: nothing leaked from the first
         loss = engine(ids, mask, labels=labels).loss
