@@ -251,7 +251,10 @@ def try_flex(q, k, v, layout: Layout, side_k=None, side_v=None, side_table=None)
     """``flex_t5.flex_bias_attention``, or ``None`` once it has failed in this process (a compiler
     error, a recompile budget spent: ``flex_t5``), with one warning naming the error: the caller
     then runs the blocked kernel, exact and without (L × L) tensors, where eager flex_attention
-    would materialise the scores. Running out of memory is not a flex failure: it is raised."""
+    would materialise the scores. Running out of memory is not a flex failure: it is raised.
+    Only the forward is guarded: flex's backward compiles at the first backward, inside autograd
+    (in CachED, the recompute), where a failure stops the step with its error; the fix is
+    ``t5_attention_kernel="blocked"``."""
     from . import flex_t5
 
     if flex_t5.failure is not None:
