@@ -98,6 +98,30 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
     return all_reduce_sum(summed), label_tokens, doc_tokens, norm
 
 
+def out_of_memory_advice(error: Exception, cached, longest: int, step: int) -> str:
+    """The allocator's message, then where this rank's memory went and the settings that fit a
+    longer document, those not already on first (``cached``: the run's ``CachedConfig``)."""
+    first = str(error).splitlines()[0] if str(error) else "out of memory"
+    lines = [f"{first}", f"step {step} on rank {rank()} ran out of device memory (peak {peak_memory_gib():.1f} GiB); "
+             f"its longest document here has {longest:,} tokens. What grows with a document is the decoder's side; "
+             "in the DeepSpeed config's \"cached\" section:"]
+    if cached.cross_attention_block is None:
+        lines.append('- "cross_attention_block": 32768 streams the cross-attention over key blocks (no keys and values '
+                     'over the whole document in any decoder layer; a model with attention dropout also needs '
+                     '"keep_attention_dropout": false)')
+    elif not (cached.offload_gradient_cache and cached.offload_encoder_states):
+        lines.append('- "offload_gradient_cache": true and "offload_encoder_states": true keep the gradient cache and the '
+                     "encoder's states in pinned host memory (6 KiB a token for BART-large)")
+    if cached.keep_graphs_bytes:
+        lines.append(f'- "keep_graphs_bytes" (now {cached.keep_graphs_bytes:,}) lower: fewer encoder graphs kept from forward to backward')
+    lines.append(f'- "group_tokens" (now {cached.group_tokens or "window x group_windows"}) smaller: the encoder holds '
+                 "one group of windows with autograd at a time")
+    if not cached.decoder_gradient_checkpointing:
+        lines.append('- "decoder_gradient_checkpointing": true')
+    lines.append("- --max_source_tokens cuts documents (their ends are then never read)")
+    return "\n".join(lines)
+
+
 def _norm_not_recorded(engine) -> bool:
     """DeepSpeed's ZeRO-0 fp32 step clips with torch's clip_grad_norm_ and drops the norm it
     returns (engine.py clip_fp32_gradients); its ZeRO and mixed-precision optimizers keep theirs."""
@@ -426,9 +450,15 @@ class Trainer:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (after it, the scheduler has moved on)
         skipped, scale = self.engine.skipped_steps, self._loss_scale()  # the scale this step's backward uses
-        summed, label_tokens, doc_tokens, norm = train_step(
-            self.engine, micro_batches, check=self._stop_unless_finite, nan_fault=injected_fault("nan_loss", self.step + 1),
-            kill_fault=injected_fault("kill_mid_step", self.step + 1))
+        try:
+            if injected_fault("out_of_memory", self.step + 1):  # tests only: what a device's allocator raises
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            summed, label_tokens, doc_tokens, norm = train_step(
+                self.engine, micro_batches, check=self._stop_unless_finite, nan_fault=injected_fault("nan_loss", self.step + 1),
+                kill_fault=injected_fault("kill_mid_step", self.step + 1))
+        except torch.OutOfMemoryError as error:
+            longest = max(int(row.sum()) for batch in micro_batches for row in batch["attention_mask"])
+            raise torch.OutOfMemoryError(out_of_memory_advice(error, self.engine.module.cached_config, longest, self.step + 1)) from error
         elapsed = time.perf_counter() - started
         if norm is None:
             norm = self.engine.get_global_grad_norm()

@@ -1,6 +1,7 @@
 """litgpt-style: whole launcher recipes on CPU with tiny configs, asserting on files and logs."""
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -243,6 +244,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     assert "loss is not finite at step 3" in result.stderr and "step00000002" in result.stderr
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
     assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_out_of_memory_names_the_document_and_the_settings_that_fit_longer_ones(tmp_path, corpus):
+    """A device out of memory mid-run (injected: CPU has no device allocator) is raised as
+    torch's OutOfMemoryError, its first line kept, with the step, the longest document in it and
+    the settings that shrink what grows with a document, those not already on."""
+    out = tmp_path / "run"
+    flags = ["--deepspeed", "ds_configs/zero2.json", "--output_dir", str(out), "--max_steps", "4", "--save_steps", "1", *data_flags(corpus)]
+    result = run_train(*flags, check=False, CACHED_DS_FAULT="out_of_memory@2")
+    assert result.returncode != 0
+    assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (injected)" in result.stderr
+    longest = re.search(r"step 2 on rank 0 ran out of device memory \(peak [\d.]+ GiB\); its longest document here has ([\d,]+) tokens",
+                        result.stderr)
+    assert longest and int(longest.group(1).replace(",", "")) > 0, result.stderr[-2000:]
+    for setting in ('"cross_attention_block": 32768', '"group_tokens" (now 16384) smaller', '"decoder_gradient_checkpointing": true',
+                    "--max_source_tokens"):
+        assert setting in result.stderr
+    assert '"keep_graphs_bytes"' not in result.stderr and "offload_gradient_cache" not in result.stderr  # off, or not yet useful
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
 
 
 def test_exported_weights_equal_the_trained_ones(tmp_path, corpus):
