@@ -102,9 +102,11 @@ def out_of_memory_advice(error: Exception, cached, longest: int, step: int) -> s
     """The allocator's message, then where this rank's memory went and the settings that fit a
     longer document, those not already on first (``cached``: the run's ``CachedConfig``)."""
     first = str(error).splitlines()[0] if str(error) else "out of memory"
-    lines = [f"{first}", f"step {step} on rank {rank()} ran out of device memory (peak {peak_memory_gib():.1f} GiB); "
-             f"its longest document here has {longest:,} tokens. What grows with a document is the decoder's side; "
-             "in the DeepSpeed config's \"cached\" section:"]
+    lines = [first, f"step {step} on rank {rank()} ran out of device memory (peak {peak_memory_gib():.1f} GiB); "
+             f"its longest document here has {longest:,} tokens. In the DeepSpeed config's \"cached\" section:"]
+    if cached.mode == "full":
+        lines.append('- "mode": "cached": full backprop keeps every window\'s encoder activations; CachED one group\'s')
+    # what grows with a document in CachED is the decoder's side (fused states, their gradient, K/V)
     if cached.cross_attention_block is None:
         lines.append('- "cross_attention_block": 32768 streams the cross-attention over key blocks (no keys and values '
                      'over the whole document in any decoder layer; a model with attention dropout also needs '

@@ -265,6 +265,20 @@ def test_out_of_memory_names_the_document_and_the_settings_that_fit_longer_ones(
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
 
 
+def test_out_of_memory_advice_follows_the_settings_in_use():
+    """Settings already on are not advised again; full mode is pointed to CachED first."""
+    from cached_ds.config import CachedConfig
+    from cached_ds.trainer import out_of_memory_advice
+
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    advice = out_of_memory_advice(error, CachedConfig(mode="full"), 1_000_000, 7)
+    assert advice.splitlines()[0] == str(error) and '"mode": "cached"' in advice and "1,000,000 tokens" in advice
+    streaming = out_of_memory_advice(error, CachedConfig(cross_attention_block=8192, keep_graphs_bytes=2**30,
+                                                         decoder_gradient_checkpointing=True), 10, 1)
+    assert '"cross_attention_block"' not in streaming and '"mode"' not in streaming and "decoder_gradient_checkpointing" not in streaming
+    assert '"offload_gradient_cache": true' in streaming and '"keep_graphs_bytes" (now 1,073,741,824) lower' in streaming
+
+
 def test_exported_weights_equal_the_trained_ones(tmp_path, corpus):
     """zero_to_fp32 export under ZeRO-3 equals the fp32 weights the engine ended with."""
     out = tmp_path / "run"
