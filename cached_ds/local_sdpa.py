@@ -70,10 +70,12 @@ def local_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     if key not in store:
         store[key] = _dense_bias(layout, side_table if side is not None else None, batch, heads, length, q.dtype, q.device)
     bias = store[key]
-    # Memory-efficient (CUDA) or math: the kernels that return the bias's gradient. Left to choose,
-    # SDPA may take cuDNN on an H100/H200 with a recent cuDNN (``check_prefer_cudnn_attention``),
-    # whose backward gives q, k and v gradients only.
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    # Memory-efficient (CUDA) or math: the kernels that return the bias's gradient, of those the
+    # caller's ``sdpa_kernel`` leaves on. Left to choose, SDPA may take cuDNN on an H100/H200 with
+    # a recent cuDNN (``check_prefer_cudnn_attention``), whose backward gives q, k, v gradients only.
+    allowed = [backend for backend, on in ((SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                           (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
+    with sdpa_kernel(allowed or [SDPBackend.MATH]):
         out = F.scaled_dot_product_attention(_by_block(q, block), keys, values, attn_mask=bias, scale=1.0)
     out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)
     return out[:, :, :length]

@@ -100,7 +100,8 @@ def _global_inputs(hidden_states: torch.Tensor, block_ids: torch.Tensor, count: 
     """Sum of each global block's token states (HF: an einsum with a (batch, L, G) one-hot);
     padding tokens (block id -1) go to a spare row that is dropped. Summed in fp32, as HF's
     matmul accumulates: CUDA's scatter_add_ adds with atomics in no fixed order, and in bf16
-    each of a block's 16 adds would round, differently in the no-grad encode and its recompute."""
+    each of a block's 16 adds would round, differently in the no-grad encode and its recompute.
+    In fp32 that order moves only the last bits, which the rounding to bf16 almost always hides."""
     index = torch.where(block_ids >= 0, block_ids, count).long()
     wide = torch.promote_types(hidden_states.dtype, torch.float32)
     sums = hidden_states.new_zeros(hidden_states.shape[0], count + 1, hidden_states.shape[2], dtype=wide)

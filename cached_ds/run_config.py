@@ -73,7 +73,7 @@ class OptimArgs:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps to train (default: --epochs worth)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training documents when --max_steps is not set"})
     seed: int = field(default=42, metadata={"help": "seed of model init, data order and dropout"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 training (default: on where a GPU supports it, unless --fp16)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 training (default: on where the GPU computes it natively, Ampere or newer, unless --fp16)"})
     fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision with DeepSpeed's dynamic loss scaling, for GPUs "
                                                         "without bf16 (V100, T4); fills \"fp16.enabled\": \"auto\""})
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
+from .config import DEFAULT_GROUP_TOKENS
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
@@ -100,24 +101,34 @@ def train_step(engine, micro_batches: list[dict], check=None, nan_fault: bool = 
 
 def out_of_memory_advice(error: Exception, cached, longest: int, step: int) -> str:
     """The allocator's message, then where this rank's memory went and the settings that fit a
-    longer document, those not already on first (``cached``: the run's ``CachedConfig``)."""
+    longer document, only those that are off and that the run's mode takes (``cached``: the run's
+    ``CachedConfig``)."""
     first = str(error).splitlines()[0] if str(error) else "out of memory"
     lines = [first, f"step {step} on rank {rank()} ran out of device memory (peak {peak_memory_gib():.1f} GiB); "
              f"its longest document here has {longest:,} tokens. In the DeepSpeed config's \"cached\" section:"]
-    if cached.mode == "full":
+    full = cached.mode == "full"
+    if full:
         lines.append('- "mode": "cached": full backprop keeps every window\'s encoder activations; CachED one group\'s')
     # what grows with a document in CachED is the decoder's side (fused states, their gradient, K/V)
     if cached.cross_attention_block is None:
         lines.append('- "cross_attention_block": 32768 streams the cross-attention over key blocks (no keys and values '
                      'over the whole document in any decoder layer; a model with attention dropout also needs '
                      '"keep_attention_dropout": false)')
-    elif not (cached.offload_gradient_cache and cached.offload_encoder_states):
-        lines.append('- "offload_gradient_cache": true and "offload_encoder_states": true keep the gradient cache and the '
-                     "encoder's states in pinned host memory (6 KiB a token for BART-large)")
-    if cached.keep_graphs_bytes:
-        lines.append(f'- "keep_graphs_bytes" (now {cached.keep_graphs_bytes:,}) lower: fewer encoder graphs kept from forward to backward')
-    lines.append(f'- "group_tokens" (now {cached.group_tokens or "window x group_windows"}) smaller: the encoder holds '
-                 "one group of windows with autograd at a time")
+    elif not full:
+        held = {"offload_gradient_cache": "the fp32 gradient cache (4 KiB a token for BART-large)",
+                "offload_encoder_states": "the encoder's states (2 KiB a token)"}
+        lines += [f'- "{name}": true keeps {what} in pinned host memory' for name, what in held.items() if not getattr(cached, name)]
+    if not full:
+        if cached.keep_graphs_bytes:
+            lines.append(f'- "keep_graphs_bytes" (now {cached.keep_graphs_bytes:,}) lower: fewer encoder graphs kept from '
+                         "forward to backward")
+        if isinstance(cached.group_windows, int):
+            lines.append(f'- "group_windows" (now {cached.group_windows}) smaller: the encoder holds one group of windows '
+                         "with autograd at a time")
+        else:  # group_tokens, its default, or group_windows "all" (replaced by it)
+            now = "all windows" if cached.group_windows == "all" else f"{cached.group_tokens or DEFAULT_GROUP_TOKENS:,}"
+            lines.append(f'- "group_tokens" (now {now}) smaller: the encoder holds one group of windows with autograd '
+                         "at a time" + ('; remove "group_windows"' if cached.group_windows == "all" else ""))
     if not cached.decoder_gradient_checkpointing:
         lines.append('- "decoder_gradient_checkpointing": true')
     lines.append("- --max_source_tokens cuts documents (their ends are then never read)")

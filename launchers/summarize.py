@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--source_prefix", default=None,
                         help="text put before every document (default: the one the model was trained with, its config's prefix)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that supports it, else fp32")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU that computes it natively (Ampere or newer), else fp32")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every process would summarise every document into the same .partial file

@@ -232,7 +232,8 @@ def test_kept_gathered_decoder_runs_without_zero3_module_hooks_until_its_backwar
     held = [ffn] + ([] if tied else [head])
     watched = held + [hf_model.get_decoder()]  # the decoder module's own hooks are lifted too
     seen = []
-    probe = ffn.register_forward_pre_hook(lambda module, args: seen.append(zero3_hooks_on(module, zero3)))
+    probes = [m.register_forward_pre_hook(lambda module, args: seen.append(zero3_hooks_on(module, zero3)))
+              for m in (ffn, hf_model.get_decoder())]
     before = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched]
     assert all(zero3_hooks_on(m, zero3) for m in watched)
 
@@ -246,8 +247,9 @@ def test_kept_gathered_decoder_runs_without_zero3_module_hooks_until_its_backwar
         assert gathered() == {ZeroParamStatus.NOT_AVAILABLE}
         engine.step()
         assert [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in watched] == before
-    probe.remove()
-    assert seen == [False] * 4  # forward and checkpointing's recompute, two steps
+    for probe in probes:
+        probe.remove()
+    assert seen == [False] * 6  # two steps: the decoder's forward, the layer in it and in checkpointing's recompute
 
     with torch.no_grad():  # nothing to backpropagate: released when the forward returns
         engine(ids, mask, labels=labels)

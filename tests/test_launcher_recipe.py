@@ -258,7 +258,7 @@ def test_out_of_memory_names_the_document_and_the_settings_that_fit_longer_ones(
     longest = re.search(r"step 2 on rank 0 ran out of device memory \(peak [\d.]+ GiB\); its longest document here has ([\d,]+) tokens",
                         result.stderr)
     assert longest and int(longest.group(1).replace(",", "")) > 0, result.stderr[-2000:]
-    for setting in ('"cross_attention_block": 32768', '"group_tokens" (now 16384) smaller', '"decoder_gradient_checkpointing": true',
+    for setting in ('"cross_attention_block": 32768', '"group_tokens" (now 16,384) smaller', '"decoder_gradient_checkpointing": true',
                     "--max_source_tokens"):
         assert setting in result.stderr
     assert '"keep_graphs_bytes"' not in result.stderr and "offload_gradient_cache" not in result.stderr  # off, or not yet useful
@@ -266,17 +266,28 @@ def test_out_of_memory_names_the_document_and_the_settings_that_fit_longer_ones(
 
 
 def test_out_of_memory_advice_follows_the_settings_in_use():
-    """Settings already on are not advised again; full mode is pointed to CachED first."""
+    """Only settings that are off and that the mode takes are advised, under their own names:
+    full mode is pointed to CachED and gets no CachED-only setting; a run grouping by windows is
+    told to lower group_windows (group_tokens beside it is refused)."""
     from cached_ds.config import CachedConfig
     from cached_ds.trainer import out_of_memory_advice
 
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-    advice = out_of_memory_advice(error, CachedConfig(mode="full"), 1_000_000, 7)
-    assert advice.splitlines()[0] == str(error) and '"mode": "cached"' in advice and "1,000,000 tokens" in advice
-    streaming = out_of_memory_advice(error, CachedConfig(cross_attention_block=8192, keep_graphs_bytes=2**30,
-                                                         decoder_gradient_checkpointing=True), 10, 1)
+
+    def advice(**settings):
+        return out_of_memory_advice(error, CachedConfig(**settings), 1_000_000, 7)
+
+    full = advice(mode="full", cross_attention_block=8192)
+    assert full.splitlines()[0] == str(error) and '"mode": "cached"' in full and "1,000,000 tokens" in full
+    assert not any(name in full for name in ("offload_", "group_", "keep_graphs_bytes", '"cross_attention_block"'))
+    assert '"group_tokens" (now 16,384) smaller' in advice()  # the default
+    assert '"group_windows" (now 4) smaller' in advice(group_windows=4) and '"group_tokens"' not in advice(group_windows=4)
+    assert 'remove "group_windows"' in advice(group_windows="all")
+    streaming = advice(cross_attention_block=8192, keep_graphs_bytes=2**30, decoder_gradient_checkpointing=True,
+                       offload_gradient_cache=True)
     assert '"cross_attention_block"' not in streaming and '"mode"' not in streaming and "decoder_gradient_checkpointing" not in streaming
-    assert '"offload_gradient_cache": true' in streaming and '"keep_graphs_bytes" (now 1,073,741,824) lower' in streaming
+    assert '"offload_encoder_states": true' in streaming and '"offload_gradient_cache": true' not in streaming
+    assert '"keep_graphs_bytes" (now 1,073,741,824) lower' in streaming
 
 
 def test_exported_weights_equal_the_trained_ones(tmp_path, corpus):

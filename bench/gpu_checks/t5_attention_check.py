@@ -22,7 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for cached_ds
 from case_lines import emit  # noqa: E402  (bench/gpu_checks/case_lines.py)
 
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # fp32 with different summation orders (the CPU tests hold 1e-5); bf16's rounding
+# fp32 with different summation orders (the CPU tests hold 1e-5); bf16 against fp32: its rounding alone
+# leaves 4-14% on single tensors (measured on CPU), where a gradient a kernel does not return is 100% off
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.3}
 
 
 def tiny(family: str):
