@@ -31,7 +31,7 @@ PATIENT_TIMEOUT = timedelta(days=7)
 def patient_group():
     """A gloo group whose collectives wait up to ``PATIENT_TIMEOUT``, for a wait of unknown length:
     ranks waiting while rank 0 tokenizes a corpus of books would hit the process group's own
-    timeout (DeepSpeed's default: 30 min) and abort, and every requeue would start the
+    timeout (DeepSpeed's default: 10 min, ``DEEPSPEED_TIMEOUT``) and abort, and every requeue would start the
     tokenization over. Every rank enters it at the same point (a collective); None on one rank.
     The group is destroyed on exit (its sockets and threads would otherwise live on)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -60,11 +60,14 @@ def from_rank0(value):
 
 
 def _reduction_device() -> torch.device:
-    """Where a tensor must live for the default group to reduce it: NCCL (DeepSpeed's backend on
-    GPUs) takes CUDA tensors only ("No backend type associated with device type cpu")."""
-    if "nccl" in str(dist.get_backend()).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a tensor must live for the default group to reduce it: host memory for gloo and MPI,
+    else the accelerator's (NCCL, HCCL, XCCL take device tensors only: "No backend type
+    associated with device type cpu")."""
+    if str(dist.get_backend()).lower() in ("gloo", "mpi"):
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def all_reduce_sum(value: float) -> float:
@@ -126,6 +129,11 @@ def init_process_group() -> None:
         deepspeed.init_distributed(dist_backend=backend)
         _use_local_device()
         return
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or "1")
+    if tasks > 1 and "RANK" not in os.environ:  # srun starting the ranks itself, without an MPI plugin (PMI_*)
+        raise ValueError(f"started by srun as one of {tasks} tasks (SLURM_STEP_NUM_TASKS) without RANK/WORLD_SIZE: each task "
+                         "would train alone on the first GPU, all writing one output_dir. Start one task per node running "
+                         "torchrun (launchers/slurm/train.sbatch does), or use the deepspeed launcher")
     # One rank alone: any free port (a fixed 29500 failed with EADDRINUSE beside another job);
     # ranks of a launch that named no port must agree on one: torch's default.
     port = str(free_port()) if os.environ.get("WORLD_SIZE", "1") == "1" else "29500"

@@ -141,6 +141,18 @@ def test_an_mpi_launch_without_rank_variables_is_not_run_as_one_rank_per_process
     assert not (tmp_path / "run").exists()
 
 
+def test_an_srun_launch_without_rank_variables_is_refused(tmp_path):
+    """``srun --ntasks 8 python launchers/train.py`` (no torchrun, no MPI plugin) sets only SLURM's
+    variables: the one-rank defaults made each task train alone on GPU 0 into one output_dir."""
+    env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    result = subprocess.run(["python", "launchers/train.py", "--deepspeed", "ds_configs/zero0.json", "--preset", "smoke",
+                             "--output_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "started by srun as one of 2 tasks (SLURM_STEP_NUM_TASKS) without RANK/WORLD_SIZE" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_without_data():
     with pytest.raises(ValueError, match=r"no training data: pass --dataset NAME or --train_file FILE"):
         parse_args(["--deepspeed", "ds_configs/zero0.json", "--model", "tiny-bart"])
