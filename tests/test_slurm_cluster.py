@@ -65,6 +65,19 @@ def test_train_sbatch_wires_torchrun(slurm, tmp_path):
     assert "STUB DS_ACCELERATOR=cpu" in out
 
 
+def test_train_sbatch_takes_its_rendezvous_port_from_the_job_id(slurm, tmp_path):
+    """Without MASTER_PORT, each job its own port: with a fixed 29500, two jobs whose first node is
+    one machine met in one rendezvous store."""
+    stub = tmp_path / "python_stub"
+    stub.write_text('#!/bin/bash\necho "STUB ARGV: $*"\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(PYTHON=str(stub), GPUS_PER_NODE="2", DS_CONFIG="ds_configs/zero2.json", TRAIN_ARGS="--preset smoke")
+    rc, job_id, out = slurm.sbatch_wait(TRAIN_SBATCH, env=env)
+    assert rc == 0, out
+    assert f"--rdzv_endpoint {slurm.host}:{20000 + int(job_id) % 20000} " in out, out
+
+
 def test_training_job_through_slurm(slurm, tmp_path):
     """The real recipe: sbatch --wait on the smoke preset, 1 node × 1 task × torchrun with 2 ranks."""
     out = tmp_path / "run"
