@@ -128,28 +128,21 @@ def test_embedded_default_refusing_a_resume_writes_nothing(tmp_path):
     assert not out.exists() or not any(out.rglob("*"))
 
 
-def test_an_mpi_launch_without_rank_variables_is_not_run_as_one_rank_per_process(tmp_path):
-    """mpirun / deepspeed --launcher openmpi set OMPI_COMM_WORLD_SIZE, not RANK: filling in the
-    one-rank defaults made each of the N processes train alone, silently. Without mpi4py, with
-    which DeepSpeed would discover the ranks, the run stops saying so."""
+@pytest.mark.parametrize("launch, message", [
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, "launched by MPI (OMPI_COMM_WORLD_SIZE=2) without RANK/WORLD_SIZE"),
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, "started by srun as one of 2 tasks (SLURM_STEP_NUM_TASKS) without RANK/WORLD_SIZE"),
+], ids=["mpirun", "srun"])
+def test_a_launch_without_rank_variables_is_not_run_as_one_rank_per_process(tmp_path, launch, message):
+    """mpirun / deepspeed --launcher openmpi set OMPI_COMM_WORLD_SIZE, and ``srun --ntasks N``
+    without torchrun or an MPI plugin SLURM's own variables, not RANK: filling in the one-rank
+    defaults made each of the N processes train alone (on GPU 0, into one output_dir), silently.
+    MPI without mpi4py, with which DeepSpeed would discover the ranks, and srun stop saying so."""
     env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
     result = subprocess.run(["python", "launchers/train.py", "--deepspeed", "ds_configs/zero0.json", "--preset", "smoke",
                              "--output_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**env, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"})
+                            env={**env, **launch})
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "launched by MPI (OMPI_COMM_WORLD_SIZE=2) without RANK/WORLD_SIZE" in result.stderr
-    assert not (tmp_path / "run").exists()
-
-
-def test_an_srun_launch_without_rank_variables_is_refused(tmp_path):
-    """``srun --ntasks 8 python launchers/train.py`` (no torchrun, no MPI plugin) sets only SLURM's
-    variables: the one-rank defaults made each task train alone on GPU 0 into one output_dir."""
-    env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    result = subprocess.run(["python", "launchers/train.py", "--deepspeed", "ds_configs/zero0.json", "--preset", "smoke",
-                             "--output_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"})
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "started by srun as one of 2 tasks (SLURM_STEP_NUM_TASKS) without RANK/WORLD_SIZE" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "run").exists()
 
 
