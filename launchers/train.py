@@ -77,20 +77,20 @@ def main(argv=None) -> None:
     except ValueError as error:  # bad flags or config: one clear line, no traceback
         sys.exit(f"train.py: error: {error}")
     try:
-        if run.embedded:
-            from cached_ds.embedded import train_embedded_default
+        try:
+            if run.embedded:
+                from cached_ds.embedded import train_embedded_default
 
-            train_embedded_default(run)
-        else:
-            from cached_ds.trainer import Trainer
+                train_embedded_default(run)
+            else:
+                from cached_ds.trainer import Trainer
 
-            try:
                 Trainer(run).train()
-            except SystemExit as stop:  # stopped by SIGTERM after a checkpoint (cached_ds/stop_signals.py)
-                from cached_ds.distributed import shutdown
+        except SystemExit as stop:  # stopped by SIGTERM after a checkpoint (cached_ds/stop_signals.py)
+            from cached_ds.distributed import shutdown
 
-                shutdown()  # every rank stopped at the same step
-                exit_now(stop.code if isinstance(stop.code, int) else 1)
+            shutdown()  # every rank stopped at the same step
+            exit_now(stop.code if isinstance(stop.code, int) else 1)
     except USER_ERRORS as error:  # data, model, batch plan, earlier run, NaN loss: the message says what to fix
         if not raised_here(error):
             raise
