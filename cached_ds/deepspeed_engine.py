@@ -48,7 +48,7 @@ from .config import CachedConfig
 from .distributed import barrier, init_process_group, max_over_ranks, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
-from .longt5_attention import has_transient_global_attention
+from .longt5_attention import TRANSIENT_GLOBAL_NEEDS_GATHERED, has_transient_global_attention
 from .model import CachedSeq2Seq
 from .streaming_cross_attention import StreamingCrossAttention, has_streaming_cross_attention
 
@@ -141,18 +141,6 @@ def _check_zero3_settings(model: nn.Module, settings: EngineSettings, stage: int
         )
     if world_size() > 1 and has_transient_global_attention(model):
         raise ValueError(TRANSIENT_GLOBAL_NEEDS_GATHERED)
-
-
-# HF's LongT5 skips its global bias's backward for a window group shorter than one global block (a
-# short last window, a rank's one-token stand-in group): ZeRO-3, which gathers each module's
-# parameters in its backward, then gathers in another order on that rank than on the others
-# (gloo aborts; NCCL hangs or mixes the weights up).
-TRANSIENT_GLOBAL_NEEDS_GATHERED = (
-    'LongT5 transient-global under ZeRO-3 on several ranks needs "cached.keep_encoder_gathered": true, the encoder '
-    "gathered whole while it runs (its parameters on every rank then: about 2 bytes each in bf16), so that no rank's "
-    "shorter windows change the order of ZeRO-3's gathers; set it in the config's \"cached\" section "
-    "(ds_configs/zero3.json has it), and train through cached_ds.deepspeed_engine.initialize (launchers/train.py does)"
-)
 
 
 def attach(engine, settings: EngineSettings) -> None:

@@ -56,6 +56,18 @@ def has_transient_global_attention(model: nn.Module) -> bool:
     return any(isinstance(module, hf_longt5.LongT5LayerTransientGlobalSelfAttention) for module in model.modules())
 
 
+# HF's LongT5 skips its global bias's backward for a window group shorter than one global block (a
+# short last window, a rank's one-token stand-in group): ZeRO-3, which gathers each module's
+# parameters in its backward, then gathers in another order on that rank than on the others
+# (gloo aborts; NCCL hangs or mixes the weights up).
+TRANSIENT_GLOBAL_NEEDS_GATHERED = (
+    'LongT5 transient-global under ZeRO-3 on several ranks needs "cached.keep_encoder_gathered": true, the encoder '
+    "gathered whole while it runs (its parameters on every rank then: about 2 bytes each in bf16), so that no rank's "
+    "shorter windows change the order of ZeRO-3's gathers; set it in the config's \"cached\" section "
+    "(ds_configs/zero3.json has it), and train through cached_ds.deepspeed_engine.initialize (launchers/train.py does)"
+)
+
+
 def _hf_or_none(self, position_bias, output_attentions):
     """Call HF's forward instead when the fast path would not be exact (see ``t5_attention``)."""
     if not (output_attentions or (self.training and self.dropout > 0) or isinstance(position_bias, torch.Tensor)):

@@ -37,7 +37,7 @@ from .config import CachedConfig
 from .distributed import max_over_ranks, min_over_ranks, partitioned_across_ranks
 from .held_scope import HeldScope, closed_after_backward
 from .host_offload import to_device
-from .longt5_attention import has_banded_attention, has_transient_global_attention
+from .longt5_attention import TRANSIENT_GLOBAL_NEEDS_GATHERED, has_banded_attention, has_transient_global_attention
 from .shared_beam_generation import document_ids_for_processors, generate_shared
 from .streaming_cross_attention import (
     compact_key_mask,
@@ -171,8 +171,6 @@ class CachedSeq2Seq(nn.Module):
             # A ZeRO-3 engine that cached_ds.deepspeed_engine.initialize did not build (plain
             # deepspeed.initialize, HF's Trainer): ranks must still run as many encoder calls.
             if has_transient_global_attention(self.model):
-                from .deepspeed_engine import TRANSIENT_GLOBAL_NEEDS_GATHERED  # here: it imports this module
-
                 raise ValueError(TRANSIENT_GLOBAL_NEEDS_GATHERED)
             self.sync_group_count = max_over_ranks
             logger.warning("CachedSeq2Seq is trained by a ZeRO-3 engine that cached_ds.deepspeed_engine.initialize did not "
