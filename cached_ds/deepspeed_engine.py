@@ -45,7 +45,7 @@ from torch import nn
 from . import families
 from .checkpoints import injected_fault
 from .config import CachedConfig
-from .distributed import barrier, init_process_group, max_over_ranks, rank, world_size
+from .distributed import barrier, init_process_group, max_over_ranks, patient_barrier, rank, world_size
 from .ds_config import load_config, reuse_distance, unresolved_auto
 from .ds_schema import check_sections, deepspeed_schema_error
 from .longt5_attention import TRANSIENT_GLOBAL_NEEDS_GATHERED, has_transient_global_attention
@@ -471,5 +471,5 @@ def export_hf(engine, checkpoint_dir: str | Path, output_dir: str | Path, tag: s
             output_dir.rename(old)
         staging.rename(output_dir)
         shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    patient_barrier("export")  # rank 0's reading of every shard can outlast the process group's timeout (large models)
     return output_dir

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -25,29 +25,30 @@ def barrier() -> None:
 
 
 PATIENT_TIMEOUT = timedelta(days=7)
+_patient_barriers = itertools.count()  # every rank calls patient_barrier in the same order: same keys
 
 
-@contextmanager
-def patient_group():
-    """A gloo group whose collectives wait up to ``PATIENT_TIMEOUT``, for a wait of unknown length:
-    ranks waiting while rank 0 tokenizes a corpus of books would hit the process group's own
-    timeout (DeepSpeed's default: 10 min, ``DEEPSPEED_TIMEOUT``) and abort, and every requeue would start the
-    tokenization over. Every rank enters it at the same point (a collective); None on one rank.
-    The group is destroyed on exit (its sockets and threads would otherwise live on)."""
+def patient_barrier(reason: str) -> None:
+    """Every rank waits here until all have arrived, for up to ``PATIENT_TIMEOUT``: for waits of
+    unknown length (rank 0 tokenizing a corpus of books, reading every shard for the export,
+    ranks generating summaries of uneven length) that a collective would give up on at the
+    process group's timeout (DeepSpeed's default: 10 min, ``DEEPSPEED_TIMEOUT``; NCCL's watchdog
+    then aborts the job, and a requeue starts the tokenization over).
+
+    It waits on the rendezvous store the ranks met through (each rank sets a key, then waits for
+    everyone's), not on a collective: no watchdog, and no new connection between nodes (a gloo
+    group of its own, as before, opens one, and where a node's hostname resolves to loopback it
+    would retry that for days). A rank that dies leaves the others waiting until the launcher
+    stops them: torchrun, the deepspeed launcher and ``train.sbatch`` (``--kill-on-bad-exit``) do
+    at once; where rank 0 hosts the store, its end ends the wait. Nothing on one rank.
+    ``reason`` names the wait in the key (seen in the store's timeout error)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        yield None
         return
-    group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
-    try:
-        yield group
-    finally:
-        dist.destroy_process_group(group)
-
-
-def patient_barrier(group) -> None:
-    """A barrier on ``patient_group``'s group (nothing on one rank)."""
-    if group is not None:
-        dist.barrier(group=group)
+    # The default group's store: torch keeps it in a private accessor (unchanged since torch 1.x).
+    store = dist.distributed_c10d._get_default_store()
+    key = f"cached_ds/patient_barrier/{next(_patient_barriers)}/{reason}"
+    store.set(f"{key}/{rank()}", "arrived")
+    store.wait([f"{key}/{other}" for other in range(world_size())], PATIENT_TIMEOUT)
 
 
 def from_rank0(value):

@@ -35,7 +35,7 @@ from . import data as data_lib
 from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .config import DEFAULT_GROUP_TOKENS
-from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, patient_group, rank, world_size
+from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, rank, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
@@ -222,13 +222,13 @@ class Trainer:
 
     def _load_data(self):
         splits = {}
-        with patient_group() as waiting:  # for as long as rank 0 takes to tokenize (hours, for a corpus of books)
-            for split in ("train", "eval"):
-                if rank() != 0:
-                    patient_barrier(waiting)  # rank 0 tokenizes first and fills datasets' cache; the others read it
-                splits[split] = self._load_split(split)  # Arrow-backed, numpy rows (data.tokenize): read when used
-                if rank() == 0:
-                    patient_barrier(waiting)
+        # rank 0 tokenizes first and fills datasets' cache (hours, for a corpus of books); the others then read it
+        for split in ("train", "eval"):
+            if rank() != 0:
+                patient_barrier(f"tokenize-{split}")
+            splits[split] = self._load_split(split)  # Arrow-backed, numpy rows (data.tokenize): read when used
+            if rank() == 0:
+                patient_barrier(f"tokenize-{split}")
         if splits["train"] is None or len(splits["train"]) == 0:
             raise ValueError("no training documents left after skipping empty ones")
         return splits["train"], splits["eval"]
@@ -512,11 +512,16 @@ class Trainer:
                           synced_gpus=stage3, progress=tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0))
         pairs = list(zip(mine, texts))
         gathered = [None] * world_size()
+        # Ranks end their summaries at different times (documents and summaries of different
+        # lengths), and then wait for rank 0's ROUGE: both waits can outlast the process group's
+        # timeout, so they wait at a patient barrier, not in a collective.
+        patient_barrier("evaluation-summaries")
         if dist.is_initialized():
             dist.all_gather_object(gathered, pairs)
         else:
             gathered = [pairs]
         if rank() != 0:
+            patient_barrier("evaluation-scores")
             return {}
         predictions = dict(p for part in gathered for p in part)
         order = sorted(predictions)
@@ -532,5 +537,6 @@ class Trainer:
             write_atomic(self.out / "eval_results.json", results)
         self.engine.monitor.write_events([(f"eval/{k}", v, self.step) for k, v in scores.items()])
         logger.info("eval %s: %s", name, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+        patient_barrier("evaluation-scores")
         return scores
 

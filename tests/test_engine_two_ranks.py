@@ -98,9 +98,10 @@ def test_zero3_generation_on_ranks_ending_at_different_steps(results):
 
 
 @pytest.mark.parametrize("wait", ["patient", "plain"])
-def test_ranks_wait_past_the_process_group_timeout_for_rank_0s_tokenization(wait):
-    """The trainer's other ranks wait while rank 0 tokenizes (hours for a corpus of books): on
-    the process group's own barrier they abort at its timeout; on the patient group they wait."""
+def test_ranks_wait_past_the_process_group_timeout_for_a_slow_rank(wait):
+    """The trainer's other ranks wait while rank 0 tokenizes (hours for a corpus of books) or
+    exports, and rank 0 for the others' summaries: on the process group's own barrier they abort
+    at its timeout; at the patient barrier (the rendezvous store) they wait, whichever rank is late."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(TESTS / "patient_wait_case.py"), wait]
     run = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=120)
