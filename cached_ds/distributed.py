@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,6 +61,48 @@ def from_rank0(value):
     box = [value if rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def require_shared_directory(path: Path, flag: str) -> None:
+    """Stop at the start unless every rank sees the same ``path``: each rank writes its own
+    checkpoint shards there and rank 0 reads them all to export, so a node-local path (/tmp, a
+    node's scratch disk) trains for hours on several nodes and fails at the end. Rank 0 writes a
+    file of a name never used before (no stale cache entry on NFS), each rank looks for it (for up
+    to ``wait_s``: a network filesystem may show it late), and every rank raises the same error.
+    A collective; nothing on one rank. ``flag`` names the setting in the error."""
+    if world_size() == 1:
+        return
+    token = from_rank0(uuid.uuid4().hex)
+    probe = Path(path) / f".cached_ds_shared_{token}"
+    if rank() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    barrier()
+    seen = _shows(probe, token)
+    views = [None] * world_size()
+    dist.all_gather_object(views, (rank(), socket.gethostname(), seen))
+    barrier()  # every rank has looked
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
+    if blind:
+        raise ValueError(f"{flag} {path} is not one folder that every rank sees: {', '.join(blind)} cannot read the file "
+                         f"rank 0 (on {views[0][1]}) wrote there. Every rank writes its checkpoint shards there and rank 0 "
+                         f"reads them all to export: give a path on a filesystem every node mounts (shared scratch or home, "
+                         f"not /tmp or a node-local disk)")
+
+
+def _shows(probe: Path, token: str, wait_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if probe.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _reduction_device() -> torch.device:

@@ -35,7 +35,7 @@ from . import data as data_lib
 from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .config import DEFAULT_GROUP_TOKENS
-from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, rank, world_size
+from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, rank, require_shared_directory, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
@@ -170,6 +170,7 @@ class Trainer:
         self.run = run
         self.out = run.output_dir
         init_distributed()
+        require_shared_directory(self.out, "--output_dir")
         self.store = CheckpointStore(self.out, run.checkpoint.keep_checkpoints)
         self.resume = choose_checkpoint(self.store, run.checkpoint.resume)  # a tag or None; before anything is written
         # A requeue of a run that had finished: said before the data, model and engine are built,

@@ -97,6 +97,23 @@ def test_zero3_generation_on_ranks_ending_at_different_steps(results):
     assert results["zero3-generate-fast_t5-uneven-lengths"]["ranks_matching"] == 2
 
 
+@pytest.mark.parametrize("kind", ["shared", "per-rank"])
+def test_ranks_that_do_not_share_the_output_folder_are_stopped_at_the_start(kind, tmp_path):
+    """Ranks on several nodes given a node-local --output_dir would each write shards into their
+    own and fail at export, hours later: every rank stops at once, naming the ranks that cannot
+    see rank 0's file; a shared folder passes and keeps no trace of the check."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(TESTS / "shared_directory_case.py"), str(tmp_path), kind]
+    run = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    if kind == "shared":
+        assert run.stdout.count("shared") == 2 and list((tmp_path / "out").iterdir()) == []
+    else:
+        refusals = [line for line in run.stdout.splitlines() if "refused" in line]
+        assert len(refusals) == 2, run.stdout
+        assert all("--output_dir" in line and "rank 1 on" in line and "rank 0 on" not in line for line in refusals)
+
+
 @pytest.mark.parametrize("wait", ["patient", "plain"])
 def test_ranks_wait_past_the_process_group_timeout_for_a_slow_rank(wait):
     """The trainer's other ranks wait while rank 0 tokenizes (hours for a corpus of books) or
