@@ -90,3 +90,49 @@ def test_the_window_plan_holds_no_copy_of_a_documents_ids_or_mask():
 
     one = WindowPlan.build(ids[:1], mask[:1], WINDOW, pad_token_id=1, group_windows=3)
     assert one.decoder_mask is None and all(g.encoder_mask is None for g in one.groups)
+
+
+def step_peak_bytes(wrapped, tokens: int) -> tuple[int, int]:
+    """Peak bytes the CPU allocator holds over one forward + backward (after a warm-up step, so
+    parameter gradients exist already), from the profiler's allocation and free events: every
+    tensor of the step counted, saved or not. Two peaks: up to the encoder's backward (forward,
+    decoder backward) and in it (from the gradient cache on: ``cached_ds:backward:gradient_cache``
+    in ``cached_encoder.py``; 0 where there is none). The batch is made before the profile starts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, mask, labels = random_batch([tokens], [16], wrapped.model.config.pad_token_id)
+    wrapped(ids, mask, labels=labels).loss.backward()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        wrapped(ids, mask, labels=labels).loss.backward()
+    # the raw events ("[memory]": + bytes at an allocation, - at a free); prof.events() folds
+    # most of them into the ops that made them
+    events = list(prof.profiler.kineto_results.events())
+    encoder_backward = min((e.start_ns() for e in events if e.name() == "cached_ds:backward:gradient_cache"), default=None)
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live, peaks = 0, [0, 0]
+    for start, change in changes:
+        live += change
+        phase = int(encoder_backward is not None and start >= encoder_backward)
+        peaks[phase] = max(peaks[phase], live)
+    return peaks[0], peaks[1]
+
+
+def test_a_streaming_step_grows_with_the_document_by_its_states_and_gradient_cache_alone():
+    """[decoder-memory]: with streaming cross-attention, what a whole CachED step holds grows per
+    document token by the fused states and their fp32 gradient cache (4 + 4 bytes per hidden unit
+    in fp32) up to the encoder's backward, by the cache alone in it (the states are freed with
+    the decoder's graph), and by the CPU RNG state kept per window group (5 KiB per 1024 tokens
+    here): nothing else. The control, HF's cross-attention, keeps every decoder layer's K and V
+    (another 2 x 4 bytes per hidden unit per layer) and more."""
+    hidden, group_tokens = 32, 1024
+    rng_state = torch.get_rng_state().numel() / group_tokens  # bytes per token: kept per group to replay its dropout
+    growth = {}
+    for block in (256, None):
+        model = make_model("bart", attention_dropout=0.0, d_model=hidden, max_position_embeddings=64)
+        wrapped = CachedSeq2Seq(model, CachedConfig(window=64, group_tokens=group_tokens, cross_attention_block=block))
+        short, long = step_peak_bytes(wrapped, 32768), step_peak_bytes(wrapped, 65536)
+        growth[block] = [(b - a) / 32768 for a, b in zip(short, long)]
+    before, during = growth[256]
+    assert 8 * hidden + rng_state - 4 <= before <= 8 * hidden + rng_state + 2, growth  # 260.9 bytes per token
+    assert 4 * hidden + rng_state - 4 <= during <= 4 * hidden + rng_state + 2, growth  # 132.9
+    assert growth[None][0] > 8 * hidden + rng_state + 2 * 2 * 4 * hidden, growth  # 2 decoder layers' K and V at least
