@@ -111,9 +111,9 @@ def out_of_memory_advice(error: Exception, cached, longest: int, step: int) -> s
         lines.append('- "mode": "cached": full backprop keeps every window\'s encoder activations; CachED one group\'s')
     # what grows with a document in CachED is the decoder's side (fused states, their gradient, K/V)
     if cached.cross_attention_block is None:
-        lines.append('- "cross_attention_block": 32768 streams the cross-attention over key blocks (no keys and values '
+        lines.append('- "cross_attention_block": 65536 streams the cross-attention over key blocks (no keys and values '
                      'over the whole document in any decoder layer; a model with attention dropout also needs '
-                     '"keep_attention_dropout": false)')
+                     '"keep_attention_dropout": false; ds_configs/zero3_long.json sets both)')
     elif not full:
         held = {"offload_gradient_cache": "the fp32 gradient cache (4 KiB a token for BART-large)",
                 "offload_encoder_states": "the encoder's states (2 KiB a token)"}

@@ -79,7 +79,7 @@ def test_unresolved_auto_fields_are_named():
 def test_shipped_configs_reduce_in_5e7_buckets_while_auto_stays_hfs():
     """hidden² would give every weight matrix a ZeRO flush of its own (docs/engine.md, "ZeRO's
     reduce bucket"): the shipped configs set 5e7; "auto" in a user's config is still HF's hidden²."""
-    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+    for name in ("zero1", "zero2", "zero3", "zero3_offload", "zero3_long"):
         assert load_config(CONFIGS / f"{name}.json")["zero_optimization"]["reduce_bucket_size"] == 50_000_000, name
     values = auto_values(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, lr=1e-3, weight_decay=0.0,
                          warmup_steps=0, total_steps=1, max_grad_norm=1.0, bf16=True, hidden_size=1024)
@@ -113,7 +113,7 @@ def test_config_file_errors(tmp_path):
         load_config(broken)
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload", "zero3_long"])
 def test_shipped_configs_have_a_valid_cached_section(name):
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     settings = EngineSettings.from_section(config["cached"])

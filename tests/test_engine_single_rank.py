@@ -7,7 +7,7 @@ import pytest
 import torch
 from ds_helpers import reference_adamw_step, resolved_config, single_rank_distributed
 from reference import assert_grads_match, windowed_hf_step
-from tiny_models import make_model, make_model_without_cross_attention_dropout, random_batch
+from tiny_models import cross_attention_modules, make_model, make_model_without_cross_attention_dropout, random_batch
 
 from cached_ds.cached_encoder import CachedEncoderFunction, _recompute
 
@@ -61,6 +61,8 @@ CASES = [
     ("zero2", "bart", 3, 0.5),
     ("zero3", "t5", 3, 0.0),
     ("zero3", "bart", 1, 0.5),
+    ("zero3_long", "bart", 1, 0.0),
+    ("zero3_long", "t5", 3, 0.0),
 ]
 
 
@@ -69,9 +71,13 @@ def test_engine_matches_reference(config, family, gas, clip):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from cached_ds.deepspeed_engine import initialize
+    from cached_ds.streaming_cross_attention import has_streaming_cross_attention
 
     model = make_model(family)
     pristine = copy.deepcopy(model)
+    if config == "zero3_long":  # its "keep_attention_dropout": false drops the cross-attention's (only), which streams
+        for module in cross_attention_modules(pristine):
+            module.dropout = 0.0
     batches = micro_batches(model, gas)
     ref_grads = reference_gradients(pristine, batches)
     ref_model, ref_norm = reference_adamw_step(pristine, ref_grads, clip)
@@ -79,6 +85,7 @@ def test_engine_matches_reference(config, family, gas, clip):
     engine, *_ = initialize(model, resolved_config(config, gas=gas, clip=clip, cached=CACHED))
     if config.startswith("zero3"):  # zero3.json runs torch's linear, zero3_offload.json DeepSpeed's wrapper
         assert (torch.nn.functional.linear.__name__ == "zero3_linear_wrap") == (config == "zero3_offload")
+    assert has_streaming_cross_attention(engine.module.model) == (config == "zero3_long")
     grads = train_step(engine, batches)
 
     assert_grads_match(grads, ref_grads)

@@ -258,7 +258,7 @@ def test_out_of_memory_names_the_document_and_the_settings_that_fit_longer_ones(
     longest = re.search(r"step 2 on rank 0 ran out of device memory \(peak [\d.]+ GiB\); its longest document here has ([\d,]+) tokens",
                         result.stderr)
     assert longest and int(longest.group(1).replace(",", "")) > 0, result.stderr[-2000:]
-    for setting in ('"cross_attention_block": 32768', '"group_tokens" (now 16,384) smaller', '"decoder_gradient_checkpointing": true',
+    for setting in ('"cross_attention_block": 65536', '"group_tokens" (now 16,384) smaller', '"decoder_gradient_checkpointing": true',
                     "--max_source_tokens"):
         assert setting in result.stderr
     assert '"keep_graphs_bytes"' not in result.stderr and "offload_gradient_cache" not in result.stderr  # off, or not yet useful
