@@ -48,13 +48,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .streaming_cross_attention import (
-    DEFAULT_BLOCK,
-    LAYOUTS,
-    attend_to_cached,
-    layout_of,
-    streaming_cross_attention_installed,
-)
+from .streaming_attention import DEFAULT_BLOCK, attend_to_cached
+from .streaming_cross_attention import LAYOUTS, layout_of, streaming_cross_attention_installed
 
 EXPANSION_HOOK = "_expand_inputs_for_generation"
 PROCESSORS_HOOK = "_get_logits_processor"  # generate calls it with encoder_input_ids= (transformers 5.x)

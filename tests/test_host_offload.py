@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cached_ds.host_offload import HostAccumulator, is_offloaded, mark_offloaded
-from cached_ds.streaming_cross_attention import streaming_cross_attention
+from cached_ds.streaming_attention import streaming_cross_attention
 from cached_ds.fused_states import FusedStates, fuse
 from cached_ds.windows import WindowPlan
 

@@ -21,13 +21,13 @@ from transformers import AutoModelForSeq2SeqLM
 from transformers.modeling_outputs import BaseModelOutput
 
 from cached_ds import CachedConfig, CachedSeq2Seq
+from cached_ds.gradient_sink import GradientSink
 from cached_ds.memory import SavedTensorMeter
+from cached_ds.streaming_attention import streaming_cross_attention
 from cached_ds.streaming_cross_attention import (
-    GradientSink,
     StreamingCrossAttention,
     install_streaming_cross_attention,
     remove_streaming_cross_attention,
-    streaming_cross_attention,
     with_gradient_sink,
 )
 

@@ -37,7 +37,7 @@ def synchronize() -> None:
 def layer_seconds(block: int, keys: int, fused: bool = True, hidden: int = 1024, heads: int = 16, target: int = 1024,
                   repeats: int = 3) -> float:
     """Median seconds of one layer's streamed forward + backward (states and weights need gradients)."""
-    from cached_ds.streaming_cross_attention import streaming_cross_attention
+    from cached_ds.streaming_attention import streaming_cross_attention
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     gen = torch.Generator(device=DEVICE).manual_seed(0)
