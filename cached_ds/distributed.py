@@ -68,7 +68,7 @@ def require_shared_directory(path: Path, flag: str) -> None:
     checkpoint shards there and rank 0 reads them all to export, so a node-local path (/tmp, a
     node's scratch disk) trains for hours on several nodes and fails at the end. Rank 0 writes a
     file of a name never used before (no stale cache entry on NFS), each rank looks for it (for up
-    to ``wait_s``: a network filesystem may show it late), and every rank raises the same error.
+    to 10 s: a network filesystem may show it late), and every rank raises the same error.
     A collective; nothing on one rank. ``flag`` names the setting in the error."""
     if world_size() == 1:
         return
