@@ -55,3 +55,21 @@ def test_partly_frozen_encoder_layer():
     assert not any(k.startswith("model.encoder.layers.0.") for k in grads)
     assert any(k.startswith("model.encoder.layers.1.") for k in grads)
     assert_grads_match(grads, ref)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_frozen_encoder_body_with_trainable_embedding(family):
+    """The encoder's layers frozen, the shared token embedding trained (e.g. new language codes
+    added to the vocabulary): the embedding still gets its encoder share, through the recompute."""
+    model = make_model(family)
+    embedding = model.get_input_embeddings().weight
+    for p in model.get_encoder().parameters():
+        if p is not embedding:
+            p.requires_grad_(False)
+    ids, mask, labels = random_batch([3 * WINDOW + 2], [5], model.config.pad_token_id)
+    grads, calls = run_counting_encoder_calls(model, ids, mask, labels, seed=5)
+    assert calls == [False] * 4 + [True] * 4, "4 groups encoded, then recomputed for the embedding's gradient"
+    _, ref = windowed_hf_step(model, ids, mask, labels, WINDOW, 1, seed=5)
+    frozen = ("model.encoder.layers.", "encoder.block.")
+    assert not any(k.startswith(frozen) for k in grads) and not any(k.startswith(frozen) for k in ref)
+    assert_grads_match(grads, ref)
