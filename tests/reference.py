@@ -70,8 +70,9 @@ def assert_grads_match(grads, ref, rel: float = 1e-5, atol: float = 1e-6):
 
 
 def token_mean_hf_step(model, documents, window: int):
-    """Plain-HF gradient of the token-level mean over all documents' summary tokens (each
-    document its own forward; dropout must be off). ``documents``: (ids, labels) 1-row tensors."""
+    """Plain-HF token-level mean loss over all documents' summary tokens and its gradient, as
+    (loss, gradients) (each document its own forward; dropout must be off). ``documents``:
+    (ids, labels) 1-row tensors."""
     model.zero_grad(set_to_none=True)
     total = sum(int((labels != -100).sum()) for _, labels in documents)
     loss = 0.0
@@ -79,5 +80,6 @@ def token_mean_hf_step(model, documents, window: int):
         fused, fused_mask = windowed_encoder_states(model, ids, torch.ones_like(ids), window, None)
         logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=fused), attention_mask=fused_mask, labels=labels).logits
         loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    (loss / total).backward()
-    return grads_of(model)
+    mean = loss / total
+    mean.backward()
+    return float(mean), grads_of(model)

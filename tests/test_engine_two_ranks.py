@@ -41,6 +41,13 @@ def test_two_rank_gradients_equal_the_mean_reference(results, case):
     assert results[case]["relative_error"] <= 1e-5
 
 
+def test_the_step_reports_the_loss_and_tokens_of_both_ranks(results):
+    """What metrics.jsonl logs on rank 0: the token-level mean loss over every rank's documents
+    (plain HF's), not rank 0's share, and the document tokens of all ranks."""
+    case = results["loss-split-gas1-2ranks"]
+    assert case["loss_error"] <= 1e-6 and case["doc_tokens"] == case["all_tokens"], case
+
+
 def test_streaming_layers_saw_the_gradient_sink_and_host_states_on_both_ranks(results):
     calls = results["zero3-keep_encoder_gathered-cross_attention_block-offload_gradient_cache-offload_encoder_states-windows[2, 4]"]["streaming_calls"]
     assert calls and all(sink and in_host for sink, in_host in calls), calls  # rank 0's calls
