@@ -130,6 +130,23 @@ def test_saved_memory_grows_with_kept_groups_within_budget(family):
     assert every > 3 * one_group, "all five groups' graphs were held at once, as full backprop holds them"
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("share", [4, 2], ids=["one-kept", "two-kept"])
+def test_kept_graphs_are_freed_before_the_first_recompute(family, share):
+    """Backward takes the kept (leading) groups' graphs first and frees each as it goes, so the
+    encoder never holds kept graphs and a recomputed group at once: its peak is the larger of
+    the two, not their sum (the widest group, run last, is the latest widest: one not kept)."""
+    model = make_model(family)
+    batch = two_documents(model)
+    every = cached_step(copy.deepcopy(model), batch, EVERY_GROUP)[0].last_kept_bytes
+    one_group, _ = encoder_saved_peak(model, batch, 0)
+    meter = SavedTensorMeter()
+    with meter.watch(model.get_encoder()):
+        wrapped, *_ = cached_step(model, batch, every // share)
+    assert wrapped.last_kept_groups == 4 // share
+    assert meter.peak_bytes <= max(one_group, wrapped.last_kept_bytes), (meter.peak_bytes, one_group, wrapped.last_kept_bytes)
+
+
 @pytest.mark.parametrize("budget", [0, EVERY_GROUP], ids=["none-kept", "all-kept"])
 def test_a_second_backward_recomputes_what_the_first_used(budget):
     """A kept graph serves one backward (it is released by it); a second backward through a
