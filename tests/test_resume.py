@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 from ds_helpers import resolved_config, single_rank_distributed
@@ -160,6 +161,32 @@ def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path, distributed
     (store.root / "latest").unlink()
     store.discard_partial()
     assert (store.root / "step00000002").is_dir() and store.latest() is None
+
+
+def test_a_crash_while_latest_is_written_leaves_the_previous_checkpoint_named(tmp_path, distributed, monkeypatch):
+    """Publishing a checkpoint rewrites ``latest``, a file of one line. A crash in the middle of
+    that write (the file opened and cut, its line not yet there) must leave the previous
+    checkpoint named: ``latest`` is written aside and swapped in whole. Written in place, it was
+    left empty, and ``--resume auto`` would have started the run over."""
+    engine, *_ = initialize(make_model("bart"), resolved_config("zero0"))
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(engine, 1, {"step": 1}, {"zero_stage": 0})
+    write_text = Path.write_text
+
+    def cut_short(path, text, *args, **kwargs):  # a crash halfway through writing the marker
+        if path.name.startswith("latest"):
+            path.open("w").close()
+            raise OSError("crashed while writing " + path.name)
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="crashed while writing"):
+        store.save(engine, 2, {"step": 2}, {"zero_stage": 0})
+    monkeypatch.undo()
+    restarted = CheckpointStore(tmp_path, keep=2)
+    restarted.discard_partial()  # the next start: the unpublished step 2 goes
+    assert restarted.latest() == "step00000001"
+    assert restarted.load(engine)["step"] == 1
 
 
 def test_a_fresh_start_clears_only_logs_of_this_launcher(tmp_path):
