@@ -121,6 +121,17 @@ def generation_settings(model, given: dict, defaults: dict) -> tuple[dict, list[
 
 
 @torch.no_grad()
+def shard(rank: int, world: int, count: int) -> tuple[list[int], list[int]]:
+    """Which of ``count`` held-out documents rank ``rank`` of ``world`` summarises: its own
+    (``rank``, ``rank + world``, ...), and the generate calls it makes, those first, then others'
+    repeated up to ceil(count / world) calls: under ZeRO-3 every rank must make as many (their
+    parameter gathers are collectives), a rank with no document of its own (fewer documents than
+    ranks) too."""
+    own = list(range(rank, count, world))
+    calls = [i % count for i in range(rank, -(-count // world) * world, world)]
+    return own, calls
+
+
 def summarize(wrapped, tokenizer, documents: Sequence, batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
     """Summaries of token-id documents of any length (CachED windows, HF ``generate``), read from
     ``documents`` one batch at a time."""

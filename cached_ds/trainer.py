@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import resource
@@ -38,7 +37,7 @@ from .config import DEFAULT_GROUP_TOKENS
 from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, rank, require_shared_directory, world_size
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
-from .evaluation import GENERATION_FLAGS, generation_settings, rouge, summarize
+from .evaluation import GENERATION_FLAGS, generation_settings, rouge, shard, summarize
 from .host_offload import placed
 from .model_zoo import load_model, load_tokenizer
 from .stop_signals import StopSignals
@@ -501,12 +500,7 @@ class Trainer:
             return {}
         if injected_fault("kill_during_eval", self.step):  # tests only: a run stopped mid-evaluation
             os.kill(os.getpid(), signal.SIGKILL)
-        count = len(self.eval_rows)
-        mine = list(range(rank(), count, world_size()))
-        rounds = math.ceil(count / world_size())
-        # ZeRO-3: every rank must run as many generate calls (their parameter gathers are collectives),
-        # a rank with no document of its own too (fewer documents than ranks): it repeats others'.
-        padded = [i % count for i in range(rank(), rounds * world_size(), world_size())]
+        mine, padded = shard(rank(), world_size(), len(self.eval_rows))
         stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
         texts = summarize(self.engine.module, self.tokenizer, data_lib.ColumnOf(self.eval_rows, padded, "input_ids"),
                           **self.generation,

@@ -129,3 +129,47 @@ def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
     model.save_pretrained(tmp_path / "hf_only")
     with pytest.raises(ValueError, match="cached_config.json is missing: give a folder written by CachedSeq2Seq.save_pretrained"):
         CachedSeq2Seq.from_pretrained(tmp_path / "hf_only")
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_summarize_batches_documents_of_different_lengths_as_hf_summarises_each_alone(family):
+    """``evaluation.summarize`` with batch_size > 1 pads the shorter documents: each summary is
+    the one plain HF ``generate`` gives that document alone (documents within one window, where
+    CachED generation is HF's), decoded by a real HF tokenizer over the tiny vocabulary."""
+    import transformers as hf
+    from tiny_models import VOCAB
+    from tokenizers import Tokenizer, models
+
+    from cached_ds.evaluation import summarize
+
+    # BART's default init std gives a tiny model whose greedy summary ignores its document
+    model = make_model(family, **({"init_std": 0.5} if family == "bart" else {})).eval()
+    pad = model.config.pad_token_id
+    vocabulary = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = hf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t3")),
+                                           pad_token=f"t{pad}", eos_token=f"t{model.config.eos_token_id}")
+    ids, mask, _ = random_batch([WINDOW - 1, WINDOW - 9, WINDOW - 4], [1, 1, 1], pad)
+    documents = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)]
+    settings = dict(max_new_tokens=8, min_new_tokens=8, num_beams=1, do_sample=False)  # tiny models stop at once
+    got = summarize(CachedSeq2Seq(model, CachedConfig(window=WINDOW)), tokenizer, documents, batch_size=3, **settings)
+    with torch.no_grad():
+        alone = [model.generate(input_ids=torch.tensor([document]), **settings) for document in documents]
+    assert got == [tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip() for ids in alone]
+    assert len(set(got)) > 1, "the documents got different summaries: the comparison can tell them apart"
+
+
+@pytest.mark.parametrize("world, count, expected", [
+    # rank -> (its own documents, the generate calls it makes), written out by hand
+    (2, 5, {0: ([0, 2, 4], [0, 2, 4]), 1: ([1, 3], [1, 3, 0])}),
+    (3, 2, {0: ([0], [0]), 1: ([1], [1]), 2: ([], [0])}),  # fewer documents than ranks: rank 2 repeats one
+    (2, 6, {0: ([0, 2, 4], [0, 2, 4]), 1: ([1, 3, 5], [1, 3, 5])}),
+    (4, 7, {0: ([0, 4], [0, 4]), 1: ([1, 5], [1, 5]), 2: ([2, 6], [2, 6]), 3: ([3], [3, 0])}),
+])
+def test_each_rank_summarises_its_own_documents_then_as_many_calls_as_the_others(world, count, expected):
+    """The evaluation's sharding: every document is some rank's own exactly once, each rank's calls
+    start with its own, and every rank makes ceil(count / world) generate calls (ZeRO-3's gathers
+    are collectives). A shard that ignored the rank passed the launcher tests (mutation testing):
+    rank 1 would have summarised rank 0's documents under its own indices."""
+    from cached_ds.evaluation import shard
+
+    assert {rank: shard(rank, world, count) for rank in range(world)} == expected
