@@ -360,3 +360,23 @@ def test_source_prefix_starts_every_document_and_goes_into_the_exported_config(t
     assert "the model expects documents to start with 'summarize: ' (its config), but --source_prefix is not set" in caplog.text
     assert plain.train_rows[0]["input_ids"].tolist() == tokenizer(documents[int(plain.train_rows[0][ROW])])["input_ids"]
     assert plain.model.config.prefix is None
+
+
+@pytest.mark.parametrize("world, micro, gas", [(2, 1, 2), (2, 1, 3), (3, 2, 2), (4, 1, 4)])
+@pytest.mark.parametrize("seed", range(3))
+def test_every_rank_runs_exactly_gas_micro_batches_with_skewed_lengths(world, micro, gas, seed):
+    """Every rank gets exactly gradient_accumulation_steps micro-batches of micro_batch_size
+    documents in every step, also when one document in about eight dwarfs the others (the
+    token-greedy dealing must not give a light rank an extra micro-batch: ranks would then run
+    different numbers of backward passes). Lengths this uneven were never tried before."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([100_000] + [rng.randint(10, 50)] * 7) for _ in range(world * micro * gas * 6)]
+    plan = BatchPlan(lengths, world, micro, gas, seed)
+    epochs = [plan.epoch(0, r) for r in range(world)]
+    for r, steps in enumerate(epochs):
+        assert len(steps) == plan.steps_per_epoch
+        for step in steps:
+            assert len(step) == gas, (r, step)
+            assert all(len(batch) == micro for batch in step)
+    seen = [i for steps in epochs for step in steps for batch in step for i in batch]
+    assert len(seen) == len(set(seen)) == plan.steps_per_epoch * plan.docs_per_step

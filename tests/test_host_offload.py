@@ -44,6 +44,11 @@ PLANS = {
     # a document ending on a window boundary, then a group running on into the next document
     "whole-window-document-then-a-longer-one": ([16, 29], dict(window=8, group_windows=3)),
     "one-group": ([29, 5], dict(window=8)),
+    # whole windows of a document after the first, read in place (their rows start past row 0's
+    # document: a view at the wrong offset passed these tests before these plans, mutation testing)
+    "later-document-whole-windows": ([9, 16], dict(window=8, group_windows=2)),
+    "every-later-window-alone": ([5, 24, 16], dict(window=8, group_windows=1)),
+    "later-document-by-token-budget": ([3, 16], dict(window=8, group_tokens=16)),
 }
 
 

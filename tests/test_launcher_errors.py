@@ -493,3 +493,36 @@ def test_bf16_with_deepspeeds_bf16_optimizer_exports_and_the_comms_logger_report
     trainer.train()
     assert hf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "exported") is not None
     assert "Comm. Op" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_steps", "0"], "--max_steps must be at least 1, got 0"),  # `max_steps or epochs × ...` would train whole epochs
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--micro_batch_size", "0"], "--micro_batch_size must be at least 1, got 0"),
+])
+def test_run_flags_at_their_bound_are_refused(tmp_path, corpus, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(flags(corpus, tmp_path, *extra))
+
+
+def test_train_batch_size_is_checked_against_the_world_size():
+    """DeepSpeed asserts train_batch_size = micro × GAS × world: a config written for one rank,
+    run on two, gets the launcher's message naming the product, not DeepSpeed's bare assertion."""
+    from cached_ds.ds_config import check_batch_sizes
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3, "train_batch_size": 6}
+    check_batch_sizes(config, world_size=1)
+    with pytest.raises(ValueError, match=r"train_batch_size=6 but .* = 2 × 3 × 2 = 12"):
+        check_batch_sizes(config, world_size=2)
+
+
+def test_min_new_tokens_zero_is_a_valid_flag():
+    """--min_new_tokens 0 cancels a model's own min_length (its generation_config); only below 0
+    is refused, and --max_new_tokens below 1."""
+    from cached_ds.evaluation import check_generation_flags
+
+    check_generation_flags({"num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 0})
+    with pytest.raises(ValueError, match="--min_new_tokens must be at least 0, got -1"):
+        check_generation_flags({"min_new_tokens": -1})
+    with pytest.raises(ValueError, match="--max_new_tokens must be at least 1, got 0"):
+        check_generation_flags({"max_new_tokens": 0})

@@ -76,3 +76,32 @@ def test_a_batch_mixes_whole_and_pieced_texts(tmp_path):
     texts = ["short one", corpus_text() * 40, ""]  # the long one is past 2 pieces of the default size
     got = token_ids_of_each(tokenizer, texts)
     assert [ids.tolist() for ids in got] == tokenizer(texts)["input_ids"]
+
+
+@pytest.mark.parametrize("max_length", [5, 64])
+def test_short_and_long_texts_of_a_batch_are_truncated_as_hf_truncates(tokenizer, max_length):
+    """--max_source_tokens reaches every document: those tokenized in one batched call (short)
+    and those tokenized in pieces (long) alike; the batched call without truncation passed every
+    test before (mutation testing), so the flag would have cut no document under ~512K characters."""
+    texts = ["short one with a few more words than five tokens", corpus_text() * 40, corpus_text()]
+    got = token_ids_of_each(tokenizer, texts, max_length)
+    assert [ids.tolist() for ids in got] == tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+@pytest.mark.parametrize("template", ["$A", "<s> $A"], ids=["no-special-tokens", "prefix-only"])
+def test_tokenizers_that_add_nothing_after_the_text(template):
+    """A tokenizer without a post-processor (check_ends_with_eos warns of those, it does not
+    refuse them), or one adding only a prefix: pieced ids still equal the whole text's."""
+    tokenizer = byte_level_bpe(template)
+    text = (corpus_text() + " " + ODD) * 3
+    assert token_ids(tokenizer, text, piece_chars=40).tolist() == tokenizer(text)["input_ids"]
+    assert token_ids(tokenizer, text, 37, piece_chars=40).tolist() == tokenizer(text, truncation=True, max_length=37)["input_ids"]
+
+
+def test_runs_of_spaces_are_never_cut_inside(tokenizer):
+    """Only a single space between two non-space characters is a cut: a text whose spaces all come
+    in pairs, or before a newline or tab, is tokenized as it is whole."""
+    words = corpus_text().split()[:400]
+    for separator in ("  ", " \n", " \t"):
+        text = separator.join(words)
+        assert token_ids(tokenizer, text, piece_chars=40).tolist() == tokenizer(text)["input_ids"], repr(separator)

@@ -213,3 +213,29 @@ def test_a_checkpoint_of_deepspeeds_own_cosine_schedule_is_refused_naming_why():
         state.check({"lr_schedule": "WarmupCosineLR"})
     with pytest.raises(ValueError, match="set by DeepSpeed's OneCycle scheduler, this run's by the launcher's warm-up schedule"):
         state.check({"lr_schedule": "OneCycle"})
+
+
+RESUMED_PLAN = {"ranks": 2, "micro_batch_size": 1, "gradient_accumulation_steps": 4, "seed": 3, "documents": 100}
+
+
+def resume_state(lr_schedule="ours", lr=1e-3, **plan):
+    from cached_ds.resume import ResumeState
+
+    return ResumeState(zero_stage=2, world_size=2, data_plan={**RESUMED_PLAN, **plan}, lr=lr, lr_schedule=lr_schedule,
+                       config_path="c.json")
+
+
+@pytest.mark.parametrize("schedule", ["ours", "none"])
+def test_a_new_lr_is_accepted_where_the_launcher_sets_the_rate_or_nothing_does(schedule):
+    """apply_new_lr applies a new --lr for the launcher's schedule and for no scheduler at all:
+    the check lets both through (refusing "none" passed every test before: mutation testing)."""
+    resume_state(schedule, lr=2e-3).check({"zero_stage": 2, "world_size": 2, "lr": 1e-3, "lr_schedule": schedule,
+                                           "data_plan": RESUMED_PLAN})
+
+
+@pytest.mark.parametrize("key, value", [("documents", 101), ("seed", 4), ("micro_batch_size", 2),
+                                        ("gradient_accumulation_steps", 2), ("ranks", 1)])
+def test_each_data_plan_setting_that_changed_is_refused(key, value):
+    """The document order depends on every one of them; a changed training set (documents) too."""
+    with pytest.raises(ValueError, match="the checkpoint's data order was made with other settings"):
+        resume_state(**{key: value}).check({"data_plan": RESUMED_PLAN})

@@ -70,3 +70,15 @@ def test_non_english_overlap_is_partial_and_accents_count():
 
 def test_chinese_sentences_split_without_spaces_for_rouge_lsum():
     assert sentences_per_line("第一句。第二句！第三句？ Fourth one. 3.14 stays") == "第一句。\n第二句！\n第三句？\nFourth one.\n3.14 stays"
+
+
+def test_three_letter_words_are_stemmed_exactly_as_rouge_score_stems_them():
+    """rouge-score stems only tokens longer than 3 characters; Porter would turn 'was', 'has',
+    'its', 'bus', 'gas' into 'wa', 'ha', 'it', 'bu', 'ga' (stemming them passed every test before:
+    mutation testing)."""
+    text = ("He was there; she has its bus and gas. The cats was running, dogs has gone: ties, lies, "
+            "cries. Its was his. Flies, pies.")
+    assert UnicodeTokenizer().tokenize(text) == tokenizers.DefaultTokenizer(use_stemmer=True).tokenize(text)
+    reference, prediction = "the bus was late and it has gas", "a bu wa late it ha ga"
+    theirs = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].fmeasure * 100
+    assert rouge([prediction], [reference])["rouge1"] == pytest.approx(theirs)
