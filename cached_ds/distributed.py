@@ -31,7 +31,7 @@ PATIENT_TIMEOUT = timedelta(days=7)
 _patient_barriers = itertools.count()  # every rank calls patient_barrier in the same order: same keys
 
 
-def patient_barrier(reason: str) -> None:
+def patient_barrier(reason: str, stall: timedelta | None = None) -> None:
     """Every rank waits here until all have arrived, for up to ``PATIENT_TIMEOUT``: for waits of
     unknown length (rank 0 tokenizing a corpus of books, reading every shard for the export,
     ranks generating summaries of uneven length) that a collective would give up on at the
@@ -41,17 +41,51 @@ def patient_barrier(reason: str) -> None:
     It waits on the rendezvous store the ranks met through (each rank sets a key, then waits for
     everyone's), not on a collective: no watchdog, and no new connection between nodes (a gloo
     group of its own, as before, opens one, and where a node's hostname resolves to loopback it
-    would retry that for days). A rank that dies leaves the others waiting until the launcher
-    stops them: torchrun, the deepspeed launcher and ``train.sbatch`` (``--kill-on-bad-exit``) do
-    at once; where rank 0 hosts the store, its end ends the wait. Nothing on one rank.
-    ``reason`` names the wait in the key (seen in the store's timeout error)."""
+    would retry that for days). A rank that dies is noticed by the launcher: torchrun (one per
+    node, as ``train.sbatch`` runs it, with ``--kill-on-bad-exit``) and the deepspeed launcher on
+    one node stop the others at once, and where rank 0 hosts the store (a launch without
+    torchrun), its end ends the wait. A multi-node deepspeed (pdsh) launch does not stop the other
+    nodes: ``stall`` then bounds the wait for ranks that report progress (``progress_beat``):
+    one that has not arrived and not reported for that long is taken for dead, and this raises.
+    Nothing on one rank. ``reason`` names the wait in the key (and in the errors)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     # The default group's store: torch keeps it in a private accessor (unchanged since torch 1.x).
     store = dist.distributed_c10d._get_default_store()
     key = f"cached_ds/patient_barrier/{next(_patient_barriers)}/{reason}"
     store.set(f"{key}/{rank()}", "arrived")
-    store.wait([f"{key}/{other}" for other in range(world_size())], PATIENT_TIMEOUT)
+    arrived = [f"{key}/{other}" for other in range(world_size())]
+    if stall is None:
+        store.wait(arrived, PATIENT_TIMEOUT)
+        return
+    deadline, last_seen = time.monotonic() + PATIENT_TIMEOUT.total_seconds(), {}
+    while True:
+        try:
+            store.wait(arrived, timedelta(seconds=min(60.0, stall.total_seconds() / 4)))
+            return
+        except dist.DistStoreError:
+            if time.monotonic() > deadline:
+                raise
+        now = time.monotonic()
+        for other, name in enumerate(arrived):
+            if store.check([name]):
+                continue
+            beats = store.add(f"{_PROGRESS}/{other}", 0)  # reads the count without changing it
+            if last_seen.get(other, (None,))[0] != beats:
+                last_seen[other] = (beats, now)
+            elif now - last_seen[other][1] > stall.total_seconds():
+                raise RuntimeError(f"rank {other} has neither reached the {reason!r} wait nor reported progress for "
+                                   f"{stall}: it is taken to have stopped (see its log); the launcher did not end this job")
+
+
+_PROGRESS = "cached_ds/progress"
+
+
+def progress_beat() -> None:
+    """Tell the other ranks this one is working (a counter in the rendezvous store), for
+    ``patient_barrier``'s ``stall``. Nothing on one rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.distributed_c10d._get_default_store().add(f"{_PROGRESS}/{rank()}", 1)
 
 
 def from_rank0(value):

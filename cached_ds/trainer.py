@@ -20,6 +20,7 @@ import resource
 import signal
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from functools import partial
 
 import deepspeed.comm
@@ -34,7 +35,8 @@ from . import data as data_lib
 from . import families, languages
 from .checkpoints import CheckpointStore, injected_fault
 from .config import DEFAULT_GROUP_TOKENS
-from .distributed import all_reduce_sum, from_rank0, init_process_group, patient_barrier, rank, require_shared_directory, world_size
+from .distributed import (all_reduce_sum, from_rank0, init_process_group, patient_barrier, progress_beat, rank,
+                          require_shared_directory, world_size)
 from .deepspeed_engine import EngineSettings, export_hf, initialize
 from .ds_config import REPLACED_SCHEDULERS, auto_values, check_batch_sizes, cosine_min_ratio, enabled, load_config, native_bf16, resolve_auto
 from .evaluation import GENERATION_FLAGS, generation_settings, rouge, shard, summarize
@@ -162,6 +164,21 @@ def warmup_schedule(optimizer, warmup: int, total: int | None, cosine_min_ratio:
     if total is None:
         return hf.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
     return hf.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+SUMMARY_STALL = timedelta(hours=1)  # longer than any one document's summary takes
+
+
+class _ReportingProgress:
+    """The evaluation's progress bar; each summary done also tells the other ranks this one is
+    alive (``distributed.progress_beat``), which their wait for it reads."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        progress_beat()
 
 
 class Trainer:
@@ -502,15 +519,16 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
         mine, padded = shard(rank(), world_size(), len(self.eval_rows))
         stage3 = self.engine.zero_optimization_stage() == 3 and world_size() > 1
+        bar = tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0)
         texts = summarize(self.engine.module, self.tokenizer, data_lib.ColumnOf(self.eval_rows, padded, "input_ids"),
-                          **self.generation,
-                          synced_gpus=stage3, progress=tqdm(total=len(padded), desc=f"eval {name}", disable=rank() != 0))
+                          **self.generation, synced_gpus=stage3, progress=_ReportingProgress(bar))
         pairs = list(zip(mine, texts))
         gathered = [None] * world_size()
         # Ranks end their summaries at different times (documents and summaries of different
         # lengths), and then wait for rank 0's ROUGE: both waits can outlast the process group's
-        # timeout, so they wait at a patient barrier, not in a collective.
-        patient_barrier("evaluation-summaries")
+        # timeout, so they wait at a patient barrier, not in a collective; a rank that reports
+        # no summary for an hour is taken for dead there (where the launcher does not end the job)
+        patient_barrier("evaluation-summaries", stall=SUMMARY_STALL)
         if dist.is_initialized():
             dist.all_gather_object(gathered, pairs)
         else:

@@ -133,3 +133,23 @@ def test_ranks_wait_past_the_process_group_timeout_for_a_slow_rank(wait):
         assert run.returncode == 0 and run.stdout.count("waited") == 2, run.stdout[-2000:] + run.stderr[-3000:]
     else:
         assert run.returncode != 0 and "rank 1 waited" not in run.stdout
+
+
+@pytest.mark.parametrize("peer", ["dead", "working"])
+def test_a_patient_wait_gives_up_on_a_rank_that_stopped_but_not_on_one_still_working(peer):
+    """Where no launcher ends the other ranks when one dies (multi-node deepspeed/pdsh), the wait
+    for the ranks' summaries would last its 7 days: a rank that neither arrives nor reports
+    progress for the stall time is taken for dead and named; one reporting progress is waited for."""
+    env = {**launcher_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, str(TESTS / "stalled_rank_case.py"), peer], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        (out, err), _ = ranks[0].communicate(timeout=120), ranks[1].communicate(timeout=120)
+    finally:
+        for process in ranks:
+            process.kill()
+    if peer == "dead":
+        assert "rank 0 stopped after" in out and "rank 1 has neither reached the 'evaluation-summaries' wait" in out, out + err[-2000:]
+        assert int(out.split("stopped after ")[1].split(" s")[0]) < 30
+    else:
+        assert "rank 0 waited" in out and int(out.split("waited ")[1].split(" s")[0]) >= 6, out + err[-2000:]
