@@ -114,8 +114,7 @@ def require_shared_directory(path: Path, flag: str) -> None:
     barrier()
     seen = _shows(probe, token)
     views = [None] * world_size()
-    dist.all_gather_object(views, (rank(), socket.gethostname(), seen))
-    barrier()  # every rank has looked
+    dist.all_gather_object(views, (rank(), socket.gethostname(), seen))  # each rank's view: every rank has looked
     if rank() == 0:
         probe.unlink(missing_ok=True)
     blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]

@@ -120,7 +120,6 @@ def generation_settings(model, given: dict, defaults: dict) -> tuple[dict, list[
     return kwargs, notes
 
 
-@torch.no_grad()
 def shard(rank: int, world: int, count: int) -> tuple[list[int], list[int]]:
     """Which of ``count`` held-out documents rank ``rank`` of ``world`` summarises: its own
     (``rank``, ``rank + world``, ...), and the generate calls it makes, those first, then others'
@@ -132,6 +131,7 @@ def shard(rank: int, world: int, count: int) -> tuple[list[int], list[int]]:
     return own, calls
 
 
+@torch.no_grad()
 def summarize(wrapped, tokenizer, documents: Sequence, batch_size: int = 1, progress=None, **generate_kwargs) -> list[str]:
     """Summaries of token-id documents of any length (CachED windows, HF ``generate``), read from
     ``documents`` one batch at a time."""
