@@ -120,6 +120,15 @@ def test_shipped_configs_have_a_valid_cached_section(name):
     assert settings.cached.mode == "cached"
 
 
+def test_the_long_document_config_is_zero3_with_streaming_cross_attention():
+    """zero3_long.json is a copy of zero3.json (JSON has no includes) that differs only in the two
+    streaming settings: a change to zero3.json must be made there too."""
+    long, base = load_config(CONFIGS / "zero3_long.json"), load_config(CONFIGS / "zero3.json")
+    extra = {"cross_attention_block": 65536, "keep_attention_dropout": False}
+    assert long["cached"] == {**base["cached"], **extra}
+    assert {k: v for k, v in long.items() if k != "cached"} == {k: v for k, v in base.items() if k != "cached"}
+
+
 def test_each_zero3_engine_runs_the_linear_its_config_asks_for():
     """DeepSpeed swaps F.linear for its wrapper process-wide when a ZeRO-3 config leaves
     memory_efficient_linear on, and never swaps it back: an engine that says false, built after
